@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:  `make run`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU machines here carry a local CPU wheel of torch 2.13.0; GPU users: make run TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/default.yaml
+
+.PHONY: install run test bench clean-venv
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: install
+	$(VENV)/bin/quantbench assets fetch
+	$(VENV)/bin/quantbench run --config $(CONFIG)
+
+test: install
+	$(VENV)/bin/quantbench assets fetch
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(VENV)/bin/quantbench assets fetch
+	$(PY) benchmarks/throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

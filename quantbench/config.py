@@ -1,0 +1,130 @@
+"""Typed, validated run config. Unknown keys, wrong types and impossible values are one-line errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .quant.recipes import resolve_recipe
+from .quant.spec import Recipe
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorpusConfig(_Strict):
+    """name: `wiki` | `news` (offline built-ins), `wikitext2` | `c4` (hub), `hf:<dataset>[:<config>]:<split>`, or a text file path."""
+
+    name: str = "wiki"
+    calib_samples: int = Field(8, ge=1)
+    calib_seq_len: int = Field(256, ge=8)
+
+
+class EvalConfig(_Strict):
+    """Perplexity/fidelity protocol: windows of `seq_len` tokens every `stride` tokens."""
+
+    seq_len: int = Field(512, ge=8)
+    stride: int | None = Field(None, ge=1)  # None = seq_len (disjoint windows)
+    max_windows: int = Field(8, ge=1)
+    bos: bool = True  # prepend the BOS token to every window (and do not score it)
+    batch_size: int = Field(4, ge=1)
+    expected_fp_ppl: float | None = None  # sanity check: warn when FP ppl differs by > 10%
+
+    @model_validator(mode="after")
+    def _stride(self) -> "EvalConfig":
+        if self.stride is not None and self.stride > self.seq_len:
+            raise ValueError(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len})")
+        return self
+
+    @property
+    def effective_stride(self) -> int:
+        return self.stride or self.seq_len
+
+
+class CensusConfig(_Strict):
+    enabled: bool = True
+    samples: int = Field(4, ge=1)
+    seq_len: int = Field(256, ge=8)
+    abs_threshold: float = Field(100.0, gt=0)  # |x| floor for an activation outlier (Massive Activations)
+    ratio_threshold: float = Field(1000.0, gt=1)  # |x| / layer median for an activation outlier
+    top_k: int = Field(5, ge=1)
+
+
+class RunConfig(_Strict):
+    run_id: str | None = None
+    seed: int = 0
+    model: str = "default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    threads: int | None = Field(None, ge=1)
+    output_dir: str = "results"
+    corpus: CorpusConfig = CorpusConfig()
+    eval: EvalConfig = EvalConfig()
+    census: CensusConfig = CensusConfig()
+    recipes: tuple[Recipe, ...] = Field(default_factory=lambda: (resolve_recipe("fp"),))
+
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _resolve(cls, v: Any) -> Any:
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError("must be a non-empty list of recipes")
+        return tuple(resolve_recipe(e) if isinstance(e, (str, dict)) else e for e in v)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "RunConfig":
+        names = [r.name for r in self.recipes]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"recipe names must be unique; repeated: {', '.join(sorted(dup))}")
+        return self
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that changes results (not run_id/output_dir)."""
+        d = self.model_dump(mode="json", exclude={"run_id", "output_dir"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config: {loc or '<root>'}: {msg}{more}"
+
+
+def parse_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {p}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config {p} must be a mapping at the top level")
+    data = dict(data or {})
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            data[k] = v
+    return parse_config(data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,145 @@
+"""Corpora (offline built-ins, hub datasets, local files) -> token windows and calibration batches."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import assets
+from .errors import QuantbenchError
+
+HUB_CORPORA = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test"),
+    "c4": ("allenai/c4", "en", "train", "validation"),
+}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    calib_text: str
+    eval_text: str
+    source: str
+
+    def fingerprint(self) -> dict[str, str]:
+        return {k: hashlib.sha256(t.encode()).hexdigest()[:16]
+                for k, t in (("calib", self.calib_text), ("eval", self.eval_text))}
+
+
+def _split_text(text: str, fraction: float = assets.CALIB_FRACTION) -> tuple[str, str]:
+    """Last `fraction` of paragraphs calibrate, the rest evaluate (disjoint)."""
+    paras = [p for p in text.split("\n\n") if p.strip()]
+    if len(paras) < 2:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        paras = lines if len(lines) >= 2 else [text[: len(text) // 2], text[len(text) // 2:]]
+    n_cal = max(1, int(len(paras) * fraction))
+    return "\n\n".join(paras[-n_cal:]), "\n\n".join(paras[:-n_cal])
+
+
+def _hub_corpus(name: str, dataset: str, config: str | None, calib_split: str, eval_split: str) -> Corpus:
+    try:
+        from datasets import load_dataset
+
+        def text_of(split: str) -> str:
+            kw = {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}} if dataset == "allenai/c4" else {}
+            ds = load_dataset(dataset, config, split=split if not kw else "validation", **kw)
+            col = "text" if "text" in ds.column_names else ds.column_names[0]
+            return "\n\n".join(t for t in ds[col][:20000] if t and t.strip())
+
+        if dataset == "allenai/c4":
+            return Corpus(name, *_split_text(text_of("validation")), source=f"hub dataset {dataset}")
+        return Corpus(name, text_of(calib_split), text_of(eval_split), source=f"hub dataset {dataset}/{config}")
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one line
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise QuantbenchError(f"cannot load corpus '{name}' from the Hugging Face hub ({first}); "
+                              "offline alternatives: corpus 'wiki', 'news', or a local text file") from None
+
+
+def load_corpus(name: str) -> Corpus:
+    if name in assets.CORPORA:
+        paths = assets.ensure_corpus(name)
+        return Corpus(name, paths["calib"].read_text(), paths["eval"].read_text(), assets.CORPORA[name][2])
+    if name in HUB_CORPORA:
+        ds, cfg, cs, es = HUB_CORPORA[name]
+        return _hub_corpus(name, ds, cfg, cs, es)
+    if name.startswith("hf:"):
+        parts = name[3:].split(":")
+        if len(parts) not in (2, 3):
+            raise QuantbenchError(f"corpus '{name}': use hf:<dataset>:<split> or hf:<dataset>:<config>:<split>")
+        ds, cfg, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+        return _hub_corpus(name, ds, cfg, split, split)
+    p = Path(name).expanduser()
+    if not p.exists():
+        raise QuantbenchError(f"unknown corpus '{name}': not a built-in (wiki, news, wikitext2, c4), "
+                              "not hf:<dataset>:<split>, and no such file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuantbenchError(f"cannot read corpus file {p}: {e}") from None
+    if not text.strip():
+        raise QuantbenchError(f"corpus file {p} is empty")
+    calib, ev = _split_text(text)
+    return Corpus(name, calib, ev, source=f"local file {p}")
+
+
+def _tokens(tokenizer, text: str, n_needed: int) -> torch.Tensor:
+    """Token ids of the shortest text prefix that yields n_needed tokens (or all of it)."""
+    n_chars = max(4096, n_needed * 6)
+    while True:
+        ids = tokenizer(text[:n_chars], add_special_tokens=False)["input_ids"]
+        if len(ids) >= n_needed or n_chars >= len(text):
+            return torch.tensor(ids[:n_needed] if len(ids) >= n_needed else ids, dtype=torch.long)
+        n_chars *= 2
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Evaluation windows. input_ids [N, T]; score_from: first position whose next-token is scored."""
+
+    input_ids: torch.Tensor
+    score_from: torch.Tensor  # [N] start index into labels (positions before it are context only)
+    protocol: dict
+
+
+def eval_windows(tokenizer, text: str, seq_len: int, stride: int, max_windows: int, bos: bool, what: str = "eval") -> Windows:
+    """Fixed-length windows every `stride` tokens. With bos, each window is [BOS] + (seq_len-1) text tokens
+    and BOS is never a target. With stride < seq_len only the last `stride` targets of a window are
+    scored (the rest is context), so every text token is scored exactly once."""
+    body = seq_len - 1 if bos else seq_len
+    step = min(stride, body)
+    need = body + step * (max_windows - 1)
+    ids = _tokens(tokenizer, text, need)
+    if len(ids) < body:
+        raise QuantbenchError(f"{what} corpus too short: {len(ids)} tokens, one window needs {body}; "
+                              "lower eval.seq_len or use a longer corpus")
+    n = min(max_windows, 1 + (len(ids) - body) // step)
+    rows, starts = [], []
+    for i in range(n):
+        chunk = ids[i * step: i * step + body]
+        if bos:
+            chunk = torch.cat([torch.tensor([tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]), chunk])
+        rows.append(chunk)
+        # labels are input_ids[1:], i.e. T-1 targets; score the last `step` of them (all for window 0)
+        starts.append(0 if i == 0 else seq_len - 1 - step)
+    protocol = {"seq_len": seq_len, "stride": step, "windows": n, "bos": bos,
+                "scored_tokens": int(sum(seq_len - 1 - s for s in starts)),
+                "text_tokens_used": int(body + step * (n - 1))}
+    return Windows(torch.stack(rows), torch.tensor(starts), protocol)
+
+
+def calibration_batches(tokenizer, text: str, n: int, seq_len: int, seed: int, bos: bool = True) -> torch.Tensor:
+    """n random windows of seq_len tokens from the calibration text (seeded) -> [n, seq_len]."""
+    body = seq_len - 1 if bos else seq_len
+    ids = _tokens(tokenizer, text, body * n * 4)
+    if len(ids) < body + 1:
+        raise QuantbenchError(f"calibration corpus too short: {len(ids)} tokens, need {body + 1}; "
+                              "lower corpus.calib_seq_len or use a longer corpus")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - body, (n,), generator=g)
+    rows = [ids[s: s + body] for s in starts.tolist()]
+    if bos:
+        b = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        rows = [torch.cat([torch.tensor([b]), r]) for r in rows]
+    return torch.stack(rows)

@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints these as one line, without a traceback."""
+
+
+class QuantbenchError(Exception):
+    """A mistake in the user's input or environment (bad config, missing file, offline hub...)."""
+
+
+class ConfigError(QuantbenchError):
+    """The run config is invalid; the message names the offending key."""
+
+
+class AssetError(QuantbenchError):
+    """An offline asset could not be fetched, verified or converted."""
+
+
+class UnsupportedArchitecture(QuantbenchError):
+    """The model's architecture is not described in quantbench.arch."""

@@ -1,0 +1,63 @@
+"""Perplexity and fidelity to the FP model, in one pass over the evaluation windows.
+
+Protocol (recorded in the manifest): windows come from quantbench.data.eval_windows; the
+loss is the mean token-level negative log-likelihood of every scored next token; perplexity
+= exp(mean NLL). Fidelity compares next-token distributions with the FP model on the same
+scored positions: mean KL(P_fp || P_q) in nats and top-1 agreement. The FP log-probs are
+computed once and kept (fp16, on CPU) as the reference for every recipe.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..data import Windows
+
+
+@dataclass
+class LMEval:
+    ppl: float
+    nll: float
+    n_tokens: int
+    kl: float | None
+    top1: float | None
+    seconds: float
+    tok_per_s: float
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, windows: Windows, batch_size: int, device: torch.device,
+                reference: list[torch.Tensor] | None = None, keep_reference: bool = False
+                ) -> tuple[LMEval, list[torch.Tensor] | None]:
+    """Return metrics and (if keep_reference) this model's scored log-probs as a new reference."""
+    nll_sum, n_tok, kl_sum, agree = 0.0, 0, 0.0, 0
+    new_ref: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    ids_all = windows.input_ids
+    for bi, i in enumerate(range(0, len(ids_all), batch_size)):
+        ids = ids_all[i: i + batch_size].to(device)
+        starts = windows.score_from[i: i + batch_size]
+        logits = model(input_ids=ids).logits[:, :-1].float()  # [B, T-1, V] predicts ids[:, 1:]
+        logp = F.log_softmax(logits, dim=-1)
+        mask = torch.arange(logp.shape[1], device=device)[None, :] >= starts.to(device)[:, None]  # [B, T-1]
+        lp = logp[mask]  # [N, V] scored positions only
+        tgt = ids[:, 1:][mask]
+        nll_sum += -lp.gather(1, tgt[:, None]).sum().item()
+        n_tok += tgt.numel()
+        if reference is not None:
+            ref = reference[bi].to(device).float()  # [N, V]
+            kl_sum += (ref.exp() * (ref - lp)).sum().item()
+            agree += (ref.argmax(-1) == lp.argmax(-1)).sum().item()
+        if keep_reference:
+            new_ref.append(lp.half().cpu())
+    secs = time.perf_counter() - t0
+    nll = nll_sum / max(n_tok, 1)
+    res = LMEval(ppl=math.exp(nll), nll=nll, n_tokens=n_tok,
+                 kl=kl_sum / n_tok if reference is not None else None,
+                 top1=agree / n_tok if reference is not None else None,
+                 seconds=secs, tok_per_s=ids_all.numel() / secs)
+    return res, (new_ref if keep_reference else None)

@@ -1,0 +1,182 @@
+"""The main job: config -> model -> census -> for each recipe: apply -> evaluate -> row -> report.
+
+Rows are appended to rows.jsonl as each recipe finishes, so an interrupted sweep keeps them
+and a rerun of the same command (same run directory) resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .census import run_census
+from .config import RunConfig, dump_config
+from .data import calibration_batches, eval_windows, load_corpus
+from .errors import QuantbenchError
+from .eval.lm import evaluate_lm
+from .manifest import build_manifest
+from .models import load_model
+from .quant.apply import apply_recipe, check_recipe
+from .quant.backends import BackendUnavailable
+from .quant.size import estimate_size
+from .report.tables import markdown, to_frame, write_tables
+
+
+def log(msg: str) -> None:
+    print(f"[quantbench] {msg}", file=sys.stderr, flush=True)
+
+
+def run_dir_for(cfg: RunConfig, config_name: str = "run") -> Path:
+    slug = cfg.model.replace("/", "_").replace(".", "_").strip("_")[-40:] or "model"
+    run_id = cfg.run_id or f"{config_name}-{slug}-{cfg.fingerprint()}"
+    return Path(cfg.output_dir) / run_id
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def load_rows(path: Path) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by an interruption
+            rows[r["recipe"]] = r
+    return rows
+
+
+def _append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+
+
+def _recipe_key(recipe) -> str:
+    return json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+
+
+def run(cfg: RunConfig, config_name: str = "run") -> Path:
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = run_dir_for(cfg, config_name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    log(f"run directory: {out}")
+
+    t0 = time.perf_counter()
+    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    model, tok, device = lm.model, lm.tokenizer, next(lm.model.parameters()).device
+    log(f"model: {lm.info['source']} ({lm.info['n_params'] / 1e6:.1f}M params, {lm.info['dtype']}, {device}) "
+        f"loaded in {time.perf_counter() - t0:.1f}s")
+    if lm.info.get("caveat"):
+        log(f"note: {lm.info['caveat']}")
+    for r in cfg.recipes:  # every recipe checked before any work
+        check_recipe(model, r)
+
+    corpus = load_corpus(cfg.corpus.name)
+    e = cfg.eval
+    windows = eval_windows(tok, corpus.eval_text, e.seq_len, e.effective_stride, e.max_windows, e.bos)
+    calib = calibration_batches(tok, corpus.calib_text, cfg.corpus.calib_samples, cfg.corpus.calib_seq_len, cfg.seed)
+    protocol = {**windows.protocol, "perplexity": "exp(mean token NLL over scored positions)",
+                "kl": "mean KL(P_fp || P_q) over scored positions, nats", "calibration": {
+                    "split": "calib", "samples": len(calib), "seq_len": calib.shape[1], "seed": cfg.seed}}
+    corpus_info = {"name": corpus.name, "source": corpus.source, "fingerprint": corpus.fingerprint(),
+                   "split": "calibration and evaluation texts are disjoint"}
+    _write_json(out / "manifest.json", {**build_manifest(cfg, lm.info, corpus_info, protocol),
+                                         "config_name": config_name})
+
+    if cfg.census.enabled and not (out / "census.json").exists():
+        c = cfg.census
+        t1 = time.perf_counter()
+        cb = calibration_batches(tok, corpus.eval_text, c.samples, c.seq_len, cfg.seed)
+        census = run_census(model, cb, tok, c.top_k, c.abs_threshold, c.ratio_threshold, e.batch_size)
+        _write_json(out / "census.json", census)
+        s = census["summary"]
+        log(f"census ({time.perf_counter() - t1:.1f}s): max |x| {s['max_abs']:.0f} ({s['max_ratio']:.0f}x median), "
+            f"outlier layers {len(s['outlier_layers'])}, dims {s['outlier_dims']}, "
+            f"first-token attention {s['mean_first_token_attn'] or 0:.2f}")
+
+    rows_path = out / "rows.jsonl"
+    done = {k: v for k, v in load_rows(rows_path).items() if v.get("status") == "ok"}
+    keys = {r.name: _recipe_key(r) for r in cfg.recipes}
+    done = {k: v for k, v in done.items() if k in keys and v.get("recipe_key") == keys[k]}
+    if done:
+        log(f"resuming: {len(done)} finished row(s) kept ({', '.join(done)})")
+    ref, fp_ppl, fp_eval = None, None, None
+    for recipe in cfg.recipes:
+        if recipe.name in done:
+            continue
+        if ref is None:
+            log("FP reference: evaluating the unquantized model once")
+            fp_eval, ref = evaluate_lm(model, windows, e.batch_size, device, keep_reference=True)
+            fp_ppl = fp_eval.ppl
+            log(f"FP perplexity {fp_ppl:.3f} over {fp_eval.n_tokens} tokens ({fp_eval.tok_per_s:.0f} tok/s)")
+            if e.expected_fp_ppl and abs(fp_ppl / e.expected_fp_ppl - 1) > 0.10:
+                log(f"warning: FP perplexity {fp_ppl:.2f} differs from the expected {e.expected_fp_ppl} by more than 10%")
+        if recipe.is_fp:  # the reference pass already measured it
+            size, bpw = estimate_size(model, recipe)
+            row = {"recipe": recipe.name, "status": "ok", "mode": "fp", "bits_per_weight": bpw,
+                   "size_mb": round(size / 2**20, 2), "ppl": fp_eval.ppl, "delta_ppl_pct": 0.0, "kl": 0.0,
+                   "top1": 1.0, "eval_tok_s": round(fp_eval.tok_per_s, 1), "calib_s": 0.0,
+                   "wall_s": round(fp_eval.seconds, 2), "n_tokens": fp_eval.n_tokens, "mitigations": "none"}
+        else:
+            row = _run_recipe(model, recipe, calib, windows, ref, fp_ppl, cfg, device)
+        row["recipe_key"] = keys[recipe.name]
+        _append_row(rows_path, row)
+        done[recipe.name] = row
+        log(f"{recipe.name}: {row['status']}" + (f", ppl {row['ppl']:.3f} ({row['delta_ppl_pct']:+.1f}%), "
+                                                  f"KL {row['kl']:.4f}, top-1 {row['top1']:.3f}" if row["status"] == "ok" else ""))
+    rows = [done[r.name] for r in cfg.recipes if r.name in done]
+    df = to_frame(rows)
+    write_tables(df, out)
+    print(markdown(df))
+    log(f"results: {out / 'results.md'}")
+    return out
+
+
+def _run_recipe(model, recipe, calib, windows, ref, fp_ppl, cfg: RunConfig, device) -> dict:
+    size, bpw = estimate_size(model, recipe)
+    row = {"recipe": recipe.name, "mode": recipe.backend, "bits_per_weight": round(bpw, 3),
+           "size_mb": round(size / 2**20, 2), "w_bits": recipe.weights.bits if recipe.weights else None,
+           "a_bits": recipe.activations.bits if recipe.activations else None,
+           "mitigations": "+".join(m.name for m in recipe.mitigations) or "none", "quantbench": __version__}
+    t0 = time.perf_counter()
+    try:
+        qmodel = model if recipe.is_fp else copy.deepcopy(model)
+        qmodel, ctx = apply_recipe(qmodel, recipe, calib, device, cfg.eval.batch_size)
+        calib_s = time.perf_counter() - t0
+        res, _ = evaluate_lm(qmodel, windows, cfg.eval.batch_size, device, reference=ref)
+    except BackendUnavailable as err:
+        return {**row, "status": f"skipped: {err}", "wall_s": round(time.perf_counter() - t0, 2)}
+    finally:
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    row.update(status="ok", ppl=res.ppl, delta_ppl_pct=100 * (res.ppl / fp_ppl - 1), kl=res.kl, top1=res.top1,
+               eval_tok_s=round(res.tok_per_s, 1), calib_s=round(calib_s, 2),
+               wall_s=round(time.perf_counter() - t0, 2), n_tokens=res.n_tokens, **ctx.notes)
+    return row
+
+
+def profile(model_spec: str, corpus_name: str, out: Path, cfg: RunConfig) -> Path:
+    """The census alone (the `profile` command)."""
+    lm = load_model(model_spec, cfg.device, cfg.dtype)
+    corpus = load_corpus(corpus_name)
+    c = cfg.census
+    batches = calibration_batches(lm.tokenizer, corpus.eval_text, c.samples, c.seq_len, cfg.seed)
+    census = run_census(lm.model, batches, lm.tokenizer, c.top_k, c.abs_threshold, c.ratio_threshold, cfg.eval.batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "census.json", census)
+    return out / "census.json"
+
+
+__all__ = ["run", "profile", "run_dir_for", "load_rows", "QuantbenchError"]

@@ -1,0 +1,54 @@
+"""Named recipe presets. A config lists presets by name, or full recipes, or a preset plus overrides."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .spec import MitigationSpec, QuantSpec, Recipe
+
+W8_CH = QuantSpec(bits=8, granularity="channel")
+W4_CH = QuantSpec(bits=4, granularity="channel")
+W4_G64 = QuantSpec(bits=4, granularity="group", group_size=64)
+W4_G128 = QuantSpec(bits=4, granularity="group", group_size=128)
+A8_TOK = QuantSpec(bits=8, granularity="token", dynamic=True)
+A8_TENSOR_DYN = QuantSpec(bits=8, granularity="tensor", dynamic=True)
+A8_TENSOR_STATIC = QuantSpec(bits=8, granularity="tensor", dynamic=False)
+A4_TOK = QuantSpec(bits=4, granularity="token", dynamic=True)
+
+
+def _r(name: str, w=None, a=None, kv=None, mit=(), backend="simulated") -> Recipe:
+    mits = tuple(MitigationSpec(name=m) if isinstance(m, str) else m for m in mit)
+    return Recipe(name=name, weights=w, activations=a, kv=kv, mitigations=mits, backend=backend)
+
+
+PRESETS: dict[str, Recipe] = {r.name: r for r in [
+    _r("fp"),
+    _r("w8a16", W8_CH),
+    _r("w8a8-token", W8_CH, A8_TOK),
+    _r("w8a8-tensor-dynamic", W8_CH, A8_TENSOR_DYN),
+    _r("w8a8-tensor-static", W8_CH, A8_TENSOR_STATIC),
+    _r("w4a16-channel", W4_CH),
+    _r("w4a16-g64", W4_G64),
+    _r("w4a16-g128", W4_G128),
+    _r("w4a8-token", W4_G64, A8_TOK),
+    _r("w4a4-token", W4_G64, A4_TOK),
+]}
+
+
+def resolve_recipe(entry: str | dict[str, Any]) -> Recipe:
+    """A config entry -> Recipe. Strings name a preset; dicts are a recipe, optionally `preset:` + overrides."""
+    if isinstance(entry, str):
+        if entry not in PRESETS:
+            raise ConfigError(f"recipes: unknown preset '{entry}' (known: {', '.join(PRESETS)})")
+        return PRESETS[entry]
+    if not isinstance(entry, dict):
+        raise ConfigError(f"recipes: each entry must be a preset name or a mapping, got {type(entry).__name__}")
+    entry = dict(entry)
+    base = entry.pop("preset", None)
+    if base is not None:
+        if base not in PRESETS:
+            raise ConfigError(f"recipes: unknown preset '{base}' (known: {', '.join(PRESETS)})")
+        merged = PRESETS[base].model_dump()
+        merged.update(entry)
+        entry = merged
+    return Recipe.model_validate(entry)
