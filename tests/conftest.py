@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models of several families (unit tests) and the real default
+model (integration tests, marked `integration`)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 128,
+               attn_implementation: str = "eager") -> torch.nn.Module:
+    """A tiny random causal LM of family `kind` (llama | gpt2 | opt), fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=256, tie_word_embeddings=False)
+        cls = tf.LlamaForCausalLM
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256)
+        cls = tf.GPT2LMHeadModel
+    elif kind == "opt":
+        cfg = tf.OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden)
+        cls = tf.OPTForCausalLM
+    else:
+        raise ValueError(kind)
+    cfg._attn_implementation = attn_implementation
+    model = cls(cfg).eval()
+    return model
+
+
+@pytest.fixture(params=["llama", "gpt2", "opt"])
+def tiny(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, 128, (4, 32), generator=g)
+
+
+@pytest.fixture(scope="session")
+def default_lm():
+    """The real default model (SmolLM2-135M), loaded once per test session."""
+    from quantbench.models import load_model
+
+    return load_model("default", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def wiki():
+    from quantbench.data import load_corpus
+
+    return load_corpus("wiki")
