@@ -60,6 +60,7 @@ CORPORA = {
     "news": ("gensim", "gensim/test/test_data/lee_background.cor",
              "Lee background news corpus from the gensim==4.4.0 wheel's test data"),
 }
+CORPUS_FORMAT = 2  # bump when text extraction changes: the cache is then rebuilt
 CALIB_FRACTION = 0.2  # the last 20% of documents calibrate; the first 80% evaluate (disjoint)
 
 
@@ -152,6 +153,7 @@ def ensure_default_model() -> Path:
 # ---------------------------------------------------------------- corpora
 _DROP_TAGS = {"ref", "table", "gallery", "math", "timeline", "imagemap", "references"}
 _DROP_LINK = re.compile(r"^\s*(file|image|category|media):", re.I)
+_LEFTOVER = re.compile(r"<ref[^>]*/>|<ref.*?(?:</ref>|$)|\{\{[^{}]*\}\}|\{\{.*$", re.M)
 
 
 def wiki_to_text(markup: str) -> str:
@@ -172,8 +174,9 @@ def wiki_to_text(markup: str) -> str:
             except ValueError:
                 pass
     text = code.strip_code(normalize=True, collapse=True)
+    text = _LEFTOVER.sub("", text)  # malformed markup the parser could not pair up
     lines = [ln.strip() for ln in text.splitlines()]
-    return "\n".join(ln for ln in lines if ln and not ln.startswith(("thumb|", "|", "{|", "!")))
+    return "\n".join(ln for ln in lines if ln and not ln.startswith(("thumb|", "|", "{|", "!", "[[")))
 
 
 def _wiki_documents(raw_bz2: bytes) -> list[str]:
@@ -194,7 +197,7 @@ def _wiki_documents(raw_bz2: bytes) -> list[str]:
 def ensure_corpus(name: str) -> dict[str, Path]:
     """Return {'calib': path, 'eval': path} for a built-in corpus (disjoint document split)."""
     key, member, _ = CORPORA[name]
-    out = cache_dir() / "corpora" / name
+    out = cache_dir() / "corpora" / f"{name}-v{CORPUS_FORMAT}"
     paths = {"calib": out / "calib.txt", "eval": out / "eval.txt"}
     if all(p.exists() for p in paths.values()):
         return paths
@@ -216,7 +219,7 @@ def list_assets() -> list[dict[str, str]]:
              "cached": str((default_model_dir() / "quantbench_asset.json").exists()),
              "path": str(default_model_dir()), "about": DEFAULT_MODEL["description"]}]
     for name, (key, _, about) in CORPORA.items():
-        d = cache_dir() / "corpora" / name
+        d = cache_dir() / "corpora" / f"{name}-v{CORPUS_FORMAT}"
         rows.append({"name": name, "kind": "corpus", "source": WHEELS[key].requirement,
                      "cached": str((d / "eval.txt").exists()), "path": str(d), "about": about})
     return rows
