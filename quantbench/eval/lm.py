@@ -41,16 +41,15 @@ def evaluate_lm(model: torch.nn.Module, windows: Windows, batch_size: int, devic
     for bi, i in enumerate(range(0, len(ids_all), batch_size)):
         ids = ids_all[i: i + batch_size].to(device)
         starts = windows.score_from[i: i + batch_size]
-        logits = model(input_ids=ids).logits[:, :-1].float()  # [B, T-1, V] predicts ids[:, 1:]
-        logp = F.log_softmax(logits, dim=-1)
-        mask = torch.arange(logp.shape[1], device=device)[None, :] >= starts.to(device)[:, None]  # [B, T-1]
-        lp = logp[mask]  # [N, V] scored positions only
+        logits = model(input_ids=ids).logits[:, :-1]  # [B, T-1, V] predicts ids[:, 1:]
+        mask = torch.arange(logits.shape[1], device=device)[None, :] >= starts.to(device)[:, None]  # [B, T-1]
+        lp = F.log_softmax(logits[mask].float(), dim=-1)  # [N, V] scored positions only
         tgt = ids[:, 1:][mask]
         nll_sum += -lp.gather(1, tgt[:, None]).sum().item()
         n_tok += tgt.numel()
         if reference is not None:
             ref = reference[bi].to(device).float()  # [N, V]
-            kl_sum += (ref.exp() * (ref - lp)).sum().item()
+            kl_sum += F.kl_div(lp, ref, reduction="sum", log_target=True).item()  # sum P_fp (log P_fp - log P_q)
             agree += (ref.argmax(-1) == lp.argmax(-1)).sum().item()
         if keep_reference:
             new_ref.append(lp.half().cpu())
