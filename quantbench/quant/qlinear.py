@@ -27,7 +27,9 @@ class QuantLinear(nn.Module):
     Activation ranges are dynamic (per call) or static: `calibrating=True` records running
     min/max per block (over all tokens seen), `freeze()` turns them into fixed qparams.
     `token_keep` (a bool mask [B, T] set by outlier-token-aware handling) leaves those tokens'
-    activations unquantized.
+    activations unquantized. `fp_cols` (bool [in], static) or `fp_threshold` (dynamic: columns whose
+    |x| exceeds it anywhere in the batch) leave input channels unquantized, LLM.int8-style (the
+    weights stay quantized, as in bitsandbytes). `ospec` fake-quantizes the output (KV cache).
     """
 
     def __init__(self, linear: nn.Module, wspec: QuantSpec | None, aspec: QuantSpec | None, name: str = ""):
@@ -45,6 +47,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("a_hi", None)
         self.a_scale: torch.Tensor | None = None
         self.a_zero: torch.Tensor | None = None
+        self.fp_cols: torch.Tensor | None = None
+        self.fp_threshold: float | None = None
+        self.ospec: QuantSpec | None = None
 
     def _observe(self, x: torch.Tensor) -> None:
         xb = blocks(x.detach().float(), self.aspec.granularity, self.aspec.group_size)
@@ -60,23 +65,41 @@ class QuantLinear(nn.Module):
             self.a_scale, self.a_zero = qparams_from_range(self.a_lo, self.a_hi, self.aspec)
         self.calibrating = False
 
+    def _kept_cols(self, x: torch.Tensor) -> torch.Tensor | None:
+        """bool [in]: input channels left in high precision for this call (or None)."""
+        cols = self.fp_cols.to(x.device) if self.fp_cols is not None else None
+        if self.fp_threshold is not None:
+            dyn = x.detach().abs().reshape(-1, x.shape[-1]).amax(0) > self.fp_threshold  # [in]
+            cols = dyn if cols is None else cols | dyn
+        return cols
+
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         a = self.aspec
-        if a is None or self.calibrating:
-            if self.calibrating and a is not None and not a.dynamic:
-                self._observe(x if self.token_keep is None else x[~self.token_keep])
+        if a is None:
+            return x
+        cols = self._kept_cols(x)
+        xin = x if cols is None else x.masked_fill(cols, 0.0)  # outlier channels out of the ranges
+        if self.token_keep is not None:  # kept tokens out of the ranges too (static and dynamic)
+            xin = xin.masked_fill(self.token_keep.to(x.device)[..., None], 0.0)
+        if self.calibrating:
+            if not a.dynamic:
+                self._observe(xin if self.token_keep is None else xin[~self.token_keep.to(x.device)])
             return x
         # static scales are [1, G, 1] and broadcast over every row of the blocked input
-        xq = fake_quant(x, a) if a.dynamic else fake_quant(x, a, self.a_scale, self.a_zero)
+        xq = fake_quant(xin, a) if a.dynamic else fake_quant(xin, a, self.a_scale, self.a_zero)
+        if cols is not None:
+            xq = torch.where(cols, x, xq)
         if self.token_keep is not None:
             keep = self.token_keep.reshape(*self.token_keep.shape, 1).to(x.device)
             xq = torch.where(keep, x, xq)
         return xq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quant_input(x), self.weight, self.bias)
+        y = F.linear(self.quant_input(x), self.weight, self.bias)
+        return y if self.ospec is None else fake_quant(y, self.ospec)
 
     def extra_repr(self) -> str:
         w = f"w{self.wspec.bits}/{self.wspec.granularity}" if self.wspec else "w-fp"
         a = f"a{self.aspec.bits}/{self.aspec.granularity}/{'dyn' if self.aspec.dynamic else 'static'}" if self.aspec else "a-fp"
-        return f"{self.in_features}->{self.out_features}, {w}, {a}"
+        kv = f", out {self.ospec.bits}/{self.ospec.granularity}" if self.ospec else ""
+        return f"{self.in_features}->{self.out_features}, {w}, {a}{kv}"

@@ -14,11 +14,20 @@ A8_TOK = QuantSpec(bits=8, granularity="token", dynamic=True)
 A8_TENSOR_DYN = QuantSpec(bits=8, granularity="tensor", dynamic=True)
 A8_TENSOR_STATIC = QuantSpec(bits=8, granularity="tensor", dynamic=False)
 A4_TOK = QuantSpec(bits=4, granularity="token", dynamic=True)
+FP8_CH = QuantSpec(bits=8, format="fp8", granularity="channel")
+A_FP8_TOK = QuantSpec(bits=8, format="fp8", granularity="token", dynamic=True)
+KV4_HEAD = QuantSpec(bits=4, granularity="group", group_size=64, dynamic=True)  # one scale per head (hd 64) and token
+KV8_TOK = QuantSpec(bits=8, granularity="token", dynamic=True)
 
 
-def _r(name: str, w=None, a=None, kv=None, mit=(), backend="simulated") -> Recipe:
+def _r(name: str, w=None, a=None, kv=None, mit=(), backend="simulated", **backend_options) -> Recipe:
     mits = tuple(MitigationSpec(name=m) if isinstance(m, str) else m for m in mit)
-    return Recipe(name=name, weights=w, activations=a, kv=kv, mitigations=mits, backend=backend)
+    return Recipe(name=name, weights=w, activations=a, kv=kv, mitigations=mits, backend=backend,
+                  backend_options=backend_options)
+
+
+def _m(name: str, **options) -> MitigationSpec:
+    return MitigationSpec(name=name, options=options)
 
 
 PRESETS: dict[str, Recipe] = {r.name: r for r in [
@@ -32,6 +41,29 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in [
     _r("w4a16-g128", W4_G128),
     _r("w4a8-token", W4_G64, A8_TOK),
     _r("w4a4-token", W4_G64, A4_TOK),
+    _r("w4a4-kv4", W4_G64, A4_TOK, KV4_HEAD),
+    _r("w8a8-fp8", FP8_CH, A_FP8_TOK),
+    # mitigated variants
+    _r("w8a8-tensor-static-sq", W8_CH, A8_TENSOR_STATIC, mit=[_m("smoothquant", alpha=0.5)]),
+    _r("w8a8-tensor-static-ot", W8_CH, A8_TENSOR_STATIC, mit=["outlier_tokens"]),
+    _r("w8a8-tensor-static-sq-ot", W8_CH, A8_TENSOR_STATIC, mit=[_m("smoothquant", alpha=0.5), "outlier_tokens"]),
+    _r("w8a8-tensor-dynamic-int8", W8_CH, A8_TENSOR_DYN, mit=[_m("int8_decomp", threshold=6.0)]),
+    _r("w8a8-tensor-static-rot", W8_CH, A8_TENSOR_STATIC, mit=["rotate"]),
+    _r("w4a16-g64-gptq", W4_G64, mit=["gptq"]),
+    _r("w4a16-g64-awq", W4_G64, mit=["awq", "clip"]),
+    _r("w4a16-channel-gptq", W4_CH, mit=["gptq"]),
+    _r("w4a8-token-rot-gptq", W4_G64, A8_TOK, mit=["rotate", "gptq"]),
+    _r("w4a4-token-rot", W4_G64, A4_TOK, mit=["rotate"]),
+    _r("w4a4-token-rot-gptq", W4_G64, A4_TOK, mit=["rotate", "gptq"]),
+    _r("w4a4-kv4-rot-gptq", W4_G64, A4_TOK, KV4_HEAD, mit=["rotate", "gptq"]),
+    # real kernels (skipped with the reason where they cannot run)
+    _r("bnb-int8", W8_CH, backend="bnb-int8", threshold=0.0),
+    _r("bnb-int8-t6", W8_CH, backend="bnb-int8", threshold=6.0),
+    _r("bnb-nf4", QuantSpec(bits=4, granularity="group", group_size=64), backend="bnb-nf4"),
+    _r("bnb-fp4", QuantSpec(bits=4, granularity="group", group_size=64), backend="bnb-fp4"),
+    _r("quanto-w8", W8_CH, backend="quanto"),
+    _r("quanto-w8a8", W8_CH, A8_TENSOR_STATIC, backend="quanto"),
+    _r("quanto-w4-g64", QuantSpec(bits=4, granularity="group", group_size=64, symmetric=False), backend="quanto"),
 ]}
 
 

@@ -54,6 +54,7 @@ class Recipe(_Frozen):
     kv: QuantSpec | None = None
     mitigations: tuple[MitigationSpec, ...] = ()
     backend: str = "simulated"
+    backend_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {threshold: 6.0} for bnb-int8
     exclude: tuple[str, ...] = ("lm_head",)
 
     @model_validator(mode="after")
@@ -64,6 +65,10 @@ class Recipe(_Frozen):
                 raise ValueError("activations cannot be per-channel (the scale would not factor out of the matmul)")
             if not a.dynamic and a.granularity == "token":
                 raise ValueError("static activations need granularity 'tensor' or 'group' (per-token ranges are dynamic by nature)")
+        kv = self.kv
+        if kv is not None and (not kv.dynamic or kv.granularity == "channel"):
+            raise ValueError("kv quantization is dynamic, per 'tensor', 'token' (all heads of a token) or "
+                             "'group' (group_size = head_dim: one scale per head and token)")
         if self.weights is not None and self.weights.granularity == "token":
             raise ValueError("weights cannot be per-token; use channel or group")
         return self

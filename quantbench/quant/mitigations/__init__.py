@@ -3,7 +3,10 @@
 A mitigation module defines
     calibrate(model, batches, opts, ctx) -> stats      # read-only pass over calibration data
     apply(model, stats, opts, ctx) -> model            # transform (in place is fine), return model
-and registers itself in MITIGATIONS with `register`. `ctx` is a QuantContext (arch, recipe, device).
+and registers itself in MITIGATIONS with `register`. `ctx` is a QuantContext (arch, recipe, device,
+notes for the result row, prequantized, configure hooks for new QuantLinears). Optionally
+    check(model, recipe) -> None                        # raise QuantbenchError early (check_recipe calls it)
+Modules whose name starts with "_" are helpers, not mitigations.
 """
 from __future__ import annotations
 

@@ -1,0 +1,110 @@
+"""Weight clipping search (as AWQ's auto-clip / OmniQuant's LWC without training).
+
+For every target linear and every weight block of the recipe's weight spec (per output channel,
+per group, or the whole tensor), pick the clip ratio r from `ratios` (1.0 always included) that
+minimises the layer output error on calibration inputs X (a sample of `search_tokens` rows spread
+evenly over the calibration tokens):
+
+    channel: ||X (Q(W_r) - W)_i^T||^2 per row i        group: ||X_g (Q(W_r) - W)_{i,g}^T||^2 per (row, group)
+
+(the group objective ignores cross-group terms, as AWQ does). The weights are then clamped in place
+to the chosen per-block range, so the later round-to-nearest of QuantLinear picks exactly the
+clipped grid that was evaluated: no pre-quantization needed. r = 1 reproduces plain RTN, hence
+the result is never worse than RTN on this objective.
+
+Options: ratios (default 1.0, 0.95, ..., 0.7), search_tokens (512), calib_samples (8).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..apply import target_linears
+from ..primitives import block_range, blocks, fake_quant, qparams_from_range
+from ..spec import QuantSpec
+from . import register
+from ._util import calib_subset, get_weight, input_stats, require, set_weight
+
+DEFAULT_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def block_qparams(w: torch.Tensor, spec: QuantSpec, ratio: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per weight block, [R, G] (R = rows or 1, G = groups or 1); ratio [R, G] clips ranges."""
+    wb = blocks(w.float(), spec.granularity, spec.group_size)  # [R, G, B]
+    lo, hi = block_range(wb, spec)  # [R, G, 1]
+    if ratio is not None:
+        lo, hi = lo * ratio[..., None], hi * ratio[..., None]
+    s, z = qparams_from_range(lo, hi, spec)
+    return s[..., 0], z[..., 0]
+
+
+def clamp_blocks(w: torch.Tensor, spec: QuantSpec, ratio: torch.Tensor) -> torch.Tensor:
+    """w [out, in] clamped per block to ratio * (its min, max); ratio [R, G]."""
+    wb = blocks(w.float(), spec.granularity, spec.group_size)  # [R, G, B]
+    lo, hi = wb.amin(-1, keepdim=True), wb.amax(-1, keepdim=True)  # [R, G, 1]
+    r = ratio[..., None]
+    return torch.maximum(torch.minimum(wb, hi * r), lo * r).reshape(w.shape)
+
+
+def block_errors(x: torch.Tensor, d: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Output error per weight block [R, G] of a weight change d [out, in] on inputs x [N, in]."""
+    if spec.granularity == "group":
+        g = spec.group_size
+        xg = x.reshape(x.shape[0], -1, g)  # [N, G, g]
+        dg = d.reshape(d.shape[0], -1, g)  # [out, G, g]
+        return torch.einsum("ngk,ogk->nog", xg, dg).pow(2).sum(0)  # [out, G]
+    e = (x @ d.T).pow(2).sum(0)  # [out]
+    return e[:, None] if spec.granularity == "channel" else e.sum().reshape(1, 1)
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, ratios: tuple[float, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (best ratio [R, G], its error [R, G], RTN error [R, G]) for weights w [out, in], inputs x [N, in]."""
+    shape = blocks(w, spec.granularity, spec.group_size).shape[:2]
+    best_r, best_e, rtn_e = torch.ones(shape), torch.full(shape, float("inf")), None
+    for r in sorted(set(ratios) | {1.0}, reverse=True):
+        ratio = torch.full(shape, r)
+        d = fake_quant(clamp_blocks(w, spec, ratio), spec) - w
+        e = block_errors(x, d, spec)
+        rtn_e = e if r == 1.0 else rtn_e
+        better = e < best_e
+        best_e, best_r = torch.where(better, e, best_e), torch.where(better, ratio, best_r)
+    return best_r, best_e, rtn_e
+
+
+def check(model: nn.Module, recipe) -> None:
+    require(recipe, "weights", "clip")
+
+
+def calibrate(model: nn.Module, batches: torch.Tensor, opts: dict[str, Any], ctx) -> dict:
+    check(model, ctx.recipe)
+    mods = dict(target_linears(model, ctx.recipe))
+    stats = input_stats(model, mods, calib_subset(batches, opts, 8), ctx,
+                        sample_tokens=int(opts.get("search_tokens", 512)))
+    return {"mods": mods, "x": {k: v["sample"] for k, v in stats.items()}}
+
+
+@torch.no_grad()
+def apply(model: nn.Module, stats: dict, opts: dict[str, Any], ctx) -> nn.Module:
+    spec = ctx.recipe.weights
+    ratios = tuple(float(r) for r in opts.get("ratios", DEFAULT_RATIOS))
+    gain, clipped, total = [], 0, 0
+    for name, mod in stats["mods"].items():
+        if name not in stats["x"]:
+            continue
+        w = get_weight(mod)
+        r, e, e0 = search_clip(w, stats["x"][name], spec, ratios)
+        set_weight(mod, clamp_blocks(w, spec, r))
+        gain.append(float(e.sum() / e0.sum().clamp_min(1e-30)))
+        clipped, total = clipped + int((r < 1).sum()), total + r.numel()
+    ctx.notes["clip_blocks_clipped_pct"] = round(100 * clipped / max(total, 1), 1)
+    ctx.notes["clip_err_vs_rtn"] = round(sum(gain) / max(len(gain), 1), 4)
+    return model
+
+
+register("clip", sys.modules[__name__])

@@ -1,0 +1,138 @@
+"""Mitigations against their own objectives: GPTQ beats RTN, AWQ/clipping never lose to RTN,
+outlier tokens and LLM.int8 decomposition keep what they promise, composition works end to end."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from quantbench.quant.apply import apply_recipe
+from quantbench.quant.mitigations import known
+from quantbench.quant.mitigations._util import Pair
+from quantbench.quant.mitigations.awq import search_pair
+from quantbench.quant.mitigations.clip import search_clip
+from quantbench.quant.mitigations.gptq import gptq_quantize
+from quantbench.quant.mitigations.outlier_tokens import find_outlier_ids
+from quantbench.quant.primitives import blocks, fake_quant
+from quantbench.quant.qlinear import QuantLinear
+from quantbench.quant.recipes import PRESETS
+from quantbench.quant.spec import MitigationSpec, QuantSpec, Recipe
+
+from conftest import tiny_model
+
+CPU = torch.device("cpu")
+SPECS = [QuantSpec(bits=4, granularity="channel"), QuantSpec(bits=4, granularity="group", group_size=32),
+         QuantSpec(bits=3, granularity="group", group_size=32, symmetric=False)]
+
+
+def _layer_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 128, generator=g) * torch.rand(128, generator=g) * 3  # [N, in], uneven channels
+    x[:, 7] *= 30  # an outlier channel
+    return x, torch.randn(64, 128, generator=g)  # W [out, in]
+
+
+def test_every_mitigation_is_registered():
+    assert {"smoothquant", "rotate", "clip", "gptq", "awq", "int8_decomp", "outlier_tokens"} <= set(known())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.bits}b-{s.granularity}-{'sym' if s.symmetric else 'asym'}")
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_output_error_below_rtn_and_on_grid(spec, act_order):
+    x, w = _layer_data()
+    err = lambda q: (x @ (q - w).T).pow(2).sum()  # noqa: E731
+    wq = gptq_quantize(w, (x.T @ x).double(), spec, act_order=act_order)
+    assert err(wq) < 0.9 * err(fake_quant(w, spec))
+    b = blocks(wq, spec.granularity, spec.group_size)  # [R, G, B]: each block uses at most 2^bits levels
+    assert max(len(torch.unique(blk)) for blk in b.reshape(-1, b.shape[-1])) <= 2 ** spec.bits
+
+
+def test_gptq_marks_weights_prequantized_and_quantlinear_keeps_them(tokens):
+    m = tiny_model("llama")
+    r = Recipe(name="g", weights=SPECS[1], mitigations=(MitigationSpec(name="gptq"),))
+    q, ctx = apply_recipe(m, r, tokens, CPU, census_after=False)
+    assert len(ctx.prequantized) == 14  # 7 linears x 2 layers
+    ql = q.model.layers[0].mlp.down_proj
+    assert isinstance(ql, QuantLinear) and ql.wspec is None
+    b = blocks(ql.weight, "group", 32)  # [out, G, 32]: GPTQ's grid kept, at most 16 levels per group
+    assert max(len(torch.unique(blk)) for blk in b.reshape(-1, 32)) <= 16
+
+
+@pytest.mark.parametrize("spec", SPECS + [QuantSpec(bits=4, granularity="tensor")], ids=lambda s: s.granularity)
+def test_clip_never_worse_than_rtn_and_requantizes_to_the_searched_grid(spec):
+    from quantbench.quant.mitigations.clip import block_errors, clamp_blocks
+
+    x, w = _layer_data(1)
+    r, e, e0 = search_clip(w, x, spec, (1.0, 0.9, 0.8, 0.7, 0.6))
+    assert (e <= e0).all() and e.sum() < e0.sum()
+    wc = clamp_blocks(w, spec, r)
+    again = block_errors(x, fake_quant(wc, spec) - w, spec)  # what QuantLinear will compute
+    assert torch.allclose(again, e, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.bits}b-{s.granularity}")
+def test_awq_never_worse_than_rtn_on_its_objective(spec):
+    x, w = _layer_data(2)
+    lin = torch.nn.Linear(128, 64, bias=False)
+    lin.weight.data.copy_(w)
+    pair = Pair("p", "qkv", torch.nn.Identity(), [("l", lin)])
+    alpha, e, e0 = search_pair(pair, x, x.abs().mean(0), spec, tuple(i / 10 for i in range(10)))
+    assert e <= e0 and alpha > 0 and e < 0.95 * e0  # the outlier channel makes scaling pay off
+
+
+def test_outlier_tokens_found_and_kept_out_of_static_ranges(tokens):
+    m = tiny_model("llama")
+    with torch.no_grad():
+        m.model.embed_tokens.weight[9, 3] = 500.0  # token 9 carries a massive residual value
+    ids = tokens.clone()
+    ids[:, ::5] = 9
+    r0 = Recipe(name="s", weights=QuantSpec(bits=8), activations=QuantSpec(bits=8, granularity="tensor", dynamic=False))
+    from quantbench.quant.apply import QuantContext
+    from quantbench.arch import arch_of
+
+    assert find_outlier_ids(m, ids, arch_of(m), 64.0, 0.5, QuantContext(recipe=r0, arch=arch_of(m), device=CPU)) == [9]
+    ref = m(input_ids=ids).logits
+    naive, _ = apply_recipe(copy.deepcopy(m), r0, ids, CPU)
+    kept, ctx = apply_recipe(copy.deepcopy(m), r0.model_copy(update={"mitigations": (MitigationSpec(name="outlier_tokens"),)}),
+                             ids, CPU, census_after=False)
+    assert ctx.notes["outlier_token_ids"] == [9]
+    q = kept.model.layers[0].self_attn.q_proj
+    assert q.a_hi.max() < 0.5 * naive.model.layers[0].self_attn.q_proj.a_hi.max()  # post-norm: capped at sqrt(D)
+    err = lambda mod: (mod(input_ids=ids).logits - ref).pow(2).mean()  # noqa: E731
+    assert err(kept) < 0.75 * err(naive)
+
+
+def test_int8_decomp_keeps_outlier_channels(tokens):
+    m = tiny_model("llama")
+    with torch.no_grad():
+        m.model.layers[0].post_attention_layernorm.weight[11] = 300.0
+    ref = m(input_ids=tokens).logits
+    base = Recipe(name="i", weights=QuantSpec(bits=8), activations=QuantSpec(bits=8, granularity="tensor"))
+    naive, _ = apply_recipe(copy.deepcopy(m), base, tokens, CPU)
+    err = lambda mod: (mod(input_ids=tokens).logits - ref).pow(2).mean()  # noqa: E731
+    for mode in ("dynamic", "static"):
+        r = base.model_copy(update={"mitigations": (MitigationSpec(name="int8_decomp", options={"mode": mode, "threshold": 6.0}),)})
+        q, _ = apply_recipe(copy.deepcopy(m), r, tokens, CPU, census_after=False)
+        assert err(q) < 0.5 * err(naive)
+
+
+@pytest.mark.parametrize("name", ["w8a8-tensor-static-sq-ot", "w4a16-g64-awq", "w4a4-kv4-rot-gptq", "w8a8-tensor-static-rot"])
+def test_composed_presets_run_and_stay_close(tokens, name):
+    m = tiny_model("llama", hidden=128)
+    ref = m(input_ids=tokens).logits
+    q, ctx = apply_recipe(m, PRESETS[name], tokens, CPU)
+    out = q(input_ids=tokens).logits
+    assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.5 * ref.abs().max()
+    assert "census_max_abs_after" in ctx.notes
+
+
+def test_recipes_a_mitigation_cannot_serve_are_rejected_before_any_work():
+    from quantbench.errors import QuantbenchError
+    from quantbench.quant.apply import check_recipe
+
+    m = tiny_model("llama")
+    for mit, field in (("gptq", "weights"), ("awq", "weights"), ("clip", "weights"),
+                       ("int8_decomp", "activations"), ("outlier_tokens", "activations")):
+        with pytest.raises(QuantbenchError, match=f"{mit} needs {field}"):
+            check_recipe(m, Recipe(name="r", mitigations=(MitigationSpec(name=mit),)))

@@ -1,0 +1,144 @@
+"""Transforms that must not change the FP function (SmoothQuant scaling, AWQ scaling, norm fusing,
+rotations) leave logits unchanged within float tolerance; Hadamard construction is exact."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from quantbench.arch import arch_of
+from quantbench.errors import QuantbenchError
+from quantbench.quant.apply import apply_recipe
+from quantbench.quant.mitigations._hadamard import hadamard, hadamard_factors
+from quantbench.quant.mitigations.rotate import fuse_norms, make_rotation
+from quantbench.quant.spec import MitigationSpec, QuantSpec, Recipe
+
+from conftest import tiny_model
+
+CPU = torch.device("cpu")
+
+
+def _mitigated(model, tokens, *mits, weights=None, activations=None):
+    """Run the mitigations only (no quantization); weights/activations just steer their searches."""
+    from quantbench.quant import mitigations
+    from quantbench.quant.apply import QuantContext
+
+    r = Recipe(name="t", mitigations=tuple(MitigationSpec(name=n, options=o) for n, o in mits),
+               weights=weights, activations=activations)
+    ctx = QuantContext(recipe=r, arch=arch_of(model), device=CPU, calib=tokens)
+    for m in r.mitigations:
+        mod = mitigations.get_mitigation(m.name)
+        model = mod.apply(model, mod.calibrate(model, tokens, m.options, ctx), m.options, ctx)
+    return model, ctx
+
+
+def _close(a, b, rel=1e-4):
+    assert (a - b).abs().max() <= rel * b.abs().max() + 1e-5, float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("alpha", [0.5, "search"])
+def test_smoothquant_keeps_logits(tiny, tokens, alpha):
+    ref = tiny(input_ids=tokens).logits
+    m, ctx = _mitigated(copy.deepcopy(tiny), tokens, ("smoothquant", {"alpha": alpha}),
+                           weights=QuantSpec(bits=8), activations=QuantSpec(bits=8, granularity="tensor"))
+    _close(m(input_ids=tokens).logits, ref)
+    expected = {"llama": 8, "gpt2": 4, "opt": 6}[tiny.config.model_type]  # per layer: qkv, up, (down), (o)
+    assert ctx.notes["smoothquant_pairs"] == expected
+
+
+def test_smoothquant_moves_the_outlier_into_the_weights(tokens):
+    m = tiny_model("llama")
+    with torch.no_grad():
+        m.model.layers[0].input_layernorm.weight[5] = 200.0  # a planted outlier channel on q/k/v inputs
+    seen = {}
+    h = m.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.__setitem__("x", a[0]))
+    m(input_ids=tokens)
+    before = seen["x"].abs().amax((0, 1))
+    _mitigated(m, tokens, ("smoothquant", {"alpha": 0.5, "pairs": ["qkv"]}))
+    m(input_ids=tokens)
+    h.remove()
+    after = seen["x"].abs().amax((0, 1))
+    assert after[5] / after.median() < 0.2 * before[5] / before.median()
+
+
+def test_awq_scaling_keeps_logits(tiny, tokens):
+    ref = tiny(input_ids=tokens).logits
+    m, _ = _mitigated(copy.deepcopy(tiny), tokens, ("awq", {"search_tokens": 64}),
+                         weights=QuantSpec(bits=4, granularity="group", group_size=16))
+    _close(m(input_ids=tokens).logits, ref)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_rotation_keeps_logits_llama(tokens, kind):
+    m = tiny_model("llama")
+    ref = m(input_ids=tokens).logits
+    r = Recipe(name="rot", mitigations=(MitigationSpec(name="rotate", options={"kind": kind}),))
+    q, ctx = apply_recipe(m, r, tokens, CPU, census_after=False)
+    _close(q(input_ids=tokens).logits, ref)
+    assert ctx.notes["rotate_kind"] == kind
+
+
+def test_rotation_unties_tied_embeddings(tokens):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    m = tf.LlamaForCausalLM(cfg).eval()  # hidden 48 = 12 x 4 (Paley x Sylvester), head_dim 12
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    ref = m(input_ids=tokens).logits
+    q, ctx = apply_recipe(m, Recipe(name="r", mitigations=(MitigationSpec(name="rotate"),)), tokens, CPU,
+                          census_after=False)
+    assert ctx.notes["rotate_untied"] and q.lm_head.weight is not q.model.embed_tokens.weight
+    _close(q(input_ids=tokens).logits, ref)
+
+
+def test_norm_fusing_keeps_logits_and_rejects_layernorm(tokens):
+    m = tiny_model("llama")
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 2.0)  # non-trivial norm weights
+    ref = m(input_ids=tokens).logits
+    fuse_norms(m, arch_of(m))
+    assert torch.all(m.model.layers[0].input_layernorm.weight == 1)
+    _close(m(input_ids=tokens).logits, ref)
+    for kind in ("gpt2", "opt"):
+        g = tiny_model(kind)
+        with pytest.raises(QuantbenchError, match="LayerNorm"):
+            apply_recipe(g, Recipe(name="r", mitigations=(MitigationSpec(name="rotate"),)), tokens, CPU)
+
+
+@pytest.mark.parametrize("n", [4, 12, 20, 48, 64, 576, 1536])
+def test_hadamard_orders_are_exact(n):
+    h = hadamard(n)
+    assert h is not None and torch.equal(h @ h.T, n * torch.eye(n, dtype=h.dtype))
+    rot, kind = make_rotation(n, "hadamard", torch.Generator().manual_seed(0))
+    q = rot.matrix()
+    assert kind == "hadamard" and torch.allclose(q @ q.T, torch.eye(n, dtype=q.dtype), atol=1e-10)
+    x = torch.randn(3, n, dtype=torch.float64)
+    assert torch.allclose(rot(x), x @ q, atol=1e-10)  # the Kronecker-factored online op is Q
+
+
+def test_no_hadamard_falls_back_to_random_orthogonal():
+    assert hadamard_factors(100) is None
+    rot, kind = make_rotation(100, "hadamard", torch.Generator().manual_seed(0))
+    q = rot.matrix()
+    assert kind == "random" and torch.allclose(q @ q.T, torch.eye(100, dtype=q.dtype), atol=1e-10)
+
+
+@pytest.mark.integration
+def test_default_model_transforms_keep_logits_and_rotation_removes_outliers(default_lm, wiki):
+    from quantbench.data import calibration_batches
+
+    model, tok = default_lm.model, default_lm.tokenizer
+    calib = calibration_batches(tok, wiki.calib_text, 4, 64, 0)
+    with torch.no_grad():
+        ref = model(input_ids=calib).logits
+        for name, opts in (("smoothquant", {"alpha": 0.5}), ("rotate", {})):
+            r = Recipe(name=name, mitigations=(MitigationSpec(name=name, options=opts),))
+            q, ctx = apply_recipe(copy.deepcopy(model), r, calib, CPU)
+            _close(q(input_ids=calib).logits, ref, rel=2e-3)
+            if name == "rotate":
+                assert ctx.notes["census_max_abs_after"] < 0.25 * ctx.notes["census_max_abs_before"]
