@@ -1,0 +1,63 @@
+"""Tables, plots, HTML report, cross-run comparison and the recipe recommendation."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from .html import write_html
+from .recommend import Recommendation, Tolerance, recommend
+
+
+def run_recipes(run_dir: Path) -> dict[str, dict]:
+    """Recipe specs by name from the run's resolved config.yaml (for the reproduce snippet)."""
+    cfg = run_dir / "config.yaml"
+    if not cfg.exists():
+        return {}
+    from ..quant.spec import Recipe
+
+    data = yaml.safe_load(cfg.read_text()) or {}
+    out = {}
+    for r in data.get("recipes", []):
+        if isinstance(r, dict) and "name" in r:
+            try:  # what differs from the defaults, plus each spec's bits/granularity, so it stays short
+                rec = Recipe.model_validate(r)
+                short = rec.model_dump(mode="json", exclude_defaults=True)
+                for part in ("weights", "activations", "kv"):
+                    spec = getattr(rec, part)
+                    if spec is not None:
+                        short[part] = {"bits": spec.bits, "granularity": spec.granularity, **short.get(part, {})}
+                        if part == "activations":
+                            short[part].setdefault("dynamic", spec.dynamic)
+                out[r["name"]] = short
+            except ValueError:
+                out[r["name"]] = r
+    return out
+
+
+def read_census(run_dir: Path) -> dict | None:
+    p = run_dir / "census.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def recommend_run(run_dir: Path, df: pd.DataFrame, tol: Tolerance) -> Recommendation:
+    return recommend(df, tol, read_census(run_dir), run_recipes(run_dir))
+
+
+def finish_report(out: Path, df: pd.DataFrame, cfg) -> Recommendation:
+    """End of `quantbench run`: recommendation (printed and saved) and report.html."""
+    r = cfg.recommend
+    tol = Tolerance(r.max_ppl_increase_pct, r.min_task_retention_pct, cfg.tasks.metric)
+    rec = recommend_run(out, df, tol)
+    text = rec.text()
+    (out / "recommendation.txt").write_text(text + "\n")
+    path = write_html(df, out, text, cfg.tasks.metric)
+    print("\n" + text)
+    print(f"[quantbench] report: {path}", file=sys.stderr, flush=True)
+    return rec
+
+
+__all__ = ["finish_report", "recommend_run", "run_recipes", "read_census", "Tolerance", "recommend"]

@@ -1,0 +1,125 @@
+"""Downstream accuracy through lm-eval: `HFLM(pretrained=<model in memory>, tokenizer=<tok>)`.
+
+Tasks are loaded once per run (the offline task pack is on lm-eval's include path; any other
+name is an lm-eval task, which needs the hub) and evaluated on each model variant with the
+same documents (`limit` takes the first N of the fixed, pre-shuffled order) and few-shot seed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import QuantbenchError
+from .taskpack import PACK_TASKS, ensure_task_pack
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    names: tuple[str, ...]
+    limit: int | None = 100
+    num_fewshot: int = 0
+    batch_size: int = 16
+    seed: int = 1234
+    include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
+
+
+@dataclass
+class LoadedTasks:
+    settings: TaskSettings
+    task_dict: Any  # lm-eval's {"tasks": ..., "groups": ...}
+    lm_eval_version: str
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _quiet_lm_eval() -> None:
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _local(folder: str | None, name: str) -> bool:
+    if not folder:
+        return False
+    from pathlib import Path
+
+    return any(f"task: {name}" in p.read_text() for p in Path(folder).glob("*.yaml"))
+
+
+def load_tasks(settings: TaskSettings) -> LoadedTasks:
+    """Resolve task names once (pack tasks offline; others through lm-eval, which may need the hub)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    _quiet_lm_eval()
+    hub = [n for n in settings.names if n not in PACK_TASKS and not _local(settings.include_path, n)]
+    include = [str(ensure_task_pack())] if any(n in PACK_TASKS for n in settings.names) else []
+    if settings.include_path:
+        include.append(settings.include_path)
+    try:
+        tm = TaskManager(include_path=include or None, include_defaults=bool(hub))
+        loaded = tm.load(list(settings.names))
+    except Exception as e:  # noqa: BLE001 - unknown task / unreachable hub dataset -> one line
+        where = f"lm-eval task(s) {', '.join(hub)} need the Hugging Face hub or are unknown; " if hub else ""
+        raise QuantbenchError(f"cannot load tasks {', '.join(settings.names)}: {where}{_one_line(e)} "
+                              f"(offline task pack: {', '.join(PACK_TASKS)})") from None
+    missing = [n for n in settings.names if n not in loaded["tasks"] and n not in loaded.get("groups", {})]
+    if missing:
+        raise QuantbenchError(f"unknown task(s): {', '.join(missing)} (offline task pack: {', '.join(PACK_TASKS)})")
+    for task in loaded["tasks"].values():
+        task.set_config(key="num_fewshot", value=settings.num_fewshot)
+        task.set_fewshot_seed(seed=settings.seed)
+    return LoadedTasks(settings, loaded, lm_eval.__version__)
+
+
+def _metrics(res: dict, n_samples: dict, task: str) -> dict[str, float | int | None]:
+    r = res.get(task, {})
+
+    def num(key: str) -> float | None:
+        v = r.get(key)
+        return float(v) if isinstance(v, (int, float)) else None
+
+    n = n_samples.get(task, {})
+    return {"acc": num("acc,none"), "acc_stderr": num("acc_stderr,none"), "acc_norm": num("acc_norm,none"),
+            "acc_norm_stderr": num("acc_norm_stderr,none"),
+            "n": int(n.get("effective", 0)) if isinstance(n, dict) else None}
+
+
+@torch.no_grad()
+def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: LoadedTasks, device: torch.device) -> dict[str, dict]:
+    """{task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n, seconds}} for one model variant."""
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    _quiet_lm_eval()
+    s = tasks.settings
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.batch_size, device=str(device))
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    out = evaluate(lm=lm, task_dict=tasks.task_dict, limit=s.limit, bootstrap_iters=100, log_samples=False)
+    secs = time.perf_counter() - t0
+    res, n_samples = out["results"], out.get("n-samples", {})
+    return {t: {**_metrics(res, n_samples, t), "seconds": round(secs / len(res), 2)}
+            for t in tasks.task_dict["tasks"]}
+
+
+def task_columns(results: dict[str, dict], metric: str = "acc") -> dict[str, float | int | None]:
+    """Flatten per-task results into row columns: acc:<task>, acc_norm:<task>, acc_se:<task> (stderr of
+    acc), n:<task> (documents scored), and task_acc_mean (mean of `metric` over tasks)."""
+    row: dict[str, float | int | None] = {}
+    vals = []
+    for task, m in results.items():
+        row[f"acc:{task}"] = m["acc"]
+        row[f"acc_norm:{task}"] = m["acc_norm"]
+        row[f"acc_se:{task}"] = m["acc_stderr"]
+        row[f"n:{task}"] = m["n"]
+        if m.get(metric) is not None:
+            vals.append(m[metric])
+    row["task_acc_mean"] = sum(vals) / len(vals) if vals else None
+    return row

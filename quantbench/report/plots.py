@@ -1,0 +1,82 @@
+"""Report plots (matplotlib, Agg): size-vs-quality Pareto fronts and per-layer error curves."""
+from __future__ import annotations
+
+import io
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .tables import layer_frame  # noqa: E402
+
+
+def pareto_front(df: pd.DataFrame, x: str, y: str, higher_is_better: bool) -> pd.DataFrame:
+    """Rows not dominated by another (smaller or equal x and better or equal y, one strictly)."""
+    d = df.assign(**{x: pd.to_numeric(df[x], errors="coerce"), y: pd.to_numeric(df[y], errors="coerce")})
+    d = d.dropna(subset=[x, y])
+    keep = []
+    for i, r in d.iterrows():
+        better = (d[y] >= r[y]) if higher_is_better else (d[y] <= r[y])
+        strictly = (d[y] > r[y]) if higher_is_better else (d[y] < r[y])
+        dominated = ((d[x] <= r[x]) & better & ((d[x] < r[x]) | strictly)).any()
+        if not dominated:
+            keep.append(i)
+    return d.loc[keep].sort_values(x)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def pareto_plot(df: pd.DataFrame, y: str, label: str, higher_is_better: bool, log_y: bool = False) -> bytes | None:
+    ok = df[df["status"] == "ok"] if "status" in df.columns else df
+    if y not in ok.columns or pd.to_numeric(ok[y], errors="coerce").notna().sum() == 0:
+        return None
+    d = ok.assign(_x=pd.to_numeric(ok["bits_per_weight"], errors="coerce"), _y=pd.to_numeric(ok[y], errors="coerce"))
+    d = d.dropna(subset=["_x", "_y"])
+    front = pareto_front(d.rename(columns={"_x": "x_", "_y": "y_"}), "x_", "y_", higher_is_better)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.scatter(d["_x"], d["_y"], color="#9aa5b1", zorder=2, label="recipe")
+    ax.plot(front["x_"], front["y_"], "-o", color="#d1495b", zorder=3, label="Pareto frontier")
+    for _, r in d.iterrows():
+        ax.annotate(r["recipe"], (r["_x"], r["_y"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if log_y and (d["_y"] > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (all parameters)")
+    ax.set_ylabel(label)
+    ax.set_title(f"size vs {label}" + (" (higher is better)" if higher_is_better else " (lower is better)"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def layer_error_plot(df: pd.DataFrame) -> bytes | None:
+    layers = layer_frame(df)
+    layers = layers[layers["recipe"].isin(df.loc[df["mode"] != "fp", "recipe"])] if "mode" in df.columns else layers
+    if not len(layers):
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.0))
+    for name, g in layers.groupby("recipe", sort=False):
+        vals = pd.to_numeric(g["rel_error"], errors="coerce")
+        if vals.notna().any():
+            ax1.plot(g["layer"], vals.clip(lower=1e-12), marker=".", label=name)
+        sinks = pd.to_numeric(g["sink"], errors="coerce")
+        if sinks.notna().any():
+            ax2.plot(g["layer"], sinks, marker=".", label=name)
+    fp = df[df["mode"] == "fp"] if "mode" in df.columns else df.iloc[0:0]
+    if len(fp) and isinstance(fp.iloc[0].get("layer_sink"), list):
+        s = [v if v is not None else math.nan for v in fp.iloc[0]["layer_sink"]]
+        ax2.plot(range(len(s)), s, "k--", label="fp")
+    ax1.set_yscale("log")
+    ax1.set(xlabel="decoder layer", ylabel="relative output error vs FP", title="where error enters")
+    ax2.set(xlabel="decoder layer", ylabel="attention mass on first token", title="attention sink")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _png(fig)
