@@ -1,0 +1,155 @@
+"""Typed, validated config of the structural-outlier training experiment (`quantbench train`).
+
+Same style as quantbench.config: unknown keys, wrong types and impossible values are one-line
+ConfigErrors naming the key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..config import _format_error
+from ..errors import ConfigError
+from ..quant.recipes import PRESETS
+from .attention import VARIANTS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelShape(_Strict):
+    """Decoder shape shared by every variant (the vocabulary is the tokenizer's)."""
+
+    layers: int = Field(4, ge=1)
+    hidden: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    intermediate: int = Field(512, ge=8)
+    context: int = Field(128, ge=8)  # training sequence length = max positions
+    tie_embeddings: bool = True  # 49152 x hidden embedding shared with lm_head keeps small models small
+    clip_gamma: float = Field(-0.03, le=0)  # clipped_softmax: γ
+    clip_zeta: float = Field(1.0, ge=1)  # clipped_softmax: ζ
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelShape":
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise ValueError(f"hidden ({self.hidden}) must be heads ({self.heads}) x an even head size")
+        return self
+
+
+class DataConfig(_Strict):
+    """corpus: `wiki` | `news` (offline), `wikitext2` | `c4` | `hf:<ds>[:<cfg>]:<split>` (hub), or a text file.
+    The first `heldout_tokens` tokens of the corpus's evaluation text are held out (the sweep's
+    perplexity windows come from there too); training windows are drawn from the rest."""
+
+    corpus: str = "wiki"
+    heldout_tokens: int = Field(16384, ge=64)
+    heldout_windows: int = Field(8, ge=1)  # held-out loss = mean over this many context-length windows
+    tokenizer: str = "default"  # a folder with tokenizer files, or "default" (SmolLM2's, 49152 tokens)
+
+
+class OptimConfig(_Strict):
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(20, ge=1)  # held-out loss every this many steps (and at the end)
+    ckpt_every: int = Field(50, ge=1)  # resumable checkpoint every this many steps
+
+
+class SweepConfig(_Strict):
+    """Census + quantization sweep on every final checkpoint (quantbench.pipeline.run)."""
+
+    enabled: bool = True
+    recipes: tuple[str, ...] = ("fp", "w8a8-tensor-static", "w8a8-token", "w4a16-g64")
+    eval_seq_len: int = Field(128, ge=8)
+    eval_windows: int = Field(8, ge=1)
+    calib_samples: int = Field(8, ge=1)
+    census_samples: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+    @field_validator("recipes")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [r for r in v if r not in PRESETS]
+        if bad:
+            raise ValueError(f"unknown preset(s) {', '.join(bad)} (known: {', '.join(PRESETS)})")
+        return v if "fp" in v else ("fp", *v)
+
+
+class TrainConfig(_Strict):
+    run_id: str | None = None
+    output_dir: str = "results"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    precision: Literal["float32", "bf16-autocast"] = "float32"
+    compile: bool = False  # torch.compile the training step's model (skipped where unavailable)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    model: ModelShape = ModelShape()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    sweep: SweepConfig = SweepConfig()
+    target_losses: tuple[float, ...] | None = None  # held-out losses for steps-to-reach (None: from the baseline)
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [x for x in v if x not in VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variant(s) {', '.join(bad)} (known: {', '.join(VARIANTS)})")
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must be a non-empty list of distinct variants")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> "TrainConfig":
+        need = self.sweep.eval_seq_len * self.sweep.eval_windows
+        if self.sweep.enabled and need > self.data.heldout_tokens:
+            raise ValueError(f"sweep needs {need} evaluation tokens (eval_seq_len x eval_windows) but "
+                             f"data.heldout_tokens is {self.data.heldout_tokens}; the sweep must score held-out text")
+        if self.sweep.eval_seq_len > self.model.context:
+            raise ValueError(f"sweep.eval_seq_len ({self.sweep.eval_seq_len}) must not exceed model.context "
+                             f"({self.model.context}): the models never saw longer sequences")
+        if self.model.context * self.data.heldout_windows > self.data.heldout_tokens:
+            raise ValueError("data.heldout_windows x model.context exceeds data.heldout_tokens")
+        return self
+
+    def fingerprint(self) -> str:
+        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "threads", "variants", "sweep"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_dir(self, config_name: str = "train") -> Path:
+        return Path(self.output_dir) / (self.run_id or f"{config_name}-{self.fingerprint()}")
+
+
+def parse_train_config(data: dict[str, Any] | None) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {p}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config {p} must be a mapping at the top level")
+    data = {**(data or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    return parse_train_config(data)
