@@ -94,3 +94,21 @@ def test_hub_corpora_fail_offline_with_one_clear_line():
             load_corpus(name)
         msg = str(e.value)
         assert "\n" not in msg and f"cannot load corpus '{name}' from the Hugging Face hub" in msg
+
+
+def test_layer_error_of_a_rotated_model_is_measured_in_the_fp_basis():
+    """Rotation (no quantization) keeps the function: per-layer error must be ~0, not the basis change."""
+    import copy
+
+    from conftest import tiny_model
+    from quantbench.eval.fidelity import capture_probe, compare_to_probe
+    from quantbench.quant.apply import apply_recipe
+    from quantbench.quant.spec import MitigationSpec, Recipe
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    probe = capture_probe(model, ids, torch.device("cpu"))
+    rotated, _ = apply_recipe(copy.deepcopy(model), Recipe(name="rot", mitigations=(MitigationSpec(name="rotate"),)),
+                              ids, torch.device("cpu"))
+    drift = compare_to_probe(rotated, probe, torch.device("cpu"))
+    assert max(drift.rel_error) < 1e-6

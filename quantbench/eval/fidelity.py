@@ -98,10 +98,14 @@ def compare_to_probe(model: nn.Module, probe: LayerProbe, device: torch.device) 
     layers = decoder_layers(model)
     errs = [float("nan")] * len(layers)
     sink: list[float | None] = [None] * len(layers)
+    basis = getattr(model, "quantbench_residual_basis", None)  # set by rotate: residual = h @ Q
 
     def cmp(i: int):
         def fn(_m, _inp, out):
-            errs[i] = _rel_error(first_tensor(out).detach().float().cpu(), probe.outputs[i])
+            h = first_tensor(out).detach().float().cpu()  # [B, T, D]
+            if basis is not None:
+                h = h @ basis.T.cpu()  # back to the FP basis (Q orthogonal)
+            errs[i] = _rel_error(h, probe.outputs[i])
         return fn
 
     pairs = [(layer, cmp(i)) for i, layer in enumerate(layers)] + _attn_pairs(model, sink)

@@ -183,6 +183,7 @@ def apply(model: nn.Module, stats: dict, opts: dict[str, Any], ctx) -> nn.Module
             parent, _, child = arch.down.rpartition(".")
             setattr(get_module(layer, parent) if parent else layer, child, RotatedInput(stats["down"], down))
     ctx.notes["rotate_kind"] = stats["kind"]
+    model.quantbench_residual_basis = q.float()  # residual now lives in h @ Q; fidelity probes undo it
     return model
 
 
