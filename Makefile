@@ -28,6 +28,8 @@ test: install
 bench: install
 	$(VENV)/bin/quantbench assets fetch
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/census.py
+	$(PY) benchmarks/quant.py
 
 clean-venv:
 	rm -rf $(VENV)
