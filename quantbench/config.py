@@ -132,14 +132,16 @@ def _format_error(err: ValidationError) -> str:
     return f"config: {loc or '<root>'}: {msg}{more}"
 
 
-def parse_config(data: dict[str, Any]) -> RunConfig:
+def validate(cls: type[BaseModel], data: dict[str, Any] | None):
+    """cls.model_validate with a one-line ConfigError naming the first offending key."""
     try:
-        return RunConfig.model_validate(data or {})
+        return cls.model_validate(data or {})
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+def read_yaml_mapping(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A YAML file's top-level mapping plus the non-None overrides; one-line errors."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -151,11 +153,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config {p} must be a mapping at the top level")
-    data = dict(data or {})
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            data[k] = v
-    return parse_config(data)
+    return {**(data or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+
+
+def parse_config(data: dict[str, Any]) -> RunConfig:
+    return validate(RunConfig, data)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    return parse_config(read_yaml_mapping(path, overrides))
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -10,11 +10,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..config import _format_error
-from ..errors import ConfigError
+from ..config import read_yaml_mapping, validate
 from ..quant.recipes import PRESETS
 from .attention import VARIANTS
 
@@ -133,23 +131,8 @@ class TrainConfig(_Strict):
 
 
 def parse_train_config(data: dict[str, Any] | None) -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(data or {})
-    except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+    return validate(TrainConfig, data)
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config {p}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config {p} must be a mapping at the top level")
-    data = {**(data or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    return parse_train_config(data)
+    return parse_train_config(read_yaml_mapping(path, overrides))
