@@ -17,9 +17,9 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from ..data import Windows
 
@@ -46,13 +46,33 @@ def count_words(tokenizer, windows: Windows) -> int:
     return n
 
 
+class RefBatch(NamedTuple):
+    """The FP reference for one batch of scored positions (N of them)."""
+
+    probs: torch.Tensor  # [N, V] fp16 P_fp
+    top1: torch.Tensor  # [N] argmax of the fp32 logits
+    neg_entropy: torch.Tensor  # [N] sum_v p log p of the stored fp16 probs (fp32)
+    mass: torch.Tensor  # [N] sum_v p of the stored fp16 probs (~1)
+
+
+def _reference(logits: torch.Tensor, lse: torch.Tensor) -> RefBatch:
+    """logits [N, V] fp32, lse [N] -> what later KL/top-1 computations need."""
+    p = (logits - lse[:, None]).exp_().half()  # [N, V]
+    pf = p.float()
+    return RefBatch(p.cpu(), logits.argmax(-1).cpu(), torch.special.xlogy(pf, pf).sum(-1).cpu(), pf.sum(-1).cpu())
+
+
 @torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, windows: Windows, batch_size: int, device: torch.device,
-                reference: list[tuple[torch.Tensor, torch.Tensor]] | None = None, keep_reference: bool = False,
-                n_words: int | None = None) -> tuple[LMEval, list[tuple[torch.Tensor, torch.Tensor]] | None]:
-    """Return metrics and (if keep_reference) this model's scored log-probs as a new reference."""
+                reference: list[RefBatch] | None = None, keep_reference: bool = False,
+                n_words: int | None = None) -> tuple[LMEval, list[RefBatch] | None]:
+    """Return metrics and (if keep_reference) this model's reference for later comparisons.
+
+    Never materialises log-probabilities: with lse = logsumexp(logits),
+    NLL = lse - logit[target] and KL(P_fp || P_q) = sum p log p - (sum p * logits - lse * sum p).
+    """
     nll_sum, n_tok, kl_sum, agree = 0.0, 0, 0.0, 0
-    new_ref: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (log-probs fp16 [N, V], top-1 [N])
+    new_ref: list[RefBatch] = []
     t0 = time.perf_counter()
     ids_all = windows.input_ids
     for bi, i in enumerate(range(0, len(ids_all), batch_size)):
@@ -60,17 +80,18 @@ def evaluate_lm(model: torch.nn.Module, windows: Windows, batch_size: int, devic
         starts = windows.score_from[i: i + batch_size]
         logits = model(input_ids=ids).logits[:, :-1]  # [B, T-1, V] predicts ids[:, 1:]
         mask = torch.arange(logits.shape[1], device=device)[None, :] >= starts.to(device)[:, None]  # [B, T-1]
-        lp = F.log_softmax(logits[mask].float(), dim=-1)  # [N, V] scored positions only
+        logits = logits[mask].float()  # [N, V] scored positions only
         tgt = ids[:, 1:][mask]
-        nll_sum += -lp.gather(1, tgt[:, None]).sum().item()
+        lse = torch.logsumexp(logits, dim=-1)  # [N]
+        nll_sum += (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum().item()
         n_tok += tgt.numel()
         if reference is not None:
-            ref_lp, ref_top = reference[bi]
-            ref = ref_lp.to(device).float()  # [N, V]
-            kl_sum += F.kl_div(lp, ref, reduction="sum", log_target=True).item()  # sum P_fp (log P_fp - log P_q)
-            agree += (ref_top.to(device) == lp.argmax(-1)).sum().item()
+            ref = reference[bi]
+            cross = torch.bmm(ref.probs.to(device).float()[:, None, :], logits[:, :, None]).reshape(-1)  # [N] sum p*logit
+            kl_sum += (ref.neg_entropy.to(device) - cross + lse * ref.mass.to(device)).sum().item()
+            agree += (ref.top1.to(device) == logits.argmax(-1)).sum().item()
         if keep_reference:
-            new_ref.append((lp.half().cpu(), lp.argmax(-1).cpu()))
+            new_ref.append(_reference(logits, lse))
     secs = time.perf_counter() - t0
     nll = nll_sum / max(n_tok, 1)
     res = LMEval(ppl=math.exp(nll), nll=nll, n_tokens=n_tok,

@@ -17,7 +17,7 @@ from ..data import Windows
 from .cost import peak_memory
 from .downstream import LoadedTasks, TaskSettings, evaluate_tasks, load_tasks, task_columns
 from .fidelity import LayerProbe, capture_probe, compare_to_probe
-from .lm import LMEval, count_words, evaluate_lm
+from .lm import LMEval, RefBatch, count_words, evaluate_lm
 
 
 def _log(msg: str) -> None:
@@ -34,7 +34,7 @@ class EvalSuite:
     probe_windows: int = 1
     tasks: LoadedTasks | None = None
     probe: LayerProbe | None = None
-    reference_logp: list[torch.Tensor] | None = None
+    reference_logp: list[RefBatch] | None = None  # FP reference per batch (quantbench.eval.lm)
     task_metric: str = "acc"
 
     @classmethod

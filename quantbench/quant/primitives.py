@@ -68,10 +68,20 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = No
                zero: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize x with spec; pass (scale, zero) for static ranges."""
     xb = blocks(x.float(), spec.granularity, spec.group_size)
+    if scale is None and spec.symmetric and spec.format == "int":
+        return _fake_quant_sym(xb, spec).to(x.dtype).reshape(x.shape)
     if scale is None:
         scale, zero = qparams_from_range(*block_range(xb, spec), spec)
     q = quantize(xb, scale, zero, spec)
     return dequantize(q, scale, zero, x.dtype).reshape(x.shape)
+
+
+def _fake_quant_sym(xb: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Dynamic symmetric integer fake-quant of blocked xb in few passes (same result as the
+    general path: scale = clip * absmax / qmax, codes clamped to [qmin, qmax])."""
+    qmin, qmax = int_range(spec.bits, True)
+    scale = (xb.abs().amax(dim=-1, keepdim=True) * spec.clip_ratio).clamp_min_(_EPS).div_(qmax)  # [R, G, 1]
+    return torch.div(xb, scale).round_().clamp_(qmin, qmax).mul_(scale)
 
 
 def quant_error(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
