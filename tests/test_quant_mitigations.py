@@ -136,3 +136,37 @@ def test_recipes_a_mitigation_cannot_serve_are_rejected_before_any_work():
                        ("int8_decomp", "activations"), ("outlier_tokens", "activations")):
         with pytest.raises(QuantbenchError, match=f"{mit} needs {field}"):
             check_recipe(m, Recipe(name="r", mitigations=(MitigationSpec(name=mit),)))
+
+
+def test_gptq_token_norm_keeps_one_massive_token_from_dominating_the_hessian(tokens):
+    """With token_norm the Hessian is the Gram matrix of unit-RMS token rows."""
+    import torch.nn as nn
+
+    from quantbench.quant.apply import QuantContext
+    from quantbench.quant.mitigations._util import input_stats
+
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    model = nn.Sequential(lin)
+    x = torch.randn(1, 6, 8)
+    x[0, 0] *= 1000.0  # one massive token
+    ctx = QuantContext(recipe=None, arch=None, device=torch.device("cpu"), batch_size=1)
+    captured = {}
+
+    def run(m, b, bs, dev):
+        captured["x"] = b
+        m(b)
+
+    import quantbench.quant.mitigations._util as u
+    orig = u.run_model
+    u.run_model = run
+    try:
+        plain = input_stats(model, {"0": lin}, x, ctx, gram=True)["0"]["gram"]
+        normed = input_stats(model, {"0": lin}, x, ctx, gram=True, token_norm=True)["0"]["gram"]
+    finally:
+        u.run_model = orig
+    rows = x.reshape(-1, 8)
+    unit = rows / rows.pow(2).mean(1, keepdim=True).sqrt()
+    assert torch.allclose(normed.float(), unit.T @ unit, rtol=1e-4)
+    share_plain = (rows[0].pow(2).sum() / rows.pow(2).sum()).item()
+    assert share_plain > 0.99 and torch.allclose(plain.float(), rows.T @ rows, rtol=1e-4)

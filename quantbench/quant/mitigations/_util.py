@@ -162,8 +162,9 @@ def run_model(model: nn.Module, batches: torch.Tensor, batch_size: int, device: 
 
 @torch.no_grad()
 def input_stats(model: nn.Module, mods: dict[str, nn.Module], batches: torch.Tensor, ctx, gram: bool = False,
-                sample_tokens: int = 0, skip_first: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """Per module input: absmax [D], absmean [D], n; gram=True adds XᵀX [D, D] (float64);
+                sample_tokens: int = 0, skip_first: int = 0, token_norm: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Per module input: absmax [D], absmean [D], n; gram=True adds XᵀX [D, D] (float64), with
+    token_norm each token's row scaled to unit RMS first (no token dominates XᵀX);
     sample_tokens > 0 adds `sample` [<= sample_tokens, D]: rows evenly spaced over all calibration tokens."""
     stats: dict[str, dict[str, torch.Tensor]] = {}
     step = max(1, -(-batches.numel() // sample_tokens)) if sample_tokens else 0
@@ -177,7 +178,8 @@ def input_stats(model: nn.Module, mods: dict[str, nn.Module], batches: torch.Ten
         s["abssum"] += xc.abs().sum(0, dtype=torch.float64)
         s["n"] += xc.shape[0]
         if gram:
-            g = (xc.T @ xc).double()  # [D, D], fp32 matmul per batch, fp64 accumulation
+            xg = xc / xc.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12) if token_norm else xc  # [N, D]
+            g = (xg.T @ xg).double()  # [D, D], fp32 matmul per batch, fp64 accumulation
             s["gram"] = s["gram"] + g if "gram" in s else g
         if step:
             s["rows"].append(xc[::step].clone())  # [N / step, D]
