@@ -14,6 +14,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_losses(path: Path, summaries: list[dict]) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -29,9 +35,7 @@ def plot_losses(path: Path, summaries: list[dict]) -> None:
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(t)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_max_by_layer(path: Path, summaries: list[dict]) -> None:
@@ -51,9 +55,7 @@ def plot_max_by_layer(path: Path, summaries: list[dict]) -> None:
         ax.set_yscale("log")
         ax.set_title(t)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_dppl(path: Path, summaries: list[dict], recipes: list[str]) -> None:
@@ -67,9 +69,7 @@ def plot_dppl(path: Path, summaries: list[dict], recipes: list[str]) -> None:
     ax.set_ylabel("Δ perplexity vs own FP (%)")
     ax.axhline(0, color="black", lw=0.5)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_all(out: Path, summaries: list[dict], recipes: list[str]) -> list[str]:

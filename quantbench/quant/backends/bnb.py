@@ -56,7 +56,7 @@ def _convert(model: nn.Module, recipe, ctx, make) -> nn.Module:
         for name, mod in target_linears(model, recipe):
             replace_module(model, name, make(as_linear(mod)))
         model(input_ids=ctx.calib[:1, :8].to(ctx.device))  # smoke test: fail here, not mid-evaluation
-    except (RuntimeError, AttributeError, ValueError) as e:  # RuntimeError covers NotImplementedError
+    except (RuntimeError, AttributeError, ValueError) as e:  # RuntimeError includes "not implemented" errors
         raise BackendUnavailable(f"bitsandbytes {recipe.backend} cannot run on {ctx.device.type}: "
                                  f"{str(e).splitlines()[0][:160]}") from None
     ctx.notes.update(measured_weight_bytes_fp=before, measured_weight_bytes=weight_bytes(model))
