@@ -1,5 +1,6 @@
-"""Real backends: cross-check our RTN against optimum-quanto, run bitsandbytes/quanto where they
-can run (CPU here), measure stored weight bytes, and skip cleanly with a reason where they cannot."""
+"""Real backends: our grid against optimum-quanto's quantizers (exact codes, documented differences
+asserted exactly), run bitsandbytes/quanto where they can run (CPU here), measure stored weight
+bytes, and skip cleanly with a reason where they cannot."""
 from __future__ import annotations
 
 import copy
@@ -10,10 +11,9 @@ import torch
 
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.backends import BackendUnavailable
-from quantbench.quant.spec import BACKENDS
-from quantbench.quant.primitives import fake_quant
+from quantbench.quant.primitives import quantize_weight
 from quantbench.quant.recipes import PRESETS
-from quantbench.quant.spec import QuantSpec
+from quantbench.quant.spec import BACKENDS, QuantSpec
 
 from conftest import tiny_model
 
@@ -21,38 +21,59 @@ CPU = torch.device("cpu")
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
 
-def _quanto_dequant(w: torch.Tensor, qtype_name: str, group: int | None = None) -> torch.Tensor:
+def _quanto():
     oq = pytest.importorskip("optimum.quanto")
-    lin = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
-    lin[0].weight.data.copy_(w)
-    oq.quantize(lin, weights=getattr(oq, qtype_name))
-    if group is not None:
-        lin[0].weight_group_size = group
-    oq.freeze(lin)
-    return lin[0].weight.dequantize().float()
+    from optimum.quanto.tensor.optimizers import AbsmaxOptimizer, MaxOptimizer
+
+    return oq, AbsmaxOptimizer(), MaxOptimizer()
 
 
-def test_int8_per_channel_matches_quanto():
+def test_int8_per_channel_codes_equal_quanto_qint8_given_our_scale():
+    """quanto's int8 quantizer (clamp(round(w / scale)) to [-128, 127]) is ours: fed our scales it
+    returns our codes exactly. Documented difference: quanto's absmax scale (what its freeze stores,
+    and what the quanto backend runs) is absmax / 127, ours (compressed-tensors) absmax / 127.5."""
+    oq, absmax_opt, _ = _quanto()
     w = torch.randn(64, 256) * torch.linspace(0.1, 3, 64)[:, None]
-    ours = fake_quant(w, QuantSpec(bits=8, granularity="channel"))
-    step = w.abs().amax(1, keepdim=True) / 127  # [out, 1]
-    diff = (ours - _quanto_dequant(w, "qint8")).abs()
-    assert (diff <= step * 1.001).all()
-    assert (diff < 1e-6).float().mean() > 0.99  # same grid: identical except float ties
+    qt = quantize_weight(w, QuantSpec(bits=8, granularity="channel"))
+    codes = torch.ops.quanto.quantize_symmetric(w, dtype=torch.int8, axis=0, scale=qt.scale)
+    assert torch.equal(codes, qt.codes)
+    scale = absmax_opt(w, oq.qint8, 0)  # [out, 1]
+    absmax = w.abs().amax(1, keepdim=True)
+    torch.testing.assert_close(scale * 127, absmax, rtol=1e-6, atol=0)
+    torch.testing.assert_close(qt.scale * 127.5, absmax, rtol=1e-6, atol=0)
+    lin = torch.nn.Sequential(torch.nn.Linear(256, 64, bias=False))
+    lin[0].weight.data.copy_(w)
+    oq.quantize(lin, weights=oq.qint8)
+    oq.freeze(lin)
+    assert torch.equal(lin[0].weight._scale, scale)  # the backend's weights use quanto's own scale
 
 
-def test_int4_groupwise_asym_matches_quanto_within_one_step():
-    """quanto qint4 is affine (scale + shift) per group; ours is asymmetric with an integer zero point.
-    Deliberate difference: our zero point is rounded to an integer (zero exactly representable),
-    quanto's shift is a float, so values may differ by at most one step."""
+def test_int4_groupwise_asym_codes_equal_quanto_qint4_integer_zero_point():
+    """quanto qint4 groups: the same scale (max - min) / 15 (every group spans 0 here, so
+    compressed-tensors' widening of the range to 0 changes nothing); quanto's integer zero-point mode
+    stores round(-min / scale) as an unsigned code, which is our signed zero point + 8, and its codes
+    are ours + 8 ([0, 15] vs [-8, 7]). Documented difference: quanto's default shift is the float
+    -min, so its grid holds each group's minimum exactly and not 0; ours holds 0 exactly."""
+    oq, _, max_opt = _quanto()
     w = torch.randn(32, 256)
-    spec = QuantSpec(bits=4, granularity="group", group_size=128, symmetric=False)
-    ours = fake_quant(w, spec)
-    wb = w.reshape(32, 2, 128)
-    step = ((wb.amax(-1, keepdim=True) - wb.amin(-1, keepdim=True)) / 15).expand_as(wb).reshape(32, 256)
-    diff = (ours - _quanto_dequant(w, "qint4", 128)).abs()
-    assert (diff <= step * 1.001).all()
-    assert diff.mean() < 0.5 * step.mean()  # grids offset by a fraction of a step, not a different scale
+    w[:, ::16] = 0.0
+    qt = quantize_weight(w, QuantSpec(bits=4, granularity="group", group_size=128, symmetric=False))
+    scale, shift = max_opt(w, oq.qint4, 0, 128)  # [out * groups, 1] each
+    torch.testing.assert_close(scale.reshape(32, 2), qt.scale, rtol=1e-6, atol=0)
+    _, zshift = max_opt(w, oq.qint4, 0, 128, zeropoint=True)  # uint8 [out * groups, 1]
+    assert torch.equal(zshift.reshape(32, 2).int(), qt.zero_point.int() + 8)
+    data = torch.ops.quanto.quantize_affine(w, bits=4, axis=0, group_size=128, scale=qt.scale.reshape(-1, 1),
+                                            shift=zshift)  # uint8 [out * groups, 128]
+    assert torch.equal(data.reshape(32, 256).int(), qt.codes.int() + 8)
+    lin = torch.nn.Sequential(torch.nn.Linear(256, 32, bias=False))
+    lin[0].weight.data.copy_(w)
+    oq.quantize(lin, weights=oq.qint4)
+    lin[0].weight_group_size = 128
+    oq.freeze(lin)
+    theirs = lin[0].weight.dequantize().reshape(64, 128)  # [out * groups, 128]
+    assert torch.equal(theirs.amin(-1), w.reshape(64, 128).amin(-1))  # float shift: the minimum is on the grid
+    zeros = w.reshape(64, 128) == 0
+    assert (qt.dequantize().reshape(64, 128)[zeros] == 0).all() and (theirs[zeros] != 0).all()
 
 
 def test_backends_registered():

@@ -125,15 +125,47 @@ def test_norm_fusing_keeps_logits_and_rejects_layernorm(tokens):
             apply_recipe(g, Recipe(name="r", mitigations=(MitigationSpec(name="rotate"),)), tokens, CPU)
 
 
+def _sylvester_closed_form(n: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix of order n = 2^k without the recursion: H[i, j] = (-1)^popcount(i & j)."""
+    i = torch.arange(n)
+    both = i[:, None] & i[None, :]  # [n, n]
+    parity = torch.zeros(n, n, dtype=torch.long)
+    for bit in range(max(n.bit_length() - 1, 0)):
+        parity ^= (both >> bit) & 1
+    return (1 - 2 * parity).double()
+
+
+def _assert_hadamard(h: torch.Tensor) -> None:
+    """The definition: entries +-1 and H H^T = n I (exactly, in float64); powers of 2 are Sylvester's."""
+    n = h.shape[0]
+    assert h.shape == (n, n) and ((h == 1) | (h == -1)).all()
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=h.dtype))
+    if n & (n - 1) == 0:
+        assert torch.equal(h, _sylvester_closed_form(n))
+
+
 @pytest.mark.parametrize("n", [4, 12, 20, 48, 64, 576, 1536])
 def test_hadamard_orders_are_exact(n):
+    """hadamard(n) is a Hadamard matrix; the rotation is Q = diag(signs) (F_1 kron F_2 ...) / sqrt(n),
+    built here with torch.kron from its (each checked) Hadamard factors, and both its dense matrix()
+    and its Kronecker-factored online op equal x @ Q."""
     h = hadamard(n)
-    assert h is not None and torch.equal(h @ h.T, n * torch.eye(n, dtype=h.dtype))
+    assert h is not None
+    _assert_hadamard(h)
     rot, kind = make_rotation(n, "hadamard", torch.Generator().manual_seed(0))
-    q = rot.matrix()
-    assert kind == "hadamard" and torch.allclose(q @ q.T, torch.eye(n, dtype=q.dtype), atol=1e-10)
+    assert kind == "hadamard"
+    kron = torch.ones(1, 1, dtype=torch.float64)
+    for i in range(len(rot.dims)):
+        f = getattr(rot, f"f{i}")
+        _assert_hadamard(f)
+        kron = torch.kron(kron, f)
+    assert torch.equal(kron, h)
+    assert ((rot.signs == 1) | (rot.signs == -1)).all()
+    q = rot.signs[:, None] * kron / n**0.5  # [n, n]
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=q.dtype), atol=1e-12)
+    assert torch.allclose(rot.matrix(), q, rtol=0, atol=1e-12)
     x = torch.randn(3, n, dtype=torch.float64)
-    assert torch.allclose(rot(x), x @ q, atol=1e-10)  # the Kronecker-factored online op is Q
+    assert torch.allclose(rot(x), x @ q, rtol=0, atol=1e-10)
 
 
 def test_no_hadamard_falls_back_to_random_orthogonal():

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from .qtensor import QTensor
+from .primitives import QTensor
 
 
 class KeepPolicy(Protocol):

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from ..surgery import as_linear
 from .effects import KeepPolicy
 from .plan import LinearPlan
-from .primitives import block_range, blocks, fake_quant, qparams_from_range
-from .qtensor import QTensor, quantize_weight
+from .primitives import QTensor, block_range, blocks, fake_quant, qparams_from_range, quantize_weight
 
 
 class QuantLinear(nn.Module):

@@ -34,8 +34,7 @@ from ...surgery import get_weight, set_weight
 from ..calibration import StatsRequest
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
-from ..primitives import dequantize, quantize
-from ..qtensor import QTensor, quantize_weight
+from ..primitives import QTensor, dequantize, quantize, quantize_weight
 from ..spec import MITIGATIONS, QuantSpec
 from .clip import block_qparams
 
