@@ -14,7 +14,7 @@ from gguf import quants  # noqa: E402
 
 from quantbench.errors import QuantbenchError, UnsupportedArchitecture  # noqa: E402
 from quantbench.export.gguf import load_gguf_back, write_gguf  # noqa: E402
-from quantbench.export.gguf_model import llama_cpp_qtypes, simulate_gguf_  # noqa: E402
+from quantbench.export.gguf_model import gguf_plan, llama_cpp_qtypes, plan_nbytes, simulate_gguf_  # noqa: E402
 from quantbench.export.gguf_quant import (bits_per_weight, block_types, gguf_fake_quant,  # noqa: E402
                                           gguf_quantize, quantizable_types)
 
@@ -148,8 +148,10 @@ def test_file_holds_llama_cpp_rope_layout_for_q(llama_roundtrip, tmp_path):
     sub = tiny_model("llama", hidden=64, layers=1, vocab=len(tok))
     sub.model.layers[0].self_attn.q_proj.weight.data.copy_(q)
     path = tmp_path / "q.gguf"
-    write_gguf(sub, tok, path, {"model.layers.0.self_attn.q_proj": "Q4_0"})
+    info = write_gguf(sub, tok, path, {"model.layers.0.self_attn.q_proj": "Q4_0"})
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    plan = gguf_plan(sub, {"model.layers.0.self_attn.q_proj": "Q4_0"})
+    assert plan_nbytes(plan) == sum(int(t.n_bytes) for t in tensors.values()) <= info.nbytes
     stored = tensors["blk.0.attn_q.weight"]
     assert stored.tensor_type == T.Q4_0
     assert torch.equal(torch.from_numpy(quants.dequantize(stored.data, T.Q4_0)), ref)
@@ -218,3 +220,7 @@ def test_non_llama_model_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
     with pytest.raises(QuantbenchError, match="unknown weights"):
         write_gguf(tiny_model("llama"), _byte_level_tokenizer(), tmp_path / "y.gguf", {"model.layers.9.mlp.up_proj": "Q4_0"})
+    with pytest.raises(QuantbenchError) as e:  # hidden 48: rows of q_proj are not whole Q4_0 blocks
+        write_gguf(tiny_model("llama", hidden=48), _byte_level_tokenizer(), tmp_path / "z.gguf", {}, "Q4_0")
+    assert "\n" not in str(e.value) and "model.embed_tokens.weight" in str(e.value) and "32" in str(e.value)
+    assert not (tmp_path / "z.gguf").exists()

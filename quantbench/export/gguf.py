@@ -124,8 +124,11 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | Path, qtypes: Mapp
     try:
         for entry in plan:
             writer.write_tensor_data(_tensor_data(state, entry))
-    finally:
+    except BaseException:
         writer.close()
+        path.unlink(missing_ok=True)  # no half-written file
+        raise
+    writer.close()
     return GgufExport(path=path, nbytes=path.stat().st_size, seconds=time.perf_counter() - t0,
                       file_type=gguf.LlamaFileType(_file_type(plan)).name,
                       tensor_types=dict(Counter(e.qtype for e in plan)), tokenizer_pre=vocab.pre,

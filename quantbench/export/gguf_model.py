@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QuantbenchError, UnsupportedArchitecture
-from .gguf_quant import check_qtype, gguf_fake_quant
+from .gguf_quant import block_size, check_qtype, gguf_fake_quant, stored_nbytes
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,9 @@ def gguf_plan(model: torch.nn.Module, qtypes: Mapping[str, str] | None = None,
         given = _lookup(qtypes, *aliases)
         used.update(k for a in aliases for k in (a, a.removesuffix(".weight")))
         qtype = "F32" if t.ndim < 2 else check_qtype(given or default_qtype)
+        if t.shape[-1] % block_size(qtype):
+            raise QuantbenchError(f"{hf_name}: row length {t.shape[-1]} is not a multiple of the GGUF "
+                                  f"{qtype} block size {block_size(qtype)}")
         heads = None
         if arch.permute_qk and base.endswith(("q_proj", "k_proj")):
             heads = cfg.num_attention_heads if base.endswith("q_proj") else cfg.num_key_value_heads
@@ -128,6 +131,11 @@ def gguf_plan(model: torch.nn.Module, qtypes: Mapping[str, str] | None = None,
     if unknown:
         raise QuantbenchError(f"GGUF types given for unknown weights: {', '.join(unknown[:3])}")
     return plan
+
+
+def plan_nbytes(plan: list[GgufTensor]) -> int:
+    """Tensor bytes of the file (without metadata and alignment padding)."""
+    return sum(stored_nbytes(e.shape, e.qtype) for e in plan)
 
 
 def llama_cpp_qtypes(model: torch.nn.Module, ftype: str) -> dict[str, str]:
