@@ -72,9 +72,10 @@ def _classes(c: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_plots(c: dict, out: Path) -> list[Path]:
-    from .report import PLOTS
+PLOTS = ("census_activations.png", "census_sinks.png", "census_weights.png", "census_token_classes.png")
 
+
+def write_plots(c: dict, out: Path) -> list[Path]:
     paths = [out / name for name in PLOTS]
     for fn, p in zip((_activations, _sinks, _weights, _classes), paths):
         fn(c, p)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PLOTS = ("census_activations.png", "census_sinks.png", "census_weights.png", "census_token_classes.png")
+from .plots import PLOTS, write_plots
 
 
 def _f(x, fmt: str = ".3g") -> str:
@@ -89,7 +89,5 @@ def write_census(census: dict, out: Path, plots: bool = True) -> list[Path]:
     tmp.replace(paths[0])
     paths[1].write_text(markdown(census))
     if plots:
-        from .plots import write_plots
-
         paths += write_plots(census, out)
     return paths
