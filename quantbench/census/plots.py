@@ -75,7 +75,10 @@ def _classes(c: dict, path: Path) -> None:
 def write_plots(c: dict, out: Path) -> list[Path]:
     from .report import PLOTS
 
+    from ..rundir import atomic_path
+
     paths = [out / name for name in PLOTS]
     for fn, p in zip((_activations, _sinks, _weights, _classes), paths):
-        fn(c, p)
+        with atomic_path(p) as tmp:  # a full disk never leaves half a PNG
+            fn(c, tmp)
     return paths
