@@ -173,10 +173,22 @@ def _click_exceptions() -> tuple[type, type, type, type]:
     return pick("UsageError"), pick("NoArgsIsHelpError"), pick("ClickException"), pick("Abort")
 
 
-def _usage_hint(e) -> str:
+def _usage_hint(e, argv: list[str] | None) -> str:
+    """'Usage: quantbench run [OPTIONS]  (try 'quantbench run --help')' for the command the user typed."""
     ctx = getattr(e, "ctx", None)
-    if ctx is None:
-        return "try 'quantbench --help'"
+    if ctx is None:  # some parser errors carry no context: find the command from argv
+        import typer.main
+
+        cmd, path = typer.main.get_command(app), ["quantbench"]
+        for tok in (sys.argv[1:] if argv is None else argv):
+            sub = getattr(cmd, "commands", {}).get(tok)
+            if sub is None:
+                break
+            cmd, path = sub, [*path, tok]
+        try:
+            ctx = cmd.make_context(" ".join(path), [], resilient_parsing=True)
+        except Exception:  # noqa: BLE001 - the hint is a courtesy; never fail on it
+            return f"try '{' '.join(path)} --help'"
     usage = " ".join(ctx.get_usage().split())
     return f"{usage}  (try '{ctx.command_path} --help')"
 
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     except usage_err as e:
         msg = " ".join(e.format_message().split())
-        print(f"error: {msg}\n{_usage_hint(e)}", file=sys.stderr)
+        print(f"error: {msg}\n{_usage_hint(e, argv)}", file=sys.stderr)
         sys.exit(2)
     except QuantbenchError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

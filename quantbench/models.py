@@ -61,8 +61,9 @@ def _damaged(p: Path, why: str, repair: str) -> QuantbenchError:
 
 
 def _first(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__
+    """An exception's message on one line (long library messages are cut at 200 characters)."""
+    text = " ".join(str(e).split())
+    return (text[:200] + ("..." if len(text) > 200 else "")) if text else type(e).__name__
 
 
 def check_json_file(p: Path, repair: str) -> None:
@@ -108,7 +109,7 @@ def _is_model_file(name: str) -> bool:
     return _is_model_json(name) or name.endswith(_WEIGHT_SUFFIXES) or name == "merges.txt"
 
 
-def check_model_files(folder: Path, repair: str, gguf_file: str | None = None) -> None:
+def check_model_files(folder: Path, repair: str) -> None:
     """Cheap structural checks of a local model's files, so damage is one line naming the file."""
     for p in sorted(folder.iterdir()):
         if not p.is_file():
@@ -117,8 +118,6 @@ def check_model_files(folder: Path, repair: str, gguf_file: str | None = None) -
             check_json_file(p, repair)
         elif p.suffix == ".safetensors":
             check_safetensors(p, repair)
-    if gguf_file:
-        check_gguf(folder / gguf_file, repair)
 
 
 def _digest(p: Path) -> str:
@@ -143,6 +142,48 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep in spec and Path(spec).suffix != ""
 
 
+@dataclass
+class _Source:
+    """Where a model spec points: what from_pretrained reads, and the local folder (None: hub)."""
+
+    src: str
+    local: Path | None
+    repair: str
+    info: dict
+    gguf_file: str | None = None
+
+
+def _resolve(spec: str) -> _Source:
+    """The model spec -> its source; checks the local files so that damage names the file."""
+    path = Path(spec).expanduser()
+    if spec == "default":
+        folder = assets.ensure_default_model()  # verifies the checksums written at conversion
+        meta = assets.read_meta(folder, "model") or {}
+        files = json.dumps(meta.get("files", {}), sort_keys=True).encode()
+        info = dict(source=meta.get("description", "default model"), caveat=meta.get("caveat"), path=str(folder),
+                    content_fingerprint=hashlib.sha256(files).hexdigest()[:16])
+        s = _Source(str(folder), folder, assets.REPAIR, info)
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise QuantbenchError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+        s = _Source(str(path), path, "re-download or re-save the model", {"source": f"local folder {path}"})
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise QuantbenchError(f"model file not found: {path}")
+        s = _Source(str(path.parent), path.parent, "re-download or re-export the GGUF file",
+                    {"source": f"local GGUF {path}", "caveat": "weights were dequantized from GGUF"}, path.name)
+    elif _looks_like_path(spec) or path.exists():
+        raise QuantbenchError(f"model path not found or not a model: {spec}")
+    else:
+        return _Source(spec, None, "", {"source": f"hub id {spec}"})
+    if s.gguf_file:
+        check_gguf(s.local / s.gguf_file, s.repair)
+    else:
+        check_model_files(s.local, s.repair)
+    s.info.setdefault("content_fingerprint", files_fingerprint(s.local, s.gguf_file))
+    return s
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,58 +191,20 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
 
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
-    kwargs: dict = {"dtype": tdtype, "attn_implementation": attn_implementation}
-    info: dict = {"spec": spec}
-    path = Path(spec).expanduser()
-    local: Path | None = None  # the folder whose files are checked and fingerprinted
-    if spec == "default":
-        folder = assets.ensure_default_model()  # verifies the checksums written at conversion
-        src, tok_src, local = str(folder), str(folder), folder
-        meta = assets.read_meta(folder, "model") or {}
-        info.update(source=meta.get("description", "default model"), caveat=meta.get("caveat"), path=str(folder),
-                    content_fingerprint=hashlib.sha256(json.dumps(meta.get("files", {}), sort_keys=True)
-                                                       .encode()).hexdigest()[:16])
-        repair = assets.REPAIR
-    elif path.is_dir():
-        if not (path / "config.json").exists():
-            raise QuantbenchError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
-        src, tok_src, local = str(path), str(path), path
-        info.update(source=f"local folder {path}")
-        repair = "re-download or re-save the model"
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise QuantbenchError(f"model file not found: {path}")
-        src, tok_src, local = str(path.parent), str(path.parent), path.parent
-        kwargs["gguf_file"] = path.name
-        info.update(source=f"local GGUF {path}", caveat="weights were dequantized from GGUF")
-        repair = "re-download or re-export the GGUF file"
-    elif _looks_like_path(spec) or path.exists():
-        raise QuantbenchError(f"model path not found or not a model: {spec}")
-    else:
-        src, tok_src = spec, spec
-        info.update(source=f"hub id {spec}")
-        repair = ""
-    if local is not None:
-        if "gguf_file" in kwargs:
-            check_gguf(local / kwargs["gguf_file"], repair)
-        else:
-            check_model_files(local, repair)
+    s = _resolve(spec)
+    info: dict = {"spec": spec, **s.info}
+    gguf = {"gguf_file": s.gguf_file} if s.gguf_file else {}
     try:
-        tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
-        tokenizer = AutoTokenizer.from_pretrained(tok_src, **tok_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    except (OSError, ValueError) as e:
-        if info["source"].startswith("hub id"):
+        tokenizer = AutoTokenizer.from_pretrained(s.src, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(s.src, dtype=tdtype, attn_implementation=attn_implementation, **gguf)
+    except Exception as e:  # noqa: BLE001 - hub failures, and local files the libraries cannot parse
+        if s.local is None and isinstance(e, (OSError, ValueError)):
             raise QuantbenchError(f"cannot load model '{spec}' from the Hugging Face hub ({_first(e)}); {OFFLINE_HINT}") from None
-        raise QuantbenchError(f"cannot load model '{spec}': {_first(e)} (a file there may be damaged; {repair})") from None
-    except Exception as e:  # noqa: BLE001 - a local file the libraries cannot parse (codec, reshape...)
-        if local is None:
+        if s.local is None:
             raise
-        raise QuantbenchError(f"cannot load model '{spec}': {_first(e)} (a file there may be damaged; {repair})") from None
-    if local is not None and "content_fingerprint" not in info:
-        info["content_fingerprint"] = files_fingerprint(local, kwargs.get("gguf_file"))
-    elif local is None:
-        info["content_fingerprint"] = getattr(model.config, "_commit_hash", None)
+        raise QuantbenchError(f"cannot load model '{spec}': {_first(e)} (a file there may be damaged; {s.repair})") from None
+    if s.local is None:
+        info["content_fingerprint"] = getattr(model.config, "_commit_hash", None)  # the hub revision
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     model.to(dev).eval()

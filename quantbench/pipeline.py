@@ -163,11 +163,11 @@ def _resume(out: Path, store: rundir.RowStore, p: Prepared) -> dict[str, dict]:
         log(f"inputs changed since {len(stale)} row(s) were computed ({', '.join(what[:4]) or 'unknown inputs'}): "
             f"they were moved to {rundir.STALE_ROWS} and are recomputed")
     census_ok = rundir.read_json_or_none(out / "census.json") is not None and state.get("census_key") == p.census_key
-    if not census_ok:
-        for name in CENSUS_FILES:
-            if (out / name).exists():
-                log(f"{name} is stale or damaged: recomputed")
-            (out / name).unlink(missing_ok=True)
+    if not census_ok and (out / "census.json").exists():
+        log("census.json is damaged or from other inputs: discarded" + (", recomputed" if p.census_batches is not None else ""))
+    if not census_ok:  # census.md and the plots belong to the census.json they were made with
+        for f in [out / name for name in CENSUS_FILES] + sorted(out.glob("census_*.png")):
+            f.unlink(missing_ok=True)
     done = {k: v for k, v in rundir.latest_by_recipe(keep).items() if v.get("status") == "ok"}
     return done
 

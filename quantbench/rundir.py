@@ -8,7 +8,7 @@ Guarantees (tests/test_reliability*.py check each):
   a last line cut by a hard kill is dropped (and said) before the next append;
 - one process at a time writes a run directory (an flock on `.quantbench.lock`, released by
   the kernel when its holder dies, so a lock left by a killed process is simply taken over);
-- SIGTERM is turned into the same clean stop as Ctrl-C (`Interrupted`).
+- SIGTERM is turned into the same clean stop as Ctrl-C (`Interrupted`, raised by the CLI's handler).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,16 +35,11 @@ class RunLocked(QuantbenchError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM. `signum` says which; `detail` what was kept (set by the pipeline)."""
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so the same clean stop runs (quantbench.cli)."""
 
-    def __init__(self, signum: int = signal.SIGINT, detail: str = "") -> None:
-        super().__init__(detail)
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.detail = detail
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum)  # 130 for SIGINT, 143 for SIGTERM (the shell convention)
 
 
 def os_error_text(path: Path | str, e: OSError) -> str:
@@ -184,24 +178,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-# ---------------------------------------------------------------- interruption
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises Interrupted(SIGTERM) in the main thread, like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 # ---------------------------------------------------------------- rows store
