@@ -150,6 +150,9 @@ class RunLock:
             os.close(fd)
             raise RunLocked(f"run directory {self.path.parent} is in use by another quantbench process "
                             f"(PID {holder}); wait for it to finish or stop it, then rerun") from None
+        except OSError as e:  # a file system without locks (some network mounts): go on, and say so
+            _log(f"warning: cannot lock {os_error_text(self.path, e)}; two runs into this directory "
+                 "at once would not be stopped")
         previous = os.read(fd, 64).decode(errors="replace").strip()
         if previous.isdigit() and int(previous) != os.getpid() and not _alive(int(previous)):
             _log(f"taking over the run lock left by PID {previous} (no longer running)")
@@ -273,9 +276,11 @@ class RowStore:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        except OSError as e:
+        except BaseException as e:  # a full disk, or a signal between two partial writes
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
-            raise OutputError(f"cannot write {os_error_text(self.path, e)}") from None
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write {os_error_text(self.path, e)}") from None
+            raise
         finally:
             os.close(fd)

@@ -166,6 +166,14 @@ def test_out_below_a_file(capsys, setup):
     assert_error(cli(capsys, "run", "-c", cfg, "--out", root / "file.txt" / "results"), "file.txt", "is a file")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+def test_out_where_no_folder_can_be_made(capsys, setup):
+    root, model, corpus = setup
+    line = assert_error(cli(capsys, "run", "-c", write_config(root, model, corpus), "--out", "/proc/qb-out"),
+                        "/proc/qb-out")
+    assert "Errno" in line or "not writable" in line
+
+
 def test_profile_out_is_a_file(capsys, setup):
     root, model, corpus = setup
     (root / "prof").write_text("x")
@@ -228,6 +236,13 @@ def test_rows_jsonl_only_is_read_when_results_csv_is_missing(capsys, finished_ru
 
 def test_compare_missing_run_dir(capsys, tmp_path):
     assert_error(cli(capsys, "compare", tmp_path / "nope"), "no such run directory")
+    assert_error(cli(capsys, "compare", tmp_path), "not a run directory")
+
+
+def test_empty_rows_jsonl_without_results_csv(capsys, finished_run):
+    (finished_run / "results.csv").unlink()
+    (finished_run / "rows.jsonl").write_text("")
+    assert_error(cli(capsys, "recommend", finished_run), "rows.jsonl holds no rows yet")
 
 
 def test_recommend_with_damaged_census_still_recommends(capsys, finished_run):

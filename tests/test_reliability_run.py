@@ -284,6 +284,12 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(capsys, env, done):
     assert f"taking over the run lock left by PID {dead.pid}" in res.err
 
 
+def test_a_garbled_lock_file_does_not_block(capsys, env, done):
+    (done / rundir.LOCK_NAME).write_bytes(b"\xff\x00garbage")
+    _ok_rerun(capsys, env)
+    assert (done / rundir.LOCK_NAME).read_text().strip() == str(os.getpid())
+
+
 # ---------------------------------------------------------------- Ctrl-C (in process)
 def test_ctrl_c_keeps_finished_rows_writes_their_tables_and_exits_130(capsys, env, monkeypatch, calls):
     real = pipeline._run_recipe
