@@ -163,6 +163,8 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)  # a clean exit leaves no PID; a killed holder's PID stays
             os.close(self.fd)  # closing drops the flock; the file stays (unlinking would race)
             self.fd = None
 

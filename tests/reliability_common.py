@@ -7,13 +7,16 @@ expected words, no traceback, and no finished row lost or mixed.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,3 +144,64 @@ def run_cli_subprocess(*argv: str, timeout: float = 60) -> Result:
     proc = subprocess.run([sys.executable, "-m", "quantbench.cli", *argv], capture_output=True, text=True,
                           timeout=timeout, env=subprocess_env(), cwd=REPO)
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+# ---------------------------------------------------------------- child processes for the signal tests
+DRIVER = Path(__file__).with_name("reliability_driver.py")
+_CHILDREN: dict[str, "Child"] = {}
+
+
+@dataclass
+class Child:
+    """A `quantbench run` child process (reliability_driver.py) that waits at a known point."""
+
+    proc: subprocess.Popen
+    root: Path
+    cfg: Path
+    ready: Path
+    log: Path
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out" / "r"
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        t0 = time.monotonic()
+        while not self.ready.exists():
+            if self.proc.poll() is not None:
+                pytest.fail(f"driver exited early ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
+            if time.monotonic() - t0 > timeout:
+                pytest.fail("driver never reached its pause point")
+            time.sleep(0.05)
+
+    def stop(self, sig: int) -> tuple[int, str]:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=120)
+        return rc, self.log.read_text()
+
+
+def start_children(tmp_path_factory) -> dict[str, Child]:
+    """Start (once per test process) the three drivers: Ctrl-C, SIGTERM and kill -9 targets.
+    Their torch imports take seconds, so they are started early and run beside other tests."""
+    if _CHILDREN:
+        return _CHILDREN
+    model = tiny_model(tmp_path_factory)
+    for name, mode in (("int", "pause"), ("term", "pause"), ("kill", "cut")):
+        root = tmp_path_factory.mktemp(f"kill-{name}")
+        (root / "corpus.txt").write_text(corpus_text())
+        cfg = write_config(root, model, root / "corpus.txt")
+        log = root / "child.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, str(DRIVER), mode, str(root / "ready"), "w8a8-token",
+                                     "run", "-c", str(cfg)], stdout=f, stderr=subprocess.STDOUT,
+                                    env=subprocess_env(), cwd=REPO)
+        _CHILDREN[name] = Child(proc, root, cfg, root / "ready", log)
+    atexit.register(stop_children)
+    return _CHILDREN
+
+
+def stop_children() -> None:
+    for kid in _CHILDREN.values():
+        if kid.proc.poll() is None:
+            kid.proc.kill()
+            kid.proc.wait()

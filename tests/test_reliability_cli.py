@@ -13,8 +13,16 @@ import sys
 
 import pytest
 
-from reliability_common import (REPO, assert_error, cli, corpus_text, results_recipes, rows_lines,
+from reliability_common import (REPO, assert_error, cli, corpus_text, results_recipes, rows_lines, start_children,
                                 subprocess_env, tiny_model, write_config)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_signal_children_early(request, tmp_path_factory):
+    """When test_reliability_kill.py is in this session, start its child processes now: they spend
+    seconds importing torch, and do so beside this module's tests instead of after them."""
+    if any(item.path.name == "test_reliability_kill.py" for item in request.session.items):
+        start_children(tmp_path_factory)
 
 
 # ---------------------------------------------------------------- usage errors (subprocesses)

@@ -7,68 +7,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from reliability_common import (REPO, assert_error, assert_rows_consistent, cli, corpus_text, results_recipes,
-                                rows_by_recipe, rows_lines, subprocess_env, tiny_model, write_config)
+from reliability_common import (Child, assert_error, assert_rows_consistent, cli, results_recipes, rows_by_recipe,
+                                rows_lines, start_children, stop_children)
 
-DRIVER = Path(__file__).with_name("reliability_driver.py")
 RECIPES = ["fp", "w8a8-token", "w4a16-channel"]
-
-
-@dataclass
-class Child:
-    proc: subprocess.Popen
-    root: Path
-    cfg: Path
-    ready: Path
-    log: Path
-
-    @property
-    def out(self) -> Path:
-        return self.root / "out" / "r"
-
-    def wait_ready(self, timeout: float = 240) -> None:
-        t0 = time.monotonic()
-        while not self.ready.exists():
-            if self.proc.poll() is not None:
-                pytest.fail(f"driver exited early ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
-            if time.monotonic() - t0 > timeout:
-                pytest.fail("driver never reached its pause point")
-            time.sleep(0.05)
-
-    def stop(self, sig: int) -> tuple[int, str]:
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=120)
-        return rc, self.log.read_text()
 
 
 @pytest.fixture(scope="module")
 def children(tmp_path_factory):
-    """Start the three drivers together (their imports dominate; in parallel they overlap)."""
-    model = tiny_model(tmp_path_factory)
-    kids = {}
-    for name, mode in (("int", "pause"), ("term", "pause"), ("kill", "cut")):
-        root = tmp_path_factory.mktemp(f"kill-{name}")
-        (root / "corpus.txt").write_text(corpus_text())
-        cfg = write_config(root, model, root / "corpus.txt")
-        log = root / "child.log"
-        with open(log, "w") as f:
-            proc = subprocess.Popen([sys.executable, str(DRIVER), mode, str(root / "ready"), "w8a8-token",
-                                     "run", "-c", str(cfg)], stdout=f, stderr=subprocess.STDOUT,
-                                    env=subprocess_env(), cwd=REPO)
-        kids[name] = Child(proc, root, cfg, root / "ready", log)
-    yield kids
-    for kid in kids.values():
-        if kid.proc.poll() is None:
-            kid.proc.kill()
-            kid.proc.wait()
+    """The three drivers (started early by test_reliability_cli.py when the whole suite runs)."""
+    yield start_children(tmp_path_factory)
+    stop_children()
 
 
 def _resume(capsys, kid: Child):
@@ -93,6 +45,7 @@ def test_second_run_is_refused_then_sigint_stops_cleanly_and_resume_matches_a_cl
     assert rows_lines(kid.out) == kept and results_recipes(kid.out) == ["fp"]
     res = _resume(capsys, kid)
     assert "resuming: 1 finished row(s) kept (fp)" in res.err
+    assert "taking over" not in res.err, "a clean stop releases its lock"
     assert rows_lines(kid.out)[0] == kept[0]
     resumed = assert_rows_consistent(kid.out)
     clean = cli(capsys, "run", "-c", kid.cfg, "--run-id", "clean")
