@@ -127,7 +127,7 @@ def _run_in(out: Path, cfg: RunConfig, config_name: str, p: Prepared) -> None:
     """The locked part of a run: resume, census, sweep, tables and report."""
     log(f"run directory: {out}")
     store = rundir.RowStore(out / "rows.jsonl")
-    done = _resume(out, store, p)
+    done = _resume(out, store, p, cfg)
     rundir.atomic_write_text(out / "config.yaml", dump_config(cfg))
     _write_json(out / "manifest.json", {**p.manifest, "config_name": config_name})
     _write_json(out / STATE, {"rows_key": p.rows_key, "census_key": p.census_key, "inputs": p.inputs})
@@ -147,11 +147,13 @@ def _run_in(out: Path, cfg: RunConfig, config_name: str, p: Prepared) -> None:
 
 STATE = "inputs.json"  # the keys of what the rows and the census in this directory were computed from
 CENSUS_FILES = ("census.json", "census.md")
+TABLE_FILES = ("results.csv", "results.md", "layers.csv", "recommendation.txt", "report.html")
 
 
-def _resume(out: Path, store: rundir.RowStore, p: Prepared) -> dict[str, dict]:
-    """Finished rows computed from the same inputs; rows from other inputs are moved to
-    rows.stale.jsonl (never mixed with new ones), a stale or damaged census is deleted."""
+def _resume(out: Path, store: rundir.RowStore, p: Prepared, cfg: RunConfig) -> dict[str, dict]:
+    """Finished rows of the same recipe and inputs. Rows from other inputs are moved to
+    rows.stale.jsonl (never mixed with new ones) and the tables made from them deleted; a stale
+    or damaged census is deleted."""
     state = rundir.read_json_or_none(out / STATE) or {}
     rows = store.load()
     keep = [r for r in rows if r.get("inputs_key") == p.rows_key]
@@ -162,13 +164,19 @@ def _resume(out: Path, store: rundir.RowStore, p: Prepared) -> dict[str, dict]:
         store.rewrite(keep)
         log(f"inputs changed since {len(stale)} row(s) were computed ({', '.join(what[:4]) or 'unknown inputs'}): "
             f"they were moved to {rundir.STALE_ROWS} and are recomputed")
+        for name in TABLE_FILES:
+            (out / name).unlink(missing_ok=True)
     census_ok = rundir.read_json_or_none(out / "census.json") is not None and state.get("census_key") == p.census_key
     if not census_ok and (out / "census.json").exists():
         log("census.json is damaged or from other inputs: discarded" + (", recomputed" if p.census_batches is not None else ""))
     if not census_ok:  # census.md and the plots belong to the census.json they were made with
         for f in [out / name for name in CENSUS_FILES] + sorted(out.glob("census_*.png")):
             f.unlink(missing_ok=True)
-    done = {k: v for k, v in rundir.latest_by_recipe(keep).items() if v.get("status") == "ok"}
+    keys = {r.name: _recipe_key(r) for r in cfg.recipes}  # a changed recipe is recomputed
+    done = {k: v for k, v in rundir.latest_by_recipe(keep).items()
+            if v.get("status") == "ok" and v.get("recipe_key") == keys.get(k)}
+    if done:
+        log(f"resuming: {len(done)} finished row(s) kept ({', '.join(done)})")
     return done
 
 
@@ -196,10 +204,6 @@ def _sweep(cfg: RunConfig, p: Prepared, store: rundir.RowStore, done: dict[str, 
     model, suite, calib, e = p.lm.model, p.suite, p.calib, cfg.eval
     device = next(model.parameters()).device
     keys = {r.name: _recipe_key(r) for r in cfg.recipes}
-    for k in [k for k, v in done.items() if k not in keys or v.get("recipe_key") != keys[k]]:
-        del done[k]  # a changed recipe is recomputed
-    if done:
-        log(f"resuming: {len(done)} finished row(s) kept ({', '.join(done)})")
     ref, fp_ppl, fp_eval = None, None, None
     for recipe in cfg.recipes:
         if recipe.name in done:

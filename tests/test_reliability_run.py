@@ -153,6 +153,20 @@ def test_changed_corpus_starts_fresh_rows(capsys, env, done, calls):
     assert calls == RECIPES and rows["fp"]["ppl"] != json.loads(old[0])["ppl"]
 
 
+def test_tables_of_stale_rows_go_with_them(capsys, env, done, monkeypatch):
+    env[2].write_text(corpus_text(shift=5))
+
+    def interrupted(self, model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.EvalSuite, "reference", interrupted)
+    res = run(capsys, env)
+    assert res.rc == 130 and "stopped: 0 of 3 recipe(s) finished" in res.err
+    assert not (done / "results.csv").exists() and not (done / "report.html").exists()
+    assert rows_lines(done) == [] and len((done / "rows.stale.jsonl").read_text().splitlines()) == 3
+    assert_error(cli(capsys, "compare", done), "rows.jsonl holds no rows yet")
+
+
 def test_changed_model_weights_start_fresh_rows(capsys, env, done, calls):
     old = rows_lines(done)
     save_tiny_model(env[1], seed=1)
