@@ -74,6 +74,24 @@ def write_config(folder: Path, model: Path | str, corpus_file: Path | str, **ove
     return path
 
 
+def template_run(tmp_path_factory, recipes: tuple[str, ...]) -> Path:
+    """A finished run of the tiny model (made once per test process and recipe list) whose run
+    directory tests copy: the copy resumes like the original, since rows are keyed by content."""
+    key = "run:" + ",".join(recipes)
+    if key not in _CACHE:
+        from quantbench.cli import main
+
+        root = tmp_path_factory.mktemp("template")
+        (root / "corpus.txt").write_text(corpus_text())
+        try:
+            main(["run", "-c", str(write_config(root, tiny_model(tmp_path_factory), root / "corpus.txt",
+                                                recipes=list(recipes)))])
+        except SystemExit as e:
+            raise AssertionError(f"template run failed ({e.code})") from None
+        _CACHE[key] = root / "out" / "r"
+    return _CACHE[key]
+
+
 @dataclass
 class Result:
     rc: int

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from reliability_common import (REPO, assert_error, cli, corpus_text, results_recipes, rows_lines, start_children,
-                                subprocess_env, tiny_model, write_config)
+                                subprocess_env, template_run, tiny_model, write_config)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,11 +191,11 @@ def test_profile_out_is_a_file(capsys, setup):
 
 # ---------------------------------------------------------------- damaged run directories read by compare / recommend
 @pytest.fixture
-def finished_run(capsys, setup):
-    root, model, corpus = setup
-    res = cli(capsys, "run", "-c", write_config(root, model, corpus, recipes=["fp", "w8a8-token"]))
-    assert res.rc == 0, res.err
-    return root / "out" / "r"
+def finished_run(setup, tmp_path_factory):
+    """A copy of a finished 2-recipe run directory (the run is made once)."""
+    out = setup[0] / "out" / "r"
+    shutil.copytree(template_run(tmp_path_factory, ("fp", "w8a8-token")), out)
+    return out
 
 
 def test_truncated_results_csv_names_file_and_line(capsys, finished_run):
