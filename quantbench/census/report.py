@@ -82,12 +82,12 @@ def markdown(c: dict) -> str:
 
 def write_census(census: dict, out: Path, plots: bool = True) -> list[Path]:
     """Write census.json, census.md and (optionally) the plots into `out`; return the paths."""
+    from ..rundir import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "census.json", out / "census.md"]
-    tmp = paths[0].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(census, indent=1, default=str))
-    tmp.replace(paths[0])
-    paths[1].write_text(markdown(census))
+    atomic_write_text(paths[1], markdown(census))
     if plots:
         paths += write_plots(census, out)
+    atomic_write_text(paths[0], json.dumps(census, indent=1, default=str))  # last: it marks the census done
     return paths

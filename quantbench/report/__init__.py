@@ -39,8 +39,10 @@ def run_recipes(run_dir: Path) -> dict[str, dict]:
 
 
 def read_census(run_dir: Path) -> dict | None:
-    p = run_dir / "census.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    """The run's census, or None when it is missing or damaged (`quantbench run` recomputes it)."""
+    from ..rundir import read_json_or_none
+
+    return read_json_or_none(run_dir / "census.json")
 
 
 def recommend_run(run_dir: Path, df: pd.DataFrame, tol: Tolerance) -> Recommendation:
@@ -53,7 +55,9 @@ def finish_report(out: Path, df: pd.DataFrame, cfg) -> Recommendation:
     tol = Tolerance(r.max_ppl_increase_pct, r.min_task_retention_pct, cfg.tasks.metric)
     rec = recommend_run(out, df, tol)
     text = rec.text()
-    (out / "recommendation.txt").write_text(text + "\n")
+    from ..rundir import atomic_write_text
+
+    atomic_write_text(out / "recommendation.txt", text + "\n")
     path = write_html(df, out, text, cfg.tasks.metric)
     print("\n" + text)
     log(f"report: {path}")

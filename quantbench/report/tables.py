@@ -55,10 +55,12 @@ def markdown(df: pd.DataFrame, columns: list[str] | None = None) -> str:
 
 
 def write_tables(df: pd.DataFrame, out: Path) -> None:
+    from ..rundir import atomic_write_text  # every output: temporary file, then rename
+
     flat = scalar_frame(df)
-    flat.to_csv(out / "results.csv", index=False)
+    atomic_write_text(out / "results.csv", flat.to_csv(index=False))
     tasks = [c for c in flat.columns if c.startswith(("acc:", "acc_norm:", "acc_se:", "n:"))]
-    (out / "results.md").write_text(markdown(flat, COLUMNS + tasks) + "\n")
+    atomic_write_text(out / "results.md", markdown(flat, COLUMNS + tasks) + "\n")
     layers = layer_frame(df)
     if len(layers):
-        layers.to_csv(out / "layers.csv", index=False)
+        atomic_write_text(out / "layers.csv", layers.to_csv(index=False))
