@@ -121,7 +121,8 @@ def recommend(
     r, metric = (cfg.recommend, cfg.tasks.metric) if cfg else (None, "acc")
     tol = Tolerance(
         _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else (r.max_ppl_increase_pct if r else 2.0),
-        _percent(min_task_retention, "--min-task-retention", upper=100) if min_task_retention else (r.min_task_retention_pct if r else None),
+        _percent(min_task_retention, "--min-task-retention", upper=100) if min_task_retention
+        else (r.min_task_retention_pct if r else None),
         metric)
     typer.echo(recommend_run(run_dir, load_run(run_dir), tol).text())
 

@@ -120,8 +120,9 @@ def test_cli_compare_and_recommend(tiny_run: Path, tmp_path: Path):
     assert "uncertainty:" in r.output and "paired 95% intervals over" in r.output
 
 
-@pytest.mark.parametrize("args, words", [(["--max-ppl-increase", "nan"], "--max-ppl-increase: must be"),
-                                         (["--min-task-retention", "150%"], "--min-task-retention: must be between 0 and 100%")])
+@pytest.mark.parametrize("args, words", [
+    (["--max-ppl-increase", "nan"], "--max-ppl-increase: must be"),
+    (["--min-task-retention", "150%"], "--min-task-retention: must be between 0 and 100%")])
 def test_cli_recommend_rejects_impossible_tolerances_in_one_line(tiny_run: Path, args, words):
     import sys
 

@@ -134,7 +134,8 @@ class FPReference:
         free = shutil.disk_usage(where).free
         if free < need + (256 << 20):
             raise QuantbenchError(f"the FP reference needs {need / 2**30:.1f} GiB of temporary disk in {where} "
-                                  f"({free / 2**30:.1f} GiB free): set TMPDIR to a larger disk or lower eval.max_windows")
+                                  f"({free / 2**30:.1f} GiB free): set TMPDIR to a larger disk "
+                                  "or lower eval.max_windows")
         self.n_rows, self.vocab = n_rows, vocab
         self._file = tempfile.TemporaryFile(dir=where)
         self.shift = torch.empty(n_rows)  # [n_rows] logsumexp of the FP logits

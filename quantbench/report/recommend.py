@@ -95,7 +95,8 @@ def _ppl_reason(row: pd.Series, tol: Tolerance) -> str | None:
     t = tol.max_ppl_increase_pct
     if (hi if hi is not None else d) <= t:
         return None
-    iv = f"; 95% interval {lo:+.2f}..{hi:+.2f}%" if lo is not None and hi is not None else "; no interval: point estimate"
+    iv = (f"; 95% interval {lo:+.2f}..{hi:+.2f}%" if lo is not None and hi is not None
+          else "; no interval: point estimate")
     if d > t:
         return (f"perplexity +{d:.2f}% > +{t:g}% allowed (over by {d - t:.2f} points; "
                 f"ppl {_num(row.get('ppl')) or float('nan'):.3f}{iv})")

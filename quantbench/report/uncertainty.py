@@ -98,7 +98,8 @@ def _contenders(ok: pd.DataFrame, fp: pd.Series, chosen: str | None, max_ppl: fl
 
 def uncertainty_notes(ok: pd.DataFrame, fp: pd.Series | None, chosen: str | None, tol, tasks: list[str]) -> list[str]:
     """Lines for the recommendation's 'uncertainty' section (empty without an FP row)."""
-    if fp is None or "delta_ppl_lo" not in ok.columns or pd.to_numeric(ok["delta_ppl_lo"], errors="coerce").isna().all():
+    lo_col = pd.to_numeric(ok["delta_ppl_lo"], errors="coerce") if "delta_ppl_lo" in ok.columns else None
+    if fp is None or lo_col is None or lo_col.isna().all():
         return ["no paired intervals in this table (no per-unit data): the decision used point estimates"]
     n, block = _num(fp.get("ci_units")), _num(fp.get("ci_block"))
     unit = f"blocks of {int(block)} tokens" if block else "blocks"
