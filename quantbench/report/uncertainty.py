@@ -84,7 +84,8 @@ def _task_reach(row: pd.Series, fp: pd.Series, task: str, metric: str, retention
         need = stats.n_to_resolve(int(n), _se(lo, hi), allowed)
         text += (f"; they suffice to show {retention:g}% retention (a loss <= {allowed:.3f}) when few answers change"
                  if need is not None and need <= n else
-                 f"; showing {retention:g}% retention (a loss <= {allowed:.3f}) needs ~{need} documents")
+                 f"; showing {retention:g}% retention (a loss <= {allowed:.3f}) needs ~{need} documents even for a "
+                 f"recipe with no net change and this spread")
     return text
 
 
