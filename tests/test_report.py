@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -59,6 +60,12 @@ def test_report_files_hold_the_runs_numbers(tiny_run: Path):
         assert csv.loc[name, "compression_x"] == pytest.approx(16 / r["bits_per_weight"], rel=1e-3)
         assert r["weight_bytes"] > 0 and r["word_ppl"] > 0
     assert csv.loc["w8a8-token", "layer_err_max"] > 0 and csv.loc["fp", "layer_err_max"] == 0
+    for name, r in rows.items():  # per-unit data for the intervals in every row, FP included
+        assert sum(r["unit_tokens"]) == r["n_tokens"] and len(r["unit_nll"]) == len(r["unit_kl"]) == 2
+        assert sum(r["unit_nll"]) / r["n_tokens"] == pytest.approx(math.log(r["ppl"]), rel=1e-9)
+        assert len(r["doc_acc:qb_test_local"]) == 4
+        assert csv.loc[name, "delta_ppl_lo"] <= csv.loc[name, "delta_ppl_pct"] <= csv.loc[name, "delta_ppl_hi"]
+        assert not [c for c in csv.columns if c.startswith(("unit_", "doc_"))]  # lists stay in rows.jsonl
     md = (tiny_run / "results.md").read_text()
     assert f"{rows['w4a16-g64']['ppl']:.4g}" in md
     layers = pd.read_csv(tiny_run / "layers.csv")
