@@ -48,7 +48,7 @@ def _timed(fn) -> tuple[float, float]:
 def measure(model, batches: torch.Tensor, batch_size: int, repeats: int) -> dict:
     from quantbench.census import run_census
     from quantbench.census.core import _collect
-    from quantbench.census.hooks import eager_attention
+    from quantbench.hooks import eager_attention
     from quantbench.config import CensusConfig
 
     cfg = CensusConfig(plots=False)

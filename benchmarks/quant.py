@@ -21,7 +21,8 @@ import torch
 
 from quantbench.data import calibration_batches, load_corpus
 from quantbench.models import load_model
-from quantbench.quant.apply import apply_recipe, run_batches
+from quantbench.quant.apply import apply_recipe
+from quantbench.surgery import run_batches
 from quantbench.quant.recipes import PRESETS
 
 MITIGATION_RECIPE = {
@@ -47,8 +48,8 @@ def throughput(model, ids: torch.Tensor, batch_size: int) -> float:
 
 def bench_mitigation(model, name: str, calib: torch.Tensor, fp_calib_s: float) -> dict:
     recipe = PRESETS[MITIGATION_RECIPE[name]]
-    _, ctx = apply_recipe(copy.deepcopy(model), recipe, calib, torch.device("cpu"), census_after=False)
-    secs = ctx.notes.get(f"{name}_s", float("nan"))
+    _, applied = apply_recipe(copy.deepcopy(model), recipe, calib, torch.device("cpu"))
+    secs = applied.notes.get(f"{name}_s", float("nan"))
     return {"mitigation": name, "recipe": recipe.name, "calib_s": secs, "calib_x_fp": round(secs / fp_calib_s, 2)}
 
 
@@ -56,7 +57,7 @@ def bench_recipe(model, name: str, calib: torch.Tensor, ids: torch.Tensor, fp_to
     from quantbench.quant.backends import BackendUnavailable
 
     try:
-        q, _ = apply_recipe(copy.deepcopy(model), PRESETS[name], calib, torch.device("cpu"), census_after=False)
+        q, _ = apply_recipe(copy.deepcopy(model), PRESETS[name], calib, torch.device("cpu"))
     except BackendUnavailable as e:
         return {"recipe": name, "tok_s": None, "tok_s_x_fp": None, "status": f"skipped: {e}"}
     tok_s = throughput(q, ids, bs)

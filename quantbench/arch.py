@@ -32,9 +32,16 @@ class ArchSpec:
     @property
     def smooth_pairs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """(previous op, linears it feeds) pairs whose input scale can move into the weights."""
+        if self.mlp_norm is None:  # parallel block: one norm feeds attention and MLP alike
+            return ((self.attn_norm, self.qkv + self.up),) + self._inner_pairs()
         pairs = [(self.attn_norm, self.qkv)]
         if self.mlp_norm is not None:
             pairs.append((self.mlp_norm, self.up))
+        return tuple(pairs) + self._inner_pairs()
+
+    def _inner_pairs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """up -> down (gated MLPs: down's input is act(gate) * up) and v -> o (separate v projection)."""
+        pairs = []
         if self.gated_mlp:
             pairs.append((self.up[-1], (self.down,)))
         if not self.fused_qkv:
@@ -85,6 +92,14 @@ def arch_of(model: nn.Module) -> ArchSpec:
             f"architecture '{mt}' is not described in quantbench.arch.ARCHS (known: {', '.join(sorted(ARCHS))}); "
             "add a row naming its decoder layers, norms, q/k/v, o, up and down projections")
     return ARCHS[mt]
+
+
+def arch_or_none(model: nn.Module) -> ArchSpec | None:
+    """The family's ArchSpec, or None (plain quantization needs no architecture knowledge)."""
+    try:
+        return arch_of(model)
+    except UnsupportedArchitecture:
+        return None
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,15 +21,16 @@ from .errors import QuantbenchError
 from .eval.suite import EvalSuite
 from .manifest import build_manifest
 from .models import load_model
-from .quant.apply import apply_recipe, check_recipe
-from .quant.backends import BackendUnavailable
-from .quant.size import estimate_size
+from .arch import arch_or_none
+from .census.quick import outlier_note
+from .log import log
+from .quant.apply import mitigate, prepare, quantize
+from .quant.calibration import Calibration
+from .quant.effects import Effects
+from .quant.plugin import BackendUnavailable, QuantContext
+from .quant.size import measure_size
 from .report import finish_report
 from .report.tables import markdown, to_frame, write_tables
-
-
-def log(msg: str) -> None:
-    print(f"[quantbench] {msg}", file=sys.stderr, flush=True)
 
 
 def run_dir_for(cfg: RunConfig, config_name: str = "run") -> Path:
@@ -83,15 +84,17 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
     if lm.info.get("caveat"):
         log(f"note: {lm.info['caveat']}")
     for r in cfg.recipes:  # every recipe checked before any work
-        check_recipe(model, r)
+        prepare(model, r)
+    n_params = sum(p.numel() for p in model.parameters())
 
     corpus = load_corpus(cfg.corpus.name)
     e = cfg.eval
     windows = eval_windows(tok, corpus.eval_text, e.seq_len, e.effective_stride, e.max_windows, e.bos)
-    calib = calibration_batches(tok, corpus.calib_text, cfg.corpus.calib_samples, cfg.corpus.calib_seq_len, cfg.seed)
+    calib_ids = calibration_batches(tok, corpus.calib_text, cfg.corpus.calib_samples, cfg.corpus.calib_seq_len, cfg.seed)
+    calib = Calibration(calib_ids, e.batch_size, device, base_key=lm.info["fingerprint"])
     protocol = {**windows.protocol, "perplexity": "exp(mean token NLL over scored positions)",
                 "kl": "mean KL(P_fp || P_q) over scored positions, nats", "calibration": {
-                    "split": "calib", "samples": len(calib), "seq_len": calib.shape[1], "seed": cfg.seed}}
+                    "split": "calib", "samples": len(calib_ids), "seq_len": calib_ids.shape[1], "seed": cfg.seed}}
     suite = EvalSuite.prepare(cfg, tok, windows, device)
     protocol.update(suite.protocol())
     corpus_info = {"name": corpus.name, "source": corpus.source, "fingerprint": corpus.fingerprint(),
@@ -117,6 +120,7 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
     if done:
         log(f"resuming: {len(done)} finished row(s) kept ({', '.join(done)})")
     ref, fp_ppl, fp_eval = None, None, None
+    fp_notes: dict = {}  # the FP model's outlier note, computed once for the rows of mitigated recipes
     for recipe in cfg.recipes:
         if recipe.name in done:
             continue
@@ -129,14 +133,14 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
             if e.expected_fp_ppl and abs(fp_ppl / e.expected_fp_ppl - 1) > 0.10:
                 log(f"warning: FP perplexity {fp_ppl:.2f} differs from the expected {e.expected_fp_ppl} by more than 10%")
         if recipe.is_fp:  # the reference pass already measured it
-            size, bpw = estimate_size(model, recipe)
-            row = {"recipe": recipe.name, "status": "ok", "mode": "fp", "bits_per_weight": bpw,
-                   "size_mb": round(size / 2**20, 2), "ppl": fp_eval.ppl, "delta_ppl_pct": 0.0, "kl": 0.0,
+            size = measure_size(model, prepare(model, recipe), Effects(), n_params)
+            row = {"recipe": recipe.name, "status": "ok", "mode": "fp", "bits_per_weight": size.bits_per_weight,
+                   "size_mb": round(size.mb, 2), "ppl": fp_eval.ppl, "delta_ppl_pct": 0.0, "kl": 0.0,
                    "top1": 1.0, "eval_tok_s": round(fp_eval.tok_per_s, 1), "calib_s": 0.0,
                    "wall_s": round(fp_eval.seconds, 2), "n_tokens": fp_eval.n_tokens, "mitigations": "none",
-                   "weight_bytes": size, **fp_extra}
+                   "weight_bytes": size.bytes, **fp_extra}
         else:
-            row = _run_recipe(model, recipe, calib, suite, fp_ppl, cfg, device)
+            row = _run_recipe(model, recipe, RecipeEnv(calib, suite, fp_ppl, n_params, out, fp_notes))
         row["recipe_key"] = keys[recipe.name]
         _append_row(rows_path, row)
         done[recipe.name] = row
@@ -151,26 +155,72 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
     return out
 
 
-def _run_recipe(model, recipe, calib, suite: EvalSuite, fp_ppl, cfg: RunConfig, device) -> dict:
-    size, bpw = estimate_size(model, recipe)
-    row = {"recipe": recipe.name, "mode": recipe.backend, "bits_per_weight": round(bpw, 3),
-           "size_mb": round(size / 2**20, 2), "weight_bytes": size, "w_bits": recipe.weights.bits if recipe.weights else None,
+@dataclass
+class RecipeEnv:
+    """What every recipe's row shares: calibration (cached statistics), the evaluation suite, the FP
+    reference perplexity, the FP parameter count, the run directory, the FP outlier note."""
+
+    calib: Calibration
+    suite: EvalSuite
+    fp_ppl: float
+    n_params: int
+    out: Path
+    fp_notes: dict
+
+
+def _outliers(model, env: RecipeEnv, plan, key: str) -> dict:
+    """The outlier note of `model` (mitigated FP) as row columns `<name>_<key>` (before: cached)."""
+    ids, mods = env.calib.batches[:2, :128], {n: model.get_submodule(n) for n in plan.linears}
+    if key == "before":
+        names = tuple(plan.linears)
+        if names not in env.fp_notes:
+            env.fp_notes[names] = outlier_note(model, ids, mods, env.calib.batch_size)
+        note = env.fp_notes[names]
+    else:
+        note = outlier_note(model, ids, mods, env.calib.batch_size)
+    return {f"{k}_{key}": v for k, v in note.items()}
+
+
+def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
+    row = {"recipe": recipe.name, "mode": recipe.backend, "w_bits": recipe.weights.bits if recipe.weights else None,
            "a_bits": recipe.activations.bits if recipe.activations else None,
            "mitigations": "+".join(m.name for m in recipe.mitigations) or "none", "quantbench": __version__}
-    t0 = time.perf_counter()
+    t0, ledger0 = time.perf_counter(), len(env.calib.ledger)
     try:
-        qmodel = model if recipe.is_fp else copy.deepcopy(model)
-        qmodel, ctx = apply_recipe(qmodel, recipe, calib, device, cfg.eval.batch_size)
-        calib_s = time.perf_counter() - t0 - ctx.notes.get("census_s", 0.0)  # the census of the mitigated model is not calibration
-        res, extra = suite.score(qmodel)
+        qmodel = copy.deepcopy(model)
+        plan = prepare(qmodel, recipe)
+        ctx = QuantContext(plan=plan, calib=env.calib, arch=arch_or_none(qmodel))
+        notes: dict = {}
+        if recipe.mitigations:
+            notes.update(_outliers(qmodel, env, plan, "before"))
+            t1 = time.perf_counter()
+            mitigate(qmodel, ctx)
+            t_mit = time.perf_counter() - t1
+            notes.update(_outliers(qmodel, env, plan, "after"))
+            census_s = time.perf_counter() - t0 - t_mit
+        else:
+            census_s = 0.0
+        qmodel = quantize(qmodel, ctx)
+        size = measure_size(qmodel, plan, ctx.effects, env.n_params)
+        calib_s = time.perf_counter() - t0 - census_s  # the census of the mitigated model is not calibration
+        spent, reused = env.calib.seconds(ledger0)
+        res, extra = env.suite.score(qmodel, ctx.effects)
     except BackendUnavailable as err:
         return {**row, "status": f"skipped: {err}", "wall_s": round(time.perf_counter() - t0, 2)}
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    row.update(status="ok", ppl=res.ppl, delta_ppl_pct=100 * (res.ppl / fp_ppl - 1), kl=res.kl, top1=res.top1,
-               eval_tok_s=round(res.tok_per_s, 1), calib_s=round(calib_s, 2),
-               wall_s=round(time.perf_counter() - t0, 2), n_tokens=res.n_tokens, **ctx.notes, **extra)
+    plans = env.out / "plans"
+    plans.mkdir(exist_ok=True)
+    _write_json(plans / f"{recipe.name}.json", {**plan.to_json(), "bits": {
+        "total": size.total_bits, "per_linear": {k: round(v) for k, v in size.per_linear.items()}}})
+    row.update(status="ok", mode=plan.mode, bits_per_weight=round(size.bits_per_weight, 3),
+               size_mb=round(size.mb, 2), weight_bytes=size.bytes, ppl=res.ppl,
+               delta_ppl_pct=100 * (res.ppl / env.fp_ppl - 1), kl=res.kl, top1=res.top1,
+               eval_tok_s=round(res.tok_per_s, 1), calib_s=round(calib_s, 2), calib_stats_s=round(spent, 2),
+               calib_stats_reused=reused, census_s=round(census_s, 2),
+               wall_s=round(time.perf_counter() - t0, 2), n_tokens=res.n_tokens,
+               **ctx.effects.notes, **notes, **extra)
     return row
 
 

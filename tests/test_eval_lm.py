@@ -108,7 +108,7 @@ def test_layer_error_of_a_rotated_model_is_measured_in_the_fp_basis():
     model = tiny_model("llama")
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     probe = capture_probe(model, ids, torch.device("cpu"))
-    rotated, _ = apply_recipe(copy.deepcopy(model), Recipe(name="rot", mitigations=(MitigationSpec(name="rotate"),)),
-                              ids, torch.device("cpu"))
-    drift = compare_to_probe(rotated, probe, torch.device("cpu"))
+    rotated, applied = apply_recipe(copy.deepcopy(model), Recipe(name="rot", mitigations=(MitigationSpec(name="rotate"),)),
+                                    ids, torch.device("cpu"))
+    drift = compare_to_probe(rotated, probe, torch.device("cpu"), applied.effects.residual_basis)
     assert max(drift.rel_error) < 1e-6

@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from quantbench.quant.apply import apply_recipe, target_linears
+from quantbench.quant.apply import apply_recipe
+from quantbench.surgery import linear_modules
 from quantbench.quant.qlinear import QuantLinear
 from quantbench.quant.recipes import PRESETS
 
@@ -17,7 +18,7 @@ def _logits(model, tokens):
 @pytest.mark.parametrize("name, max_rel", [("w8a8-token", 0.05), ("w8a16", 0.02), ("w8a8-tensor-static", 0.1)])
 def test_every_linear_is_swapped_and_error_is_bounded(tiny, tokens, name, max_rel):
     recipe = PRESETS[name]
-    n_targets = len(target_linears(tiny, recipe))
+    n_targets = len(linear_modules(tiny, recipe.exclude))
     q, _ = apply_recipe(copy.deepcopy(tiny), recipe, tokens, torch.device("cpu"))
     swapped = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert len(swapped) == n_targets > 0

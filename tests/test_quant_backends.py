@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from quantbench.quant.apply import apply_recipe
-from quantbench.quant.backends import BackendUnavailable, known
+from quantbench.quant.backends import BackendUnavailable
+from quantbench.quant.spec import BACKENDS
 from quantbench.quant.primitives import fake_quant
 from quantbench.quant.recipes import PRESETS
 from quantbench.quant.spec import QuantSpec
@@ -55,32 +56,52 @@ def test_int4_groupwise_asym_matches_quanto_within_one_step():
 
 
 def test_backends_registered():
-    assert {"simulated", "bnb-int8", "bnb-nf4", "bnb-fp4", "quanto"} <= set(known())
+    assert {"simulated", "bnb-int8", "bnb-nf4", "bnb-fp4", "quanto"} <= set(BACKENDS.names())
+
+
+# Stored bits per linear [out, in] (no bias in the tiny Llama), from each library's documented layout:
+# bnb int8: int8 codes + one fp32 absmax per row (SCB); quanto qint8: int8 codes + one scale per row in
+# the model dtype (fp32 here) + its two scalar activation-scale buffers (plain floats: 16 bits each).
+EXPECTED_BITS = {
+    "bnb-int8": lambda o, i: 8 * o * i + 32 * o,
+    "bnb-int8-t6": lambda o, i: 8 * o * i + 32 * o,
+    "quanto-w8": lambda o, i: 8 * o * i + 32 * o + 2 * 16,
+    "quanto-w8a8": lambda o, i: 8 * o * i + 32 * o + 2 * 16,
+}
 
 
 @pytest.mark.parametrize("name", ["bnb-int8", "bnb-int8-t6", "bnb-nf4", "quanto-w8", "quanto-w8a8", "quanto-w4-g64"])
 def test_real_backend_runs_or_skips_with_reason(tokens, name):
     m = tiny_model("llama", hidden=128)
     ref = m(input_ids=tokens).logits
+    shapes = {n: tuple(mod.weight.shape) for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
     try:
-        q, ctx = apply_recipe(copy.deepcopy(m), PRESETS[name], tokens, CPU, census_after=False)
+        q, applied = apply_recipe(copy.deepcopy(m), PRESETS[name], tokens, CPU)
     except BackendUnavailable as e:
         assert str(e)
         pytest.skip(f"{name}: {e}")
     with torch.no_grad():
         out = q(input_ids=tokens).logits
     assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.5 * ref.abs().max()
-    assert 0 < ctx.notes["measured_weight_bytes"] < ctx.notes["measured_weight_bytes_fp"]
+    per = applied.size.per_linear
+    assert set(per) == {n for n in shapes if not n.endswith("lm_head")}
+    for n, bits in per.items():
+        o, i = shapes[n]
+        if name in EXPECTED_BITS:
+            assert bits == EXPECTED_BITS[name](o, i), (n, bits)
+        else:  # 4-bit codes plus per-block scales: between 4 and 6 bits per weight
+            assert 4 * o * i < bits < 6 * o * i, (n, bits / (o * i))
+    assert applied.size.bits_per_weight < 16
 
 
 def test_unavailable_device_is_a_skip_not_a_crash(tokens):
-    from quantbench.quant.backends.bnb import _convert
+    from quantbench.quant.apply import prepare
+    from quantbench.quant.backends.bnb import BnbInt8
+    from quantbench.quant.calibration import Calibration
+    from quantbench.quant.plugin import QuantContext
 
-    class Ctx:
-        device = torch.device("meta")
-        notes: dict = {}
-        prequantized: set = set()
-        calib = tokens
-
+    m = tiny_model("llama")
+    plan = prepare(m, PRESETS["bnb-int8"])
+    ctx = QuantContext(plan=plan, calib=Calibration(tokens, 4, torch.device("meta")))
     with pytest.raises(BackendUnavailable, match="meta"):
-        _convert(tiny_model("llama"), PRESETS["bnb-int8"], Ctx(), lambda lin: lin)
+        BnbInt8().apply(m, plan, list(plan.linears), ctx, BnbInt8.Options())

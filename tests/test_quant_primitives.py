@@ -7,8 +7,11 @@ import torch
 import yaml
 
 from quantbench.errors import QuantbenchError
-from quantbench.quant.apply import apply_recipe, check_recipe
+from quantbench.quant.apply import apply_recipe, prepare
 from quantbench.quant.primitives import FP8_MAX, block_range, blocks, fake_quant, qparams_from_range
+from quantbench.quant.mitigations.int8_decomp import KeepChannels
+from quantbench.quant.mitigations.outlier_tokens import KeepTokens, TokenState
+from quantbench.quant.plan import LinearPlan
 from quantbench.quant.qlinear import QuantLinear
 from quantbench.quant.recipes import PRESETS, resolve_recipe
 from quantbench.quant.spec import QuantSpec, Recipe
@@ -16,6 +19,10 @@ from quantbench.quant.spec import QuantSpec, Recipe
 from conftest import tiny_model
 
 CPU = torch.device("cpu")
+
+
+def _ql(lin, w, a, keep=None) -> QuantLinear:
+    return QuantLinear(lin, LinearPlan("l", w, a, None, "simulated"), keep=keep)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -62,8 +69,8 @@ def test_fp8_is_e4m3():
 
 def test_static_ranges_come_from_calibration_and_dynamic_from_each_call():
     lin = torch.nn.Linear(32, 8)
-    static = QuantLinear(lin, None, QuantSpec(bits=8, granularity="tensor", dynamic=False))
-    dynamic = QuantLinear(lin, None, QuantSpec(bits=8, granularity="tensor", dynamic=True))
+    static = _ql(lin, None, QuantSpec(bits=8, granularity="tensor", dynamic=False))
+    dynamic = _ql(lin, None, QuantSpec(bits=8, granularity="tensor", dynamic=True))
     static.calibrating = True
     static(torch.randn(4, 32) * 100)  # wide calibration range
     static.freeze()
@@ -72,20 +79,21 @@ def test_static_ranges_come_from_calibration_and_dynamic_from_each_call():
     err_d = (dynamic.quant_input(x) - x).abs().max()
     assert err_s > 5 * err_d  # the static step was set by the calibration data
     with pytest.raises(RuntimeError):
-        QuantLinear(lin, None, QuantSpec(bits=8, granularity="tensor", dynamic=False)).freeze()
+        _ql(lin, None, QuantSpec(bits=8, granularity="tensor", dynamic=False)).freeze()
 
 
 def test_token_keep_and_kept_channels_stay_exact_and_leave_ranges():
     lin = torch.nn.Linear(32, 8)
-    q = QuantLinear(lin, None, QuantSpec(bits=4, granularity="tensor", dynamic=True))
+    a4 = QuantSpec(bits=4, granularity="tensor", dynamic=True)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, 0] = True
+    q = _ql(lin, None, a4, keep=[KeepTokens(TokenState(mask=mask))])
     x = torch.randn(2, 5, 32)
     x[:, 0, 3] = 1000.0
-    q.token_keep = torch.zeros(2, 5, dtype=torch.bool)
-    q.token_keep[:, 0] = True
     xq = q.quant_input(x)
     assert torch.equal(xq[:, 0], x[:, 0])
     assert (xq[:, 1:] - x[:, 1:]).abs().max() < 0.5  # range set by the ordinary tokens only
-    q.token_keep, q.fp_threshold = None, 50.0
+    q = _ql(lin, None, a4, keep=[KeepChannels(threshold=50.0)])
     xq = q.quant_input(x)
     assert torch.equal(xq[..., 3], x[..., 3]) and (xq - x).abs().max() < 0.5
 
@@ -102,7 +110,7 @@ def test_kv_quantization_changes_only_k_and_v_outputs(tokens):
     m = tiny_model("llama")
     ref = m(input_ids=tokens).logits
     r = Recipe(name="kv4", kv=QuantSpec(bits=4, granularity="group", group_size=16))  # head_dim 16
-    check_recipe(m, r)
+    prepare(m, r)
     q, _ = apply_recipe(m, r, tokens, CPU)
     ks = [mod for n, mod in q.named_modules() if isinstance(mod, QuantLinear)]
     assert len(ks) == 4 and all(k.ospec is not None and k.name.endswith(("k_proj", "v_proj")) for k in ks)
@@ -112,8 +120,8 @@ def test_kv_quantization_changes_only_k_and_v_outputs(tokens):
 
 def test_kv_rejected_clearly_where_it_cannot_work():
     with pytest.raises(QuantbenchError, match="fuses q/k/v"):
-        check_recipe(tiny_model("gpt2"), Recipe(name="kv", kv=QuantSpec(bits=8, granularity="token")))
+        prepare(tiny_model("gpt2"), Recipe(name="kv", kv=QuantSpec(bits=8, granularity="token")))
     with pytest.raises(QuantbenchError, match="head dimension"):
-        check_recipe(tiny_model("llama"), Recipe(name="kv", kv=QuantSpec(bits=8, granularity="group", group_size=24)))
+        prepare(tiny_model("llama"), Recipe(name="kv", kv=QuantSpec(bits=8, granularity="group", group_size=24)))
     with pytest.raises(ValueError):
         Recipe(name="kv", kv=QuantSpec(bits=8, granularity="tensor", dynamic=False))

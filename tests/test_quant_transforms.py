@@ -21,16 +21,15 @@ CPU = torch.device("cpu")
 
 def _mitigated(model, tokens, *mits, weights=None, activations=None):
     """Run the mitigations only (no quantization); weights/activations just steer their searches."""
-    from quantbench.quant import mitigations
-    from quantbench.quant.apply import QuantContext
+    from quantbench.quant.apply import mitigate, prepare
+    from quantbench.quant.calibration import Calibration
+    from quantbench.quant.plugin import QuantContext
 
     r = Recipe(name="t", mitigations=tuple(MitigationSpec(name=n, options=o) for n, o in mits),
                weights=weights, activations=activations)
-    ctx = QuantContext(recipe=r, arch=arch_of(model), device=CPU, calib=tokens)
-    for m in r.mitigations:
-        mod = mitigations.get_mitigation(m.name)
-        model = mod.apply(model, mod.calibrate(model, tokens, m.options, ctx), m.options, ctx)
-    return model, ctx
+    ctx = QuantContext(plan=prepare(model, r), calib=Calibration(tokens, 4, CPU), arch=arch_of(model))
+    effects = mitigate(model, ctx)
+    return model, effects
 
 
 def _close(a, b, rel=1e-4):
@@ -74,9 +73,10 @@ def test_rotation_keeps_logits_llama(tokens, kind):
     m = tiny_model("llama")
     ref = m(input_ids=tokens).logits
     r = Recipe(name="rot", mitigations=(MitigationSpec(name="rotate", options={"kind": kind}),))
-    q, ctx = apply_recipe(m, r, tokens, CPU, census_after=False)
+    q, applied = apply_recipe(m, r, tokens, CPU)
     _close(q(input_ids=tokens).logits, ref)
-    assert ctx.notes["rotate_kind"] == kind
+    assert applied.notes["rotate_kind"] == kind
+    assert applied.effects.residual_basis is not None and len(applied.effects.online) == 2  # down_proj x 2 layers
 
 
 def test_rotation_unties_tied_embeddings(tokens):
@@ -88,10 +88,25 @@ def test_rotation_unties_tied_embeddings(tokens):
     m = tf.LlamaForCausalLM(cfg).eval()  # hidden 48 = 12 x 4 (Paley x Sylvester), head_dim 12
     assert m.lm_head.weight is m.model.embed_tokens.weight
     ref = m(input_ids=tokens).logits
-    q, ctx = apply_recipe(m, Recipe(name="r", mitigations=(MitigationSpec(name="rotate"),)), tokens, CPU,
-                          census_after=False)
-    assert ctx.notes["rotate_untied"] and q.lm_head.weight is not q.model.embed_tokens.weight
+    n_fp = sum(p.numel() for p in m.parameters())  # tied: the embedding counted once
+    q, applied = apply_recipe(m, Recipe(name="r", mitigations=(MitigationSpec(name="rotate"),)), tokens, CPU)
+    assert applied.notes["rotate_untied"] and q.lm_head.weight is not q.model.embed_tokens.weight
+    assert applied.effects.added_params == ["lm_head.weight"]
+    v, d = m.model.embed_tokens.weight.shape
+    assert applied.size.total_bits == 16 * (n_fp + v * d) + _rotation_bits(q)  # the untied head is paid for
+    assert applied.size.n_params_fp == n_fp
     _close(q(input_ids=tokens).logits, ref)
+
+
+def _rotation_bits(model) -> int:
+    """16 bits per element of the (shared) online rotation factors, counted once."""
+    seen, n = set(), 0
+    for mod in model.modules():
+        t = getattr(mod, "input_transform", None)
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            n += sum(b.numel() for b in t.buffers())
+    return 16 * n
 
 
 def test_norm_fusing_keeps_logits_and_rejects_layernorm(tokens):
@@ -138,7 +153,10 @@ def test_default_model_transforms_keep_logits_and_rotation_removes_outliers(defa
         ref = model(input_ids=calib).logits
         for name, opts in (("smoothquant", {"alpha": 0.5}), ("rotate", {})):
             r = Recipe(name=name, mitigations=(MitigationSpec(name=name, options=opts),))
-            q, ctx = apply_recipe(copy.deepcopy(model), r, calib, CPU)
+            q, _ = apply_recipe(copy.deepcopy(model), r, calib, CPU)
             _close(q(input_ids=calib).logits, ref, rel=2e-3)
             if name == "rotate":
-                assert ctx.notes["census_max_abs_after"] < 0.25 * ctx.notes["census_max_abs_before"]
+                from quantbench.census.quick import outlier_note
+
+                before, after = outlier_note(model, calib[:2], {}), outlier_note(q, calib[:2], {})
+                assert after["census_max_abs"] < 0.25 * before["census_max_abs"]

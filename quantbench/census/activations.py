@@ -9,14 +9,9 @@ import torch
 import torch.nn as nn
 
 from ..arch import ArchSpec, get_module
-from .hooks import first_tensor
+from ..hooks import first_tensor
+from ..surgery import weight_view
 from .stats import SiteStats
-
-
-def weight_out_in(mod: nn.Module) -> torch.Tensor:
-    """A linear layer's weight as [out, in] (GPT-2's Conv1D stores [in, out])."""
-    w = mod.weight.detach()
-    return w.t() if type(mod).__name__ == "Conv1D" else w
 
 
 def linear_input_sites(arch: ArchSpec) -> dict[str, tuple[str, ...]]:
@@ -139,7 +134,7 @@ class Collector:
 
     def _writer_hook(self, ws: WriterStats, mod: nn.Module):
         def fn(_m, inp, out):
-            ws.update(self._bt(inp[0]), self._bt(first_tensor(out)), weight_out_in(mod))
+            ws.update(self._bt(inp[0]), self._bt(first_tensor(out)), weight_view(mod))
         return fn
 
     def _attn_hook(self, st: LayerStats):

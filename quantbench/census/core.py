@@ -13,7 +13,7 @@ from ..config import CensusConfig
 from ..errors import UnsupportedArchitecture
 from .activations import Collector, LayerStats, linear_input_sites
 from .analysis import Thresholds, class_shares, lifecycle, linkage, outlier_positions
-from .hooks import eager_attention, forward_hooks
+from ..hooks import eager_attention, forward_hooks
 from .stats import Record, SiteStats, finite
 from .weights import weight_census
 

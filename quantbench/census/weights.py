@@ -7,13 +7,9 @@ import math
 import torch
 import torch.nn as nn
 
-from .activations import weight_out_in
+from ..surgery import is_linear, weight_view
 
 MAX_LISTED = 8  # rows/columns listed with their scores per module
-
-
-def is_linear(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.Linear) or (type(mod).__name__ == "Conv1D" and hasattr(mod, "weight"))
 
 
 def _standout(score: torch.Tensor, ratio: float) -> tuple[list[int], float]:
@@ -86,7 +82,7 @@ def weight_census(model: nn.Module, layer_paths: list[str], ratio: float, block:
     for name, mod in model.named_modules():
         if not is_linear(mod):
             continue
-        w = weight_out_in(mod)
+        w = weight_view(mod)
         nd = distinct_per_block(w, block)
         grid[name] = None if nd is None else {"mean_distinct": float(nd.float().mean()), "max_distinct": int(nd.max())}
         for p, i in prefix.items():

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..arch import arch_of, decoder_layers, get_module
-from ..census.hooks import eager_attention, first_tensor, forward_hooks
+from ..hooks import eager_attention, first_tensor, forward_hooks
 
 
 @dataclass
@@ -93,12 +93,13 @@ def _rel_error(h_q: torch.Tensor, h_fp: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def compare_to_probe(model: nn.Module, probe: LayerProbe, device: torch.device) -> LayerDrift:
-    """Run a variant on the probe batch; per-layer error and sink mass against the FP probe."""
+def compare_to_probe(model: nn.Module, probe: LayerProbe, device: torch.device,
+                     basis: torch.Tensor | None = None) -> LayerDrift:
+    """Run a variant on the probe batch; per-layer error and sink mass against the FP probe.
+    basis: Q when the variant's residual stream lives in h @ Q (a rotation's Effects): undone here."""
     layers = decoder_layers(model)
     errs = [float("nan")] * len(layers)
     sink: list[float | None] = [None] * len(layers)
-    basis = getattr(model, "quantbench_residual_basis", None)  # set by rotate: residual = h @ Q
 
     def cmp(i: int):
         def fn(_m, _inp, out):

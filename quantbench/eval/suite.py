@@ -9,21 +9,17 @@ scored tokens, doc_acc:<task> / doc_acc_norm:<task> per document).
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
 from ..data import Windows
+from ..log import log
 from .cost import peak_memory
 from .downstream import LoadedTasks, TaskSettings, evaluate_tasks, load_tasks, task_columns
 from .fidelity import LayerProbe, capture_probe, compare_to_probe
 from .lm import DEFAULT_BLOCK, FPReference, LMEval, count_words, evaluate_lm
-
-
-def _log(msg: str) -> None:
-    print(f"[quantbench] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -47,7 +43,7 @@ class EvalSuite:
         tasks = None
         if t.names:
             tasks = load_tasks(TaskSettings(tuple(t.names), t.limit, t.num_fewshot, t.batch_size, cfg.seed, t.include_path))
-            _log(f"tasks: {', '.join(t.names)} (lm-eval {tasks.lm_eval_version}, limit {t.limit}, "
+            log(f"tasks: {', '.join(t.names)} (lm-eval {tasks.lm_eval_version}, limit {t.limit}, "
                  f"{t.num_fewshot}-shot)")
         n_words = count_words(tokenizer, windows) if e.word_ppl else None
         block = getattr(e, "ci_block", None) or DEFAULT_BLOCK
@@ -78,13 +74,13 @@ class EvalSuite:
         t0 = time.perf_counter()
         cols = task_columns(evaluate_tasks(model, self.tokenizer, self.tasks, self.device), self.task_metric)
         accs = ", ".join(f"{k[4:]} {v:.3f}" for k, v in cols.items() if k.startswith("acc:") and v is not None)
-        _log(f"  tasks ({time.perf_counter() - t0:.1f}s): {accs}")
+        log(f"  tasks ({time.perf_counter() - t0:.1f}s): {accs}")
         return {**cols, "task_metric": self.task_metric, "tasks_s": round(time.perf_counter() - t0, 2)}
 
-    def _extras(self, model: torch.nn.Module, res: LMEval) -> dict:
+    def _extras(self, model: torch.nn.Module, res: LMEval, basis: torch.Tensor | None) -> dict:
         row: dict = {"word_ppl": res.word_ppl}
         if self.probe is not None:
-            drift = compare_to_probe(model, self.probe, self.device)
+            drift = compare_to_probe(model, self.probe, self.device, basis)
             row.update(drift.summary(), layer_rel_error=drift.rel_error, layer_sink=drift.sink)
         if self.tasks is not None:
             row.update(self._tasks(model))
@@ -122,8 +118,11 @@ class EvalSuite:
             row.update(self._tasks(model))
         return res, row
 
-    def score(self, model: torch.nn.Module) -> tuple[LMEval, dict]:
+    def score(self, model: torch.nn.Module, effects=None) -> tuple[LMEval, dict]:
+        """Score a variant; `effects` (quant.effects.Effects) tells in which basis its residual lives."""
         with peak_memory(self.device) as mem:
             res, _ = evaluate_lm(model, self.windows, self.batch_size, self.device,
                                  reference=self.reference_logp, n_words=self.n_words, block=self.ci_block)
-        return res, {**self._extras(model, res), "peak_mem_mb": mem["peak_mem_mb"], **self._units(res, fp=False)}
+        basis = getattr(effects, "residual_basis", None)
+        return res, {**self._extras(model, res, basis), "peak_mem_mb": mem["peak_mem_mb"],
+                     **self._units(res, fp=False)}

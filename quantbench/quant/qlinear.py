@@ -1,55 +1,47 @@
-"""The simulated quantized linear: fake-quantized weights, fake-quantized input activations."""
+"""The simulated quantized linear: weights on the plan's grid, fake-quantized input activations,
+and (for k/v projections) a fake-quantized output = the KV cache content.
+
+Everything it knows comes from its LinearPlan entry and the recipe's Effects: a QTensor handed
+over by a mitigation (else round-to-nearest on the plan's weight spec) and keep policies (parts
+of the input left in high precision and out of the activation ranges).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..surgery import as_linear
+from .effects import KeepPolicy
+from .plan import LinearPlan
 from .primitives import block_range, blocks, fake_quant, qparams_from_range
-from .spec import QuantSpec
-
-
-def as_linear(module: nn.Module) -> nn.Linear:
-    """nn.Linear as is; GPT-2's Conv1D (weight [in, out]) as an equivalent nn.Linear."""
-    if isinstance(module, nn.Linear):
-        return module
-    w = module.weight.data.t().contiguous()  # Conv1D weight [in, out] -> [out, in]
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device=w.device, dtype=w.dtype)
-    lin.weight.data.copy_(w)
-    if module.bias is not None:
-        lin.bias.data.copy_(module.bias.data)
-    return lin
+from .qtensor import QTensor, quantize_weight
 
 
 class QuantLinear(nn.Module):
-    """y = fq_a(x) @ fq_w(W)^T + b, simulated in the input dtype.
+    """y = fq_a(x) @ W_q^T + b (simulated in the input dtype); static activation ranges are
+    observed while `calibrating` and fixed by `freeze()`."""
 
-    Activation ranges are dynamic (per call) or static: `calibrating=True` records running
-    min/max per block (over all tokens seen), `freeze()` turns them into fixed qparams.
-    `token_keep` (a bool mask [B, T] set by outlier-token-aware handling) leaves those tokens'
-    activations unquantized. `fp_cols` (bool [in], static) or `fp_threshold` (dynamic: columns whose
-    |x| exceeds it anywhere in the batch) leave input channels unquantized, LLM.int8-style (the
-    weights stay quantized, as in bitsandbytes). `ospec` fake-quantizes the output (KV cache).
-    """
-
-    def __init__(self, linear: nn.Module, wspec: QuantSpec | None, aspec: QuantSpec | None, name: str = ""):
+    def __init__(self, linear: nn.Module, plan: LinearPlan, qweight: QTensor | None = None,
+                 keep: list[KeepPolicy] | None = None):
         super().__init__()
         lin = as_linear(linear)
-        self.name = name
+        self.name, self.plan = plan.name, plan
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.wspec, self.aspec = wspec, aspec
+        self.aspec, self.ospec = plan.activations, plan.kv
         w = lin.weight.data
-        self.weight = nn.Parameter(fake_quant(w, wspec) if wspec else w.clone(), requires_grad=False)
+        if qweight is None and plan.weights is not None:
+            qweight = quantize_weight(w, plan.weights)
+        self.qweight = qweight  # the stored form (None: weights stay in full precision)
+        wq = qweight.dequantize(w.dtype) if qweight is not None else w.clone()
+        self.weight = nn.Parameter(wq, requires_grad=False)
         self.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False) if lin.bias is not None else None
+        self.keep: list[KeepPolicy] = list(keep or [])
         self.calibrating = False
-        self.token_keep: torch.Tensor | None = None
         self.register_buffer("a_lo", None)
         self.register_buffer("a_hi", None)
         self.a_scale: torch.Tensor | None = None
         self.a_zero: torch.Tensor | None = None
-        self.fp_cols: torch.Tensor | None = None
-        self.fp_threshold: float | None = None
-        self.ospec: QuantSpec | None = None
 
     def _observe(self, x: torch.Tensor) -> None:
         xb = blocks(x.detach().float(), self.aspec.granularity, self.aspec.group_size)
@@ -65,41 +57,47 @@ class QuantLinear(nn.Module):
             self.a_scale, self.a_zero = qparams_from_range(self.a_lo, self.a_hi, self.aspec)
         self.calibrating = False
 
-    def _kept_cols(self, x: torch.Tensor) -> torch.Tensor | None:
-        """bool [in]: input channels left in high precision for this call (or None)."""
-        cols = self.fp_cols.to(x.device) if self.fp_cols is not None else None
-        if self.fp_threshold is not None:
-            dyn = x.detach().abs().reshape(-1, x.shape[-1]).amax(0) > self.fp_threshold  # [in]
-            cols = dyn if cols is None else cols | dyn
-        return cols
+    def _kept(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One bool mask broadcastable to x: the union of every keep policy's mask."""
+        mask = None
+        for p in self.keep:
+            m = p.mask(x)
+            if m is not None:
+                m = m.to(x.device)
+                mask = m if mask is None else mask | m
+        return mask
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         a = self.aspec
         if a is None:
             return x
-        cols = self._kept_cols(x)
-        xin = x if cols is None else x.masked_fill(cols, 0.0)  # outlier channels out of the ranges
-        if self.token_keep is not None:  # kept tokens out of the ranges too (static and dynamic)
-            xin = xin.masked_fill(self.token_keep.to(x.device)[..., None], 0.0)
+        kept = self._kept(x)
+        xin = x if kept is None else x.masked_fill(kept, 0.0)  # kept parts out of the ranges (0 is in every range)
         if self.calibrating:
             if not a.dynamic:
-                self._observe(xin if self.token_keep is None else xin[~self.token_keep.to(x.device)])
+                self._observe(xin)
             return x
         # static scales are [1, G, 1] and broadcast over every row of the blocked input
         xq = fake_quant(xin, a) if a.dynamic else fake_quant(xin, a, self.a_scale, self.a_zero)
-        if cols is not None:
-            xq = torch.where(cols, x, xq)
-        if self.token_keep is not None:
-            keep = self.token_keep.reshape(*self.token_keep.shape, 1).to(x.device)
-            xq = torch.where(keep, x, xq)
-        return xq
+        return xq if kept is None else torch.where(kept, x, xq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(self.quant_input(x), self.weight, self.bias)
         return y if self.ospec is None else fake_quant(y, self.ospec)
 
+    def storage_bits(self) -> float:
+        """Deployed size: the stored weight (codes + scales + zeros, or 16-bit when not quantized),
+        16-bit bias, static activation scales (and zero points), and the side tables of keep policies."""
+        w = self.qweight.storage_bits() if self.qweight is not None else 16.0 * self.weight.numel()
+        b = 16.0 * self.bias.numel() if self.bias is not None else 0.0
+        a = 0.0
+        if self.a_scale is not None:
+            a = 16.0 * self.a_scale.numel() + (0.0 if self.aspec.symmetric else self.aspec.bits * self.a_zero.numel())
+        return w + b + a + sum(p.side_bits() for p in self.keep)
+
     def extra_repr(self) -> str:
-        w = f"w{self.wspec.bits}/{self.wspec.granularity}" if self.wspec else "w-fp"
-        a = f"a{self.aspec.bits}/{self.aspec.granularity}/{'dyn' if self.aspec.dynamic else 'static'}" if self.aspec else "a-fp"
-        kv = f", out {self.ospec.bits}/{self.ospec.granularity}" if self.ospec else ""
-        return f"{self.in_features}->{self.out_features}, {w}, {a}{kv}"
+        w = self.plan.weights.short() if self.plan.weights else "w-fp"
+        a = self.aspec.short() if self.aspec else "a-fp"
+        kv = f", out {self.ospec.short()}" if self.ospec else ""
+        keep = f", keep {'+'.join(p.kind for p in self.keep)}" if self.keep else ""
+        return f"{self.in_features}->{self.out_features}, {w}, {a}{kv}{keep}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from ..registry import Registry, UnknownName
 from .spec import MitigationSpec, QuantSpec, Recipe
 
 W8_CH = QuantSpec(bits=8, granularity="channel")
@@ -30,7 +31,8 @@ def _m(name: str, **options) -> MitigationSpec:
     return MitigationSpec(name=name, options=options)
 
 
-PRESETS: dict[str, Recipe] = {r.name: r for r in [
+PRESETS: Registry[Recipe] = Registry("preset")
+for _recipe in [
     _r("fp"),
     _r("w8a16", W8_CH),
     _r("w8a8-token", W8_CH, A8_TOK),
@@ -64,23 +66,27 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in [
     _r("quanto-w8", W8_CH, backend="quanto"),
     _r("quanto-w8a8", W8_CH, A8_TENSOR_STATIC, backend="quanto"),
     _r("quanto-w4-g64", QuantSpec(bits=4, granularity="group", group_size=64, symmetric=False), backend="quanto"),
-]}
+]:
+    PRESETS.register(_recipe.name, _recipe)
+
+
+def _preset(name: str) -> Recipe:
+    try:
+        return PRESETS.get(name, "recipes")
+    except UnknownName as e:
+        raise ConfigError(str(e)) from None
 
 
 def resolve_recipe(entry: str | dict[str, Any]) -> Recipe:
     """A config entry -> Recipe. Strings name a preset; dicts are a recipe, optionally `preset:` + overrides."""
     if isinstance(entry, str):
-        if entry not in PRESETS:
-            raise ConfigError(f"recipes: unknown preset '{entry}' (known: {', '.join(PRESETS)})")
-        return PRESETS[entry]
+        return _preset(entry)
     if not isinstance(entry, dict):
         raise ConfigError(f"recipes: each entry must be a preset name or a mapping, got {type(entry).__name__}")
     entry = dict(entry)
     base = entry.pop("preset", None)
     if base is not None:
-        if base not in PRESETS:
-            raise ConfigError(f"recipes: unknown preset '{base}' (known: {', '.join(PRESETS)})")
-        merged = PRESETS[base].model_dump()
+        merged = _preset(base).model_dump()
         merged.update(entry)
         entry = merged
     return Recipe.model_validate(entry)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from ..log import log
 from .html import write_html
 from .recommend import Recommendation, Tolerance, recommend
 
@@ -77,7 +77,7 @@ def finish_report(out: Path, df: pd.DataFrame, cfg) -> Recommendation:
     (out / "recommendation.txt").write_text(text + "\n")
     path = write_html(df, out, text, cfg.tasks.metric)
     print("\n" + text)
-    print(f"[quantbench] report: {path}", file=sys.stderr, flush=True)
+    log(f"report: {path}")
     return rec
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,9 @@ import torch
 
 from ..errors import QuantbenchError
 from .config import TrainConfig
+from ..log import log
 from .data import TokenData
 from .modeling import QuantbenchLMConfig, QuantbenchLMForCausalLM
-
-
-def log(msg: str) -> None:
-    print(f"[quantbench train] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass

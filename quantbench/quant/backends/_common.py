@@ -1,8 +1,18 @@
-"""Helpers for real backends: replacing linears, measuring stored weight bytes."""
+"""Helpers shared by backends: online transforms carried over to a replacement module, and the
+bytes a (possibly quantized subclass) tensor really stores."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from ...surgery import attach_online
+
+
+def reattach_online(old: nn.Module, new: nn.Module) -> None:
+    """If `old` had an online input transform (e.g. rotation), `new` gets the same one."""
+    t = getattr(old, "input_transform", None)
+    if t is not None:
+        attach_online(new, t)
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -24,17 +34,7 @@ def module_state_bytes(mod: nn.Module) -> int:
     return scb.numel() * scb.element_size() if torch.is_tensor(scb) else 0
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Measured bytes of every parameter and buffer (tied ones once) plus backend scale state."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += tensor_bytes(t)
-    return total + sum(module_state_bytes(m) for m in model.modules())
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+def stored_bits(mod: nn.Module) -> float:
+    """Bits a real-kernel module stores: every own tensor as stored (quantized data + scales)."""
+    own = [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]
+    return 8.0 * (sum(tensor_bytes(t) for t in own) + module_state_bytes(mod))

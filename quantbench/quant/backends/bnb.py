@@ -1,7 +1,12 @@
 """bitsandbytes backends: LLM.int8 (`bnb-int8`, Linear8bitLt) and 4-bit NF4/FP4 (`bnb-nf4`, `bnb-fp4`, Linear4bit).
 
-backend_options: threshold (bnb-int8, default 0.0 = plain int8 without outlier decomposition),
-blocksize (4-bit, default 64), compute_dtype (4-bit, default: the model's dtype).
+What each honours (anything else in the plan is rejected before any work):
+  bnb-int8: weights int8, symmetric, per channel (row absmax); activations none, or int8 per-token
+            dynamic symmetric (what its CUDA int8 matmul does). Option threshold (default 0.0 =
+            plain int8; > 0: LLM.int8 outlier decomposition on CUDA).
+  bnb-nf4 / bnb-fp4: 4-bit weights in groups (the group size is bitsandbytes' blocksize: 64, 128,
+            256, ...); the codebook is NF4/FP4 (not an integer grid); no activation quantization.
+            Option compute_dtype (default: the model's dtype).
 Measured on CPU with bitsandbytes 0.50.2: both run; Linear8bitLt's CPU path computes with the
 dequantized int8 weights, so its output does not depend on `threshold` there (activations are
 not quantized); on CUDA the threshold selects fp16 outlier columns as in the paper.
@@ -9,14 +14,20 @@ Models must run under torch.no_grad(), not inference_mode (bitsandbytes CPU laye
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+from typing import Literal
+
 import torch
 import torch.nn as nn
+from pydantic import Field
 
-from ...errors import QuantbenchError
-from ..apply import target_linears
-from ..qlinear import as_linear
-from . import BackendUnavailable, register
-from ._common import replace_module, weight_bytes
+from ...surgery import as_linear, replace_module
+from ..plan import Plan
+from ..plugin import Backend, BackendUnavailable, Options, QuantContext
+from ..spec import BACKENDS
+from ._common import reattach_online
+
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def _bnb():
@@ -27,66 +38,91 @@ def _bnb():
     return bnb
 
 
-def _int8_layer(bnb, lin: nn.Linear, thr: float, device: torch.device) -> nn.Module:
-    new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              has_fp16_weights=False, threshold=thr)
-    new.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-    if lin.bias is not None:
-        new.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    return new.to(device)  # quantizes the weights
+class _BnB(Backend):
+    @abstractmethod
+    def _layer(self, bnb, lin: nn.Linear, plan_entry, opts, device: torch.device) -> nn.Module:
+        """The bitsandbytes module replacing `lin`."""
 
-
-def _4bit_layer(bnb, lin: nn.Linear, qtype: str, opts: dict, device: torch.device) -> nn.Module:
-    cdt = getattr(torch, opts.get("compute_dtype", str(lin.weight.dtype).removeprefix("torch.")))
-    new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, quant_type=qtype,
-                            compute_dtype=cdt)
-    new.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=qtype,
-                                   blocksize=int(opts.get("blocksize", 64)))
-    if lin.bias is not None:
-        new.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    return new.to(device)
-
-
-@torch.no_grad()
-def _convert(model: nn.Module, recipe, ctx, make) -> nn.Module:
-    if ctx.device.type not in ("cpu", "cuda"):
-        raise BackendUnavailable(f"bitsandbytes does not run on device {ctx.device.type}")
-    before = weight_bytes(model)
-    try:
-        for name, mod in target_linears(model, recipe):
-            replace_module(model, name, make(as_linear(mod)))
-        model(input_ids=ctx.calib[:1, :8].to(ctx.device))  # smoke test: fail here, not mid-evaluation
-    except (RuntimeError, AttributeError, ValueError) as e:  # RuntimeError includes "not implemented" errors
-        raise BackendUnavailable(f"bitsandbytes {recipe.backend} cannot run on {ctx.device.type}: "
-                                 f"{str(e).splitlines()[0][:160]}") from None
-    ctx.notes.update(measured_weight_bytes_fp=before, measured_weight_bytes=weight_bytes(model))
-    if ctx.prequantized:
-        ctx.notes["backend_note"] = "weights pre-quantized by a mitigation were re-quantized by the backend"
-    return model
-
-
-def _check_bits(recipe, bits: int) -> None:
-    if recipe.weights is not None and recipe.weights.bits != bits:
-        raise QuantbenchError(f"recipe '{recipe.name}': backend {recipe.backend} stores {bits}-bit weights "
-                              f"but weights.bits is {recipe.weights.bits}")
-
-
-def int8(model: nn.Module, recipe, ctx) -> nn.Module:
-    bnb, thr = _bnb(), float(recipe.backend_options.get("threshold", 0.0))
-    _check_bits(recipe, 8)
-    model = _convert(model, recipe, ctx, lambda lin: _int8_layer(bnb, lin, thr, ctx.device))
-    ctx.notes["bnb_threshold"] = thr
-    return model
-
-
-def _four_bit(qtype: str):
-    def backend(model: nn.Module, recipe, ctx) -> nn.Module:
+    @torch.no_grad()
+    def apply(self, model: nn.Module, plan: Plan, names: list[str], ctx: QuantContext, opts) -> nn.Module:
         bnb = _bnb()
-        _check_bits(recipe, 4)
-        return _convert(model, recipe, ctx, lambda lin: _4bit_layer(bnb, lin, qtype, recipe.backend_options, ctx.device))
-    return backend
+        if ctx.device.type not in ("cpu", "cuda"):
+            raise BackendUnavailable(f"bitsandbytes does not run on device {ctx.device.type}")
+        try:
+            for name in names:
+                old = model.get_submodule(name)
+                new = self._layer(bnb, as_linear(old), plan.linears[name], opts, ctx.device)
+                replace_module(model, name, new)
+                reattach_online(old, new)
+            model(input_ids=ctx.calib.batches[:1, :8].to(ctx.device))  # smoke test: fail here, not mid-evaluation
+        except (RuntimeError, AttributeError, ValueError) as e:  # RuntimeError includes "not implemented" errors
+            raise BackendUnavailable(f"bitsandbytes {self.name} cannot run on {ctx.device.type}: "
+                                     f"{str(e).splitlines()[0][:160]}") from None
+        return model
 
 
-register("bnb-int8", int8)
-register("bnb-nf4", _four_bit("nf4"))
-register("bnb-fp4", _four_bit("fp4"))
+@BACKENDS.register("bnb-int8")
+class BnbInt8(_BnB):
+    name = "bnb-int8"
+
+    class Options(Options):
+        threshold: float = Field(0.0, ge=0)
+
+    def supports(self, plan: Plan, names: list[str]) -> str | None:
+        for n in names:
+            lp = plan.linears[n]
+            w, a = lp.weights, lp.activations
+            if w is None or w.format != "int" or w.bits != 8 or not w.symmetric or w.granularity != "channel":
+                return f"{n}: bitsandbytes int8 stores weights as int8, symmetric, per channel"
+            if a is not None and (a.bits != 8 or a.format != "int" or not a.symmetric or a.granularity != "token"
+                                  or not a.dynamic):
+                return f"{n}: bitsandbytes int8 quantizes activations only as int8 per-token dynamic symmetric"
+            if lp.kv is not None:
+                return "kv quantization is simulated only"
+        return None
+
+    def _layer(self, bnb, lin: nn.Linear, lp, opts, device: torch.device) -> nn.Module:
+        new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  has_fp16_weights=False, threshold=opts.threshold)
+        new.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        return new.to(device)  # quantizes the weights
+
+
+class _Bnb4(_BnB):
+    qtype = ""
+
+    class Options(Options):
+        compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    def supports(self, plan: Plan, names: list[str]) -> str | None:
+        for n in names:
+            lp = plan.linears[n]
+            w = lp.weights
+            if w is None or w.bits != 4 or w.granularity != "group" or w.group_size not in BNB_BLOCKSIZES:
+                return (f"{n}: bitsandbytes {self.qtype} stores 4-bit weights in blocks: weights need bits 4, "
+                        f"granularity group, group_size in {BNB_BLOCKSIZES}")
+            if lp.activations is not None or lp.kv is not None:
+                return f"{n}: bitsandbytes {self.qtype} does not quantize activations or the KV cache"
+        return None
+
+    def _layer(self, bnb, lin: nn.Linear, lp, opts, device: torch.device) -> nn.Module:
+        cdt = getattr(torch, opts.compute_dtype) if opts.compute_dtype else lin.weight.dtype
+        new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, quant_type=self.qtype,
+                                compute_dtype=cdt)
+        new.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=self.qtype,
+                                       blocksize=lp.weights.group_size)
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        return new.to(device)
+
+
+@BACKENDS.register("bnb-nf4")
+class BnbNF4(_Bnb4):
+    name, qtype = "bnb-nf4", "nf4"
+
+
+@BACKENDS.register("bnb-fp4")
+class BnbFP4(_Bnb4):
+    name, qtype = "bnb-fp4", "fp4"

@@ -1,6 +1,6 @@
 """Weight clipping search (as AWQ's auto-clip / OmniQuant's LWC without training).
 
-For every target linear and every weight block of the recipe's weight spec (per output channel,
+For every target linear and every weight block of its weight spec (per output channel,
 per group, or the whole tensor), pick the clip ratio r from `ratios` (1.0 always included) that
 minimises the layer output error on calibration inputs X (a sample of `search_tokens` rows spread
 evenly over the calibration tokens):
@@ -8,25 +8,26 @@ evenly over the calibration tokens):
     channel: ||X (Q(W_r) - W)_i^T||^2 per row i        group: ||X_g (Q(W_r) - W)_{i,g}^T||^2 per (row, group)
 
 (the group objective ignores cross-group terms, as AWQ does). The weights are then clamped in place
-to the chosen per-block range, so the later round-to-nearest of QuantLinear picks exactly the
-clipped grid that was evaluated: no pre-quantization needed. r = 1 reproduces plain RTN, hence
-the result is never worse than RTN on this objective.
+to the chosen per-block range, so the backend's later round-to-nearest picks exactly the clipped
+grid that was evaluated: no pre-quantization needed. Each linear uses its own weight spec from
+the plan. r = 1 reproduces plain RTN, hence the result is never worse than RTN on this objective.
 
 Options: ratios (default 1.0, 0.95, ..., 0.7), search_tokens (512), calib_samples (8).
 """
 from __future__ import annotations
 
-import sys
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 
-from ..apply import target_linears
+from ...surgery import get_weight, set_weight
+from ..calibration import StatsRequest
+from ..effects import Effects
+from ..plugin import Mitigation, Options, QuantContext
 from ..primitives import block_range, blocks, fake_quant, qparams_from_range
-from ..spec import QuantSpec
-from . import register
-from ._util import calib_subset, get_weight, input_stats, require, set_weight
+from ..spec import MITIGATIONS, QuantSpec
 
 DEFAULT_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
@@ -77,34 +78,39 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, ratios: tuple
     return best_r, best_e, rtn_e
 
 
-def check(model: nn.Module, recipe) -> None:
-    require(recipe, "weights", "clip")
+@dataclass
+class Stats:
+    mods: dict[str, nn.Module]
+    x: dict[str, torch.Tensor]  # linear -> sampled input rows [N, in]
 
 
-def calibrate(model: nn.Module, batches: torch.Tensor, opts: dict[str, Any], ctx) -> dict:
-    check(model, ctx.recipe)
-    mods = dict(target_linears(model, ctx.recipe))
-    stats = input_stats(model, mods, calib_subset(batches, opts, 8), ctx,
-                        sample_tokens=int(opts.get("search_tokens", 512)))
-    return {"mods": mods, "x": {k: v["sample"] for k, v in stats.items()}}
+@MITIGATIONS.register("clip")
+class Clip(Mitigation):
+    name = "clip"
+    needs = ("weights",)
 
+    class Options(Options):
+        ratios: tuple[float, ...] = DEFAULT_RATIOS
+        search_tokens: int = Field(512, ge=8)
+        calib_samples: int = Field(8, ge=1)
 
-@torch.no_grad()
-def apply(model: nn.Module, stats: dict, opts: dict[str, Any], ctx) -> nn.Module:
-    spec = ctx.recipe.weights
-    ratios = tuple(float(r) for r in opts.get("ratios", DEFAULT_RATIOS))
-    gain, clipped, total = [], 0, 0
-    for name, mod in stats["mods"].items():
-        if name not in stats["x"]:
-            continue
-        w = get_weight(mod)
-        r, e, e0 = search_clip(w, stats["x"][name], spec, ratios)
-        set_weight(mod, clamp_blocks(w, spec, r))
-        gain.append(float(e.sum() / e0.sum().clamp_min(1e-30)))
-        clipped, total = clipped + int((r < 1).sum()), total + r.numel()
-    ctx.notes["clip_blocks_clipped_pct"] = round(100 * clipped / max(total, 1), 1)
-    ctx.notes["clip_err_vs_rtn"] = round(sum(gain) / max(len(gain), 1), 4)
-    return model
+    def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> Stats:
+        mods = {n: model.get_submodule(n) for n in ctx.plan.weight_specs()}
+        req = StatsRequest(samples=opts.calib_samples, sample_tokens=opts.search_tokens)
+        stats = ctx.calib.input_stats(model, mods, ctx.upstream, req)
+        return Stats(mods, {k: v.sample for k, v in stats.items()})
 
-
-register("clip", sys.modules[__name__])
+    @torch.no_grad()
+    def apply(self, model: nn.Module, stats: Stats, ctx: QuantContext, opts: Options) -> Effects:
+        specs = ctx.plan.weight_specs()
+        gain, clipped, total = [], 0, 0
+        for name, mod in stats.mods.items():
+            if name not in stats.x:
+                continue
+            w, spec = get_weight(mod), specs[name]
+            r, e, e0 = search_clip(w, stats.x[name], spec, opts.ratios)
+            set_weight(mod, clamp_blocks(w, spec, r))
+            gain.append(float(e.sum() / e0.sum().clamp_min(1e-30)))
+            clipped, total = clipped + int((r < 1).sum()), total + r.numel()
+        return Effects(notes={"clip_blocks_clipped_pct": round(100 * clipped / max(total, 1), 1),
+                              "clip_err_vs_rtn": round(sum(gain) / max(len(gain), 1), 4)})

@@ -4,9 +4,9 @@ error onto the not-yet-quantized columns through the inverse Hessian H = XᵀX o
 Hessians are accumulated in one pass over the FP model for every target linear at once (inputs
 shared by q/k/v or gate/up are accumulated once). This is the "parallel" variant: reference GPTQ
 feeds each layer the outputs of the already-quantized previous layers; here every layer sees FP
-inputs. The result is written back as dequantized weights on the recipe's grid, and the linear is
-listed in ctx.prequantized so QuantLinear does not quantize it again (re-running RTN on GPTQ
-output would pick a different scale whenever an extreme column value was moved by the updates).
+inputs. The result is a QTensor (codes, scales, zero points) declared as final in the Effects, so
+no backend rounds it again (re-running RTN on GPTQ output would pick a different scale whenever an
+extreme column value was moved by the updates); the dequantized weight is written back too.
 
 Grid: per-channel and per-tensor scales come from the original weights; group scales are chosen
 when the group's first column is reached (from the updated weights, as in reference GPTQ), or
@@ -26,17 +26,17 @@ makes W4 per-channel perplexity explode, 44 -> 288: its output must stay accurat
 """
 from __future__ import annotations
 
-import sys
-from typing import Any
-
 import torch
 import torch.nn as nn
+from pydantic import Field
 
-from ..apply import target_linears
+from ...surgery import get_weight, set_weight
+from ..calibration import StatsRequest
+from ..effects import Effects
+from ..plugin import Mitigation, Options, QuantContext
 from ..primitives import dequantize, quantize
-from ..spec import QuantSpec
-from . import register
-from ._util import calib_subset, get_weight, input_stats, require, set_weight
+from ..qtensor import QTensor, quantize_weight
+from ..spec import MITIGATIONS, QuantSpec
 from .clip import block_qparams
 
 
@@ -54,76 +54,80 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(hinv, upper=True)
 
 
-def _col_params(wq: torch.Tensor, spec: QuantSpec, col: int, orig_col: int,
-                static: tuple | None, cur: tuple | None) -> tuple:
-    """(scale, zero) [out] for column `col` (position in processing order)."""
-    if static is not None:  # channel/tensor, or static groups (act_order) indexed by the original column
-        j = orig_col // spec.group_size if spec.granularity == "group" else 0
-        return static[0][:, j], static[1][:, j]
-    g = spec.group_size
-    if col % g == 0:
-        return tuple(t[:, 0] for t in block_qparams(wq[:, col: col + g], spec.model_copy(
-            update={"granularity": "channel", "group_size": None})))
-    return cur
+def _channel_spec(spec: QuantSpec) -> QuantSpec:
+    return spec.model_copy(update={"granularity": "channel", "group_size": None})
 
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False) -> torch.Tensor:
-    """w [out, in], h = XᵀX [in, in] -> dequantized weights [out, in] on spec's grid."""
+                  act_order: bool = False) -> QTensor:
+    """w [out, in], h = XᵀX [in, in] -> the quantized weight (codes, scales, zeros) on spec's grid.
+
+    Scales: channel/tensor, and groups with act_order ("static groups"), from the original weights;
+    groups without act_order from the updated weights when the group's first column is reached."""
     w = w.float().clone()
     h = h.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    static = None
-    if spec.granularity != "group" or act_order:
+    n_out, n = w.shape
+    grouped = spec.granularity == "group"
+    if not grouped or act_order:
         sc, ze = block_qparams(w, spec)  # [out, G] (group), [out, 1] (channel) or [1, 1] (tensor)
-        static = (sc.expand(w.shape[0], -1), ze.expand(w.shape[0], -1))  # [out, G or 1]
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(w.shape[1])
+    else:
+        sc, ze = torch.zeros(n_out, n // spec.group_size), torch.zeros(n_out, n // spec.group_size)  # filled per group
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_hessian_factor(h, damp).float()
-    if spec.granularity == "group":
+    if grouped:
         block = spec.group_size * max(1, block // spec.group_size)  # groups never straddle blocks
-    n, cur = w.shape[1], None
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        err = torch.zeros(w.shape[0], i2 - i1)
+        err = torch.zeros(n_out, i2 - i1)
         for i in range(i1, i2):
-            cur = _col_params(w, spec, i, int(perm[i]), static, cur)
-            q = _fq_col(w[:, i], *cur, spec)
+            j = int(perm[i]) // spec.group_size if grouped else 0  # the column's scale index
+            if grouped and not act_order and i % spec.group_size == 0:
+                s_new, z_new = block_qparams(w[:, i: i + spec.group_size], _channel_spec(spec))  # [out, 1]
+                sc[:, j], ze[:, j] = s_new[:, 0], z_new[:, 0]
+            s, z = sc.expand(n_out, -1)[:, j], ze.expand(n_out, -1)[:, j]  # [out]
+            q = _fq_col(w[:, i], s, z, spec)
             e = (w[:, i] - q) / u[i, i]
             w[:, i] = q
             w[:, i + 1: i2] -= e[:, None] * u[i, i + 1: i2][None, :]
             err[:, i - i1] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]
-    return w[:, torch.argsort(perm)]
+    wq = w[:, torch.argsort(perm)]  # [out, in] on the grid, original column order
+    return quantize_weight(wq, spec, sc, ze)
 
 
-def check(model: nn.Module, recipe) -> None:
-    require(recipe, "weights", "gptq")
+@MITIGATIONS.register("gptq")
+class GPTQ(Mitigation):
+    name = "gptq"
+    needs = ("weights",)
+    finalizes_weights = True
 
+    class Options(Options):
+        damp: float = Field(0.01, gt=0)
+        block: int = Field(128, ge=1)
+        act_order: bool = False
+        calib_samples: int = Field(8, ge=1)
+        token_norm: bool = True
+        skip_first: int = Field(0, ge=0)
 
-def calibrate(model: nn.Module, batches: torch.Tensor, opts: dict[str, Any], ctx) -> dict:
-    check(model, ctx.recipe)
-    mods = dict(target_linears(model, ctx.recipe))
-    stats = input_stats(model, mods, calib_subset(batches, opts, 8), ctx, gram=True,
-                        skip_first=int(opts.get("skip_first", 0)), token_norm=bool(opts.get("token_norm", True)))
-    return {"mods": mods, "gram": {k: v["gram"] for k, v in stats.items()}}
+    def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> dict[str, torch.Tensor]:
+        mods = {n: model.get_submodule(n) for n in ctx.plan.weight_specs()}
+        req = StatsRequest(samples=opts.calib_samples, gram=True, token_norm=opts.token_norm, skip_first=opts.skip_first)
+        stats = ctx.calib.input_stats(model, mods, ctx.upstream, req)
+        return {k: v.gram for k, v in stats.items()}
 
-
-@torch.no_grad()
-def apply(model: nn.Module, stats: dict, opts: dict[str, Any], ctx) -> nn.Module:
-    spec = ctx.recipe.weights
-    for name, mod in stats["mods"].items():
-        if name not in stats["gram"]:
-            continue  # never called on the calibration data: left to plain RTN
-        wq = gptq_quantize(get_weight(mod), stats["gram"][name], spec, float(opts.get("damp", 0.01)),
-                           int(opts.get("block", 128)), bool(opts.get("act_order", False)))
-        set_weight(mod, wq)
-        ctx.prequantized.add(name)
-    ctx.notes["gptq_layers"] = len(ctx.prequantized)
-    return model
-
-
-register("gptq", sys.modules[__name__])
+    @torch.no_grad()
+    def apply(self, model: nn.Module, stats: dict[str, torch.Tensor], ctx: QuantContext, opts: Options) -> Effects:
+        final = {}
+        for name, spec in ctx.plan.weight_specs().items():
+            if name not in stats:
+                continue  # never called on the calibration data: left to the backend's RTN
+            mod = model.get_submodule(name)
+            qt = gptq_quantize(get_weight(mod), stats[name], spec, opts.damp, opts.block, opts.act_order)
+            set_weight(mod, qt.dequantize())
+            final[name] = qt
+        return Effects(final_weights=final, notes={"gptq_layers": len(final)})

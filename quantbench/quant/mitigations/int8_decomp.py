@@ -1,7 +1,7 @@
 """LLM.int8()-style mixed-precision decomposition (Dettmers et al. 2022), simulated.
 
 Input channels carrying outliers stay in high precision; every other channel is quantized by the
-recipe's activation quantizer, with ranges computed without the outlier channels. As in
+plan's activation quantizer, with ranges computed without the outlier channels. As in
 bitsandbytes, the weights stay quantized (its fp16 outlier matmul uses dequantized int8 weights).
 
 Options:
@@ -13,48 +13,68 @@ The real kernel is the `bnb-int8` backend (bitsandbytes Linear8bitLt, threshold 
 """
 from __future__ import annotations
 
-import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 
-from ...errors import QuantbenchError
-from ..apply import target_linears
-from . import register
-from ._util import calib_subset, input_stats, require
-
-
-def check(model: nn.Module, recipe) -> None:
-    require(recipe, "activations", "int8_decomp")
+from ..calibration import StatsRequest
+from ..effects import Effects
+from ..plugin import Mitigation, Options, QuantContext
+from ..spec import MITIGATIONS
 
 
-def calibrate(model: nn.Module, batches: torch.Tensor, opts: dict[str, Any], ctx) -> dict:
-    check(model, ctx.recipe)
-    mode, thr = opts.get("mode", "dynamic"), float(opts.get("threshold", 6.0))
-    if mode not in ("dynamic", "static"):
-        raise QuantbenchError(f"int8_decomp: mode must be 'dynamic' or 'static', got {mode!r}")
-    if mode == "dynamic":
-        return {"mode": mode, "threshold": thr}
-    stats = input_stats(model, dict(target_linears(model, ctx.recipe)), calib_subset(batches, opts, 8), ctx)
-    return {"mode": mode, "threshold": thr, "cols": {k: v["absmax"] > thr for k, v in stats.items()}}
+@dataclass
+class KeepChannels:
+    """Input channels kept in high precision: a fixed set (`cols`, bool [in]) and/or, per call,
+    every channel whose |x| exceeds `threshold` anywhere in the batch."""
+
+    cols: torch.Tensor | None = None
+    threshold: float | None = None
+    kind: str = "channels"
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        cols = self.cols.to(x.device) if self.cols is not None else None
+        if self.threshold is not None:
+            dyn = x.detach().abs().reshape(-1, x.shape[-1]).amax(0) > self.threshold  # [in]
+            cols = dyn if cols is None else cols | dyn
+        return cols
+
+    def side_bits(self) -> float:
+        """A static channel set is stored as a bitmask over the input; a threshold as one fp16 value."""
+        return float(self.cols.numel()) if self.cols is not None else 16.0
 
 
-def apply(model: nn.Module, stats: dict, opts: dict[str, Any], ctx) -> nn.Module:
-    thr, cols = stats["threshold"], stats.get("cols")
+@MITIGATIONS.register("int8_decomp")
+class Int8Decomp(Mitigation):
+    name = "int8_decomp"
+    needs = ("activations",)
+    changes_weights = False
 
-    def configure(name: str, q) -> None:
-        if cols is None:
-            q.fp_threshold = thr
-        elif name in cols and cols[name].any():
-            q.fp_cols = cols[name]
+    class Options(Options):
+        threshold: float = Field(6.0, gt=0)
+        mode: Literal["dynamic", "static"] = "dynamic"
+        calib_samples: int = Field(8, ge=1)
 
-    ctx.configure.append(configure)
-    ctx.notes["int8_decomp_threshold"] = thr
-    if cols:
-        kept = sum(int(c.sum()) for c in cols.values())
-        ctx.notes["int8_decomp_kept_pct"] = round(100 * kept / max(sum(c.numel() for c in cols.values()), 1), 3)
-    return model
+    def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> dict[str, torch.Tensor] | None:
+        if opts.mode == "dynamic":
+            return None
+        mods = {n: model.get_submodule(n) for n, lp in ctx.plan.linears.items() if lp.activations is not None}
+        stats = ctx.calib.input_stats(model, mods, ctx.upstream, StatsRequest(samples=opts.calib_samples))
+        return {k: v.absmax > opts.threshold for k, v in stats.items()}
 
-
-register("int8_decomp", sys.modules[__name__])
+    def apply(self, model: nn.Module, stats: dict[str, torch.Tensor] | None, ctx: QuantContext, opts: Options) -> Effects:
+        eff = Effects(notes={"int8_decomp_threshold": opts.threshold})
+        for name, lp in ctx.plan.linears.items():
+            if lp.activations is None:
+                continue
+            if stats is None:
+                eff.keep[name] = [KeepChannels(threshold=opts.threshold)]
+            elif name in stats and stats[name].any():
+                eff.keep[name] = [KeepChannels(cols=stats[name])]
+        if stats:
+            kept = sum(int(c.sum()) for c in stats.values())
+            eff.notes["int8_decomp_kept_pct"] = round(100 * kept / max(sum(c.numel() for c in stats.values()), 1), 3)
+        return eff

@@ -1,14 +1,16 @@
 """Rotation of the residual stream and of down_proj's input (QuaRot / SpinQuant style, no training).
 
-Steps (each leaves the FP function unchanged up to float rounding):
+Steps (each leaves the FP function unchanged up to float rounding; declared in the Effects:
+untied lm_head as an added parameter, the residual basis Q, the online transforms):
 1. Untie lm_head from the embeddings (the default model ties them) so each can be rotated alone.
 2. Fuse RMSNorm weights into the linears they feed (q/k/v, gate/up, lm_head); norms become
    weightless. RMSNorm commutes with an orthogonal Q because ||hQ|| = ||h||. LayerNorm families
    (mean subtraction, bias) are rejected with a clear error.
 3. Residual rotation h' = h Q: embeddings E <- E Q; residual readers W <- W Q;
    residual writers (o, down) W <- Q^T W, b <- Q^T b.
-4. Online rotation of down_proj's input: down_proj becomes RotatedInput(linear with W <- W H),
-   computing linear(x H). H is applied as a Kronecker product of small factors (cheap).
+4. Online rotation of down_proj's input: W <- W H and x -> x H before down_proj, declared in the
+   Effects as an online transform (a forward pre-hook; backends re-attach it to the module they
+   create). H is applied as a Kronecker product of small factors (cheap).
 5. Per-head rotation of V and of o_proj's input (offline, exact: attention mixes V linearly per head).
 
 Options:
@@ -19,17 +21,20 @@ Options:
 """
 from __future__ import annotations
 
-import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 
-from ...arch import get_module
+from ...arch import arch_of, get_module
 from ...errors import QuantbenchError
-from . import register
+from ...surgery import attach_online, get_weight, is_linear, scale_in, set_weight
+from ..effects import Effects
+from ..plugin import Mitigation, Options, QuantContext
+from ..spec import MITIGATIONS
 from ._hadamard import hadamard_factors, paley, random_orthogonal, sylvester
-from ._util import get_weight, is_linear, require_arch, scale_in, set_weight
 
 
 class KronRotation(nn.Module):
@@ -59,26 +64,6 @@ class KronRotation(nn.Module):
         for d in self.dims:
             n *= d
         return self.forward(torch.eye(n, dtype=torch.float64))
-
-
-class RotatedInput(nn.Module):
-    """linear(x Q): the online rotation of a linear's input (the child `linear` holds W Q)."""
-
-    def __init__(self, rot: KronRotation, linear: nn.Module):
-        super().__init__()
-        self.rot, self.linear = rot, linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.rot(x))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The stored (rotated) weight W Q, for code that inspects weights (e.g. the census)."""
-        return self.linear.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.linear.bias
 
 
 def make_rotation(n: int, kind: str, gen: torch.Generator) -> tuple[KronRotation, str]:
@@ -128,28 +113,6 @@ def _rot_out(mod: nn.Module, q: torch.Tensor) -> None:
         mod.bias.data.copy_((q.T @ mod.bias.data.double()).to(mod.bias.dtype))
 
 
-def check(model: nn.Module, recipe) -> None:
-    arch = require_arch(model, "rotate")
-    if arch.norm_kind != "rms":
-        raise QuantbenchError(f"rotate: {model.config.model_type} uses LayerNorm (mean subtraction, bias); "
-                              "norm fusing and rotation support RMSNorm families (llama, mistral, qwen2/3) only")
-
-
-def calibrate(model: nn.Module, batches: torch.Tensor, opts: dict[str, Any], ctx) -> dict:
-    """Rotations are data-free: build the matrices (seeded) only."""
-    check(model, ctx.recipe)
-    gen = torch.Generator().manual_seed(int(opts.get("seed", 0)))
-    kind = opts.get("kind", "hadamard")
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    res, res_kind = make_rotation(cfg.hidden_size, kind, gen)
-    down_in = get_module(get_module(model, ctx.arch.layers)[0], ctx.arch.down)
-    out = {"res": res, "kind": res_kind, "head": make_rotation(hd, kind, gen)[0], "head_dim": hd}
-    if opts.get("down", True) and is_linear(down_in):
-        out["down"], out["down_kind"] = make_rotation(down_in.weight.shape[1], kind, gen)
-    return out
-
-
 @torch.no_grad()
 def _rotate_heads(layer: nn.Module, arch, hq: torch.Tensor, hd: int) -> None:
     """V rows and o_proj input columns rotated per head by the same hq [hd, hd]."""
@@ -161,30 +124,68 @@ def _rotate_heads(layer: nn.Module, arch, hq: torch.Tensor, hd: int) -> None:
     set_weight(o, (get_weight(o).double() @ torch.block_diag(*[hq] * no)).float())
 
 
-@torch.no_grad()
-def apply(model: nn.Module, stats: dict, opts: dict[str, Any], ctx) -> nn.Module:
-    arch = ctx.arch
-    ctx.notes["rotate_untied"] = untie(model, arch)
-    fuse_norms(model, arch)
-    q = stats["res"].matrix()  # [D, D] float64
-    emb, head = get_module(model, arch.embed), get_module(model, arch.lm_head)
-    emb.weight.data.copy_((emb.weight.data.float() @ q.float()).to(emb.weight.dtype))  # [V, D]: fp32 is enough
-    head.weight.data.copy_((head.weight.data.float() @ q.float()).to(head.weight.dtype))
-    for layer in get_module(model, arch.layers):
-        for p in (*arch.qkv, *arch.up):
-            _rot_in(get_module(layer, p), q)
-        for p in (arch.o, arch.down):
-            _rot_out(get_module(layer, p), q)
-        if opts.get("heads", True):
-            _rotate_heads(layer, arch, stats["head"].matrix(), stats["head_dim"])
-        if "down" in stats:
-            down = get_module(layer, arch.down)
-            _rot_in(down, stats["down"].matrix())
-            parent, _, child = arch.down.rpartition(".")
-            setattr(get_module(layer, parent) if parent else layer, child, RotatedInput(stats["down"], down))
-    ctx.notes["rotate_kind"] = stats["kind"]
-    model.quantbench_residual_basis = q.float()  # residual now lives in h @ Q; fidelity probes undo it
-    return model
+@dataclass
+class Stats:
+    res: KronRotation
+    kind: str
+    head: KronRotation
+    head_dim: int
+    down: KronRotation | None = None
 
 
-register("rotate", sys.modules[__name__])
+@MITIGATIONS.register("rotate")
+class Rotate(Mitigation):
+    name = "rotate"
+    needs = ("arch",)
+
+    class Options(Options):
+        kind: Literal["hadamard", "random"] = "hadamard"
+        down: bool = True
+        heads: bool = True
+        seed: int = Field(0, ge=0)
+
+    def check(self, model: nn.Module, plan, opts) -> None:
+        super().check(model, plan, opts)
+        if arch_of(model).norm_kind != "rms":
+            raise QuantbenchError(f"rotate: {model.config.model_type} uses LayerNorm (mean subtraction, bias); "
+                                  "norm fusing and rotation support RMSNorm families (llama, mistral, qwen2/3) only")
+
+    def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> Stats:
+        """Rotations are data-free: build the matrices (seeded) only."""
+        gen = torch.Generator().manual_seed(opts.seed)
+        cfg = model.config
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        res, res_kind = make_rotation(cfg.hidden_size, opts.kind, gen)
+        out = Stats(res, res_kind, make_rotation(hd, opts.kind, gen)[0], hd)
+        down_in = get_module(get_module(model, ctx.arch.layers)[0], ctx.arch.down)
+        if opts.down and is_linear(down_in):
+            out.down = make_rotation(down_in.weight.shape[1], opts.kind, gen)[0]
+        return out
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, stats: Stats, ctx: QuantContext, opts: Options) -> Effects:
+        arch = ctx.arch
+        eff = Effects(notes={"rotate_kind": stats.kind})
+        untied = untie(model, arch)
+        eff.notes["rotate_untied"] = untied
+        if untied:
+            eff.added_params.append(f"{arch.lm_head}.weight")
+        fuse_norms(model, arch)
+        q = stats.res.matrix()  # [D, D] float64
+        emb, head = get_module(model, arch.embed), get_module(model, arch.lm_head)
+        emb.weight.data.copy_((emb.weight.data.float() @ q.float()).to(emb.weight.dtype))  # [V, D]: fp32 is enough
+        head.weight.data.copy_((head.weight.data.float() @ q.float()).to(head.weight.dtype))
+        for i, layer in enumerate(get_module(model, arch.layers)):
+            for p in (*arch.qkv, *arch.up):
+                _rot_in(get_module(layer, p), q)
+            for p in (arch.o, arch.down):
+                _rot_out(get_module(layer, p), q)
+            if opts.heads:
+                _rotate_heads(layer, arch, stats.head.matrix(), stats.head_dim)
+            if stats.down is not None:
+                down = get_module(layer, arch.down)
+                _rot_in(down, stats.down.matrix())
+                attach_online(down, stats.down)
+                eff.online[f"{arch.layers}.{i}.{arch.down}"] = stats.down
+        eff.residual_basis = q.float()  # residual now lives in h @ Q; fidelity probes undo it
+        return eff

@@ -1,29 +1,22 @@
-"""Attention variants, one small module each, selected by name (`attention:` in the model config)."""
+"""Attention variants, one small module each, selected by name (`attention:` in the model config).
+
+Each public module registers its class with `@VARIANTS.register("<name>")`; the registry imports
+every public module of this package the first time a variant is looked up.
+"""
 from __future__ import annotations
 
 from ...errors import ConfigError
+from ...registry import Registry, UnknownName
 from .base import BaseAttention
-from .ca_scale import CAScaleAttention
-from .clipped_softmax import ClippedSoftmaxAttention
-from .gated import GatedAttention
-from .kv_bias import KVBiasAttention
-from .sigmoid import SigmoidAttention
-from .softmax import SoftmaxAttention
 
-VARIANTS: dict[str, type[BaseAttention]] = {
-    "softmax": SoftmaxAttention,
-    "ca_scale": CAScaleAttention,
-    "kv_bias": KVBiasAttention,
-    "gated": GatedAttention,
-    "clipped_softmax": ClippedSoftmaxAttention,
-    "sigmoid": SigmoidAttention,
-}
+VARIANTS: Registry[type[BaseAttention]] = Registry("attention variant", __name__)
 
 
 def attention_class(name: str) -> type[BaseAttention]:
-    if name not in VARIANTS:
-        raise ConfigError(f"unknown attention variant '{name}' (known: {', '.join(VARIANTS)})")
-    return VARIANTS[name]
+    try:
+        return VARIANTS.get(name)
+    except UnknownName as e:
+        raise ConfigError(str(e)) from None
 
 
 __all__ = ["VARIANTS", "attention_class", "BaseAttention"]

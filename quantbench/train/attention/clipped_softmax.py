@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from .base import BaseAttention, causal_mask
+from . import VARIANTS
 
 
+@VARIANTS.register("clipped_softmax")
 class ClippedSoftmaxAttention(BaseAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,10 @@ import torch.nn as nn
 from transformers import initialization as init
 
 from .base import BaseAttention
+from . import VARIANTS
 
 
+@VARIANTS.register("gated")
 class GatedAttention(BaseAttention):
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -14,8 +14,10 @@ from transformers import initialization as init
 import torch.nn.functional as F
 
 from .base import BaseAttention, causal_mask
+from . import VARIANTS
 
 
+@VARIANTS.register("kv_bias")
 class KVBiasAttention(BaseAttention):
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 
 from .base import BaseAttention, causal_mask
+from . import VARIANTS
 
 
+@VARIANTS.register("sigmoid")
 class SigmoidAttention(BaseAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from .base import BaseAttention
+from . import VARIANTS
 
 
+@VARIANTS.register("softmax")
 class SoftmaxAttention(BaseAttention):
     """softmax(QKᵀ/√d) V. Every row must sum to 1, so a head that should output "nothing" has to park its
     mass somewhere: this is where attention sinks and the systematic outliers come from."""

@@ -1,0 +1,37 @@
+"""The simulated backend: every planned linear becomes a QuantLinear (weights on the plan's grid,
+fake-quantized input activations, fake-quantized k/v outputs); static activation ranges are
+calibrated on the calibration batches after all mitigations (kept channels/tokens excluded)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ...surgery import replace_module, run_batches
+from ..plan import Plan
+from ..plugin import Backend, QuantContext
+from ..qlinear import QuantLinear
+from ..spec import BACKENDS
+from ._common import reattach_online
+
+
+@BACKENDS.register("simulated")
+class Simulated(Backend):
+    name = "simulated"
+    real = False
+
+    def apply(self, model: nn.Module, plan: Plan, names: list[str], ctx: QuantContext, opts) -> nn.Module:
+        eff = ctx.effects
+        qlinears = []
+        for name in names:
+            old = model.get_submodule(name)
+            q = QuantLinear(old, plan.linears[name], eff.final_weights.get(name), eff.keep.get(name))
+            replace_module(model, name, q)
+            reattach_online(old, q)
+            qlinears.append(q)
+        static = [q for q in qlinears if q.aspec is not None and not q.aspec.dynamic]
+        if static:
+            for q in static:
+                q.calibrating = True
+            run_batches(model, ctx.calib.batches, ctx.batch_size, ctx.device)
+        for q in qlinears:
+            q.freeze()
+        return model
