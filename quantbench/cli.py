@@ -72,11 +72,18 @@ def train(
     typer.echo(str(run_training(cfg, config_name=config.stem)))
 
 
-def _percent(text: str, what: str) -> float:
+def _percent(text: str, what: str, upper: float | None = None) -> float:
+    """A finite percentage >= 0 (and <= upper if given) from '2%' or '2.5'; anything else is one line."""
+    import math
+
     try:
-        return float(text.strip().rstrip("%"))
+        v = float(text.strip().rstrip("%"))
     except ValueError:
         raise QuantbenchError(f"{what}: expected a percentage such as 2% or 2.5, got '{text}'") from None
+    if not math.isfinite(v) or v < 0 or (upper is not None and v > upper):
+        limit = f"between 0 and {upper:g}%" if upper is not None else "a finite percentage >= 0"
+        raise QuantbenchError(f"{what}: must be {limit}, got '{text}'")
+    return v
 
 
 @app.command()
@@ -116,7 +123,8 @@ def recommend(
     r, metric = (cfg.recommend, cfg.tasks.metric) if cfg else (None, "acc")
     tol = Tolerance(
         _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else (r.max_ppl_increase_pct if r else 2.0),
-        _percent(min_task_retention, "--min-task-retention") if min_task_retention else (r.min_task_retention_pct if r else None),
+        _percent(min_task_retention, "--min-task-retention", upper=100) if min_task_retention
+        else (r.min_task_retention_pct if r else None),
         metric)
     typer.echo(recommend_run(run_dir, load_run(run_dir), tol).text())
 
