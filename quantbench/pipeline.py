@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, rundir
+from . import __version__, fileio, rundir
 from .census import run_census, write_census
 from .config import RunConfig, dump_config
 from .data import Windows, calibration_batches, eval_windows, load_corpus
@@ -41,12 +41,12 @@ def run_dir_for(cfg: RunConfig, config_name: str = "run") -> Path:
 
 
 def _write_json(path: Path, obj) -> None:
-    rundir.atomic_write_json(path, obj)
+    fileio.atomic_write_json(path, obj)
 
 
 def load_rows(path: Path) -> dict[str, dict]:
     """The last row of each recipe in a rows.jsonl (read only; a cut last line is ignored)."""
-    return rundir.latest_by_recipe(rundir.read_rows(path))
+    return fileio.latest_by_recipe(fileio.read_rows(path))
 
 
 def _recipe_key(recipe) -> str:
@@ -128,9 +128,9 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
 def _run_in(out: Path, cfg: RunConfig, config_name: str, p: Prepared) -> None:
     """The locked part of a run: resume, census, sweep, tables and report."""
     log(f"run directory: {out}")
-    store = rundir.RowStore(out / "rows.jsonl")
+    store = fileio.RowStore(out / "rows.jsonl")
     done = _resume(out, store, p, cfg)
-    rundir.atomic_write_text(out / "config.yaml", dump_config(cfg))
+    fileio.atomic_write_text(out / "config.yaml", dump_config(cfg))
     _write_json(out / "manifest.json", {**p.manifest, "config_name": config_name})
     _write_json(out / STATE, {"rows_key": p.rows_key, "census_key": p.census_key, "inputs": p.inputs})
     try:
@@ -152,30 +152,30 @@ CENSUS_FILES = ("census.json", "census.md")
 TABLE_FILES = ("results.csv", "results.md", "layers.csv", "recommendation.txt", "report.html")
 
 
-def _resume(out: Path, store: rundir.RowStore, p: Prepared, cfg: RunConfig) -> dict[str, dict]:
+def _resume(out: Path, store: fileio.RowStore, p: Prepared, cfg: RunConfig) -> dict[str, dict]:
     """Finished rows of the same recipe and inputs. Rows from other inputs are moved to
     rows.stale.jsonl (never mixed with new ones) and the tables made from them deleted; a stale
     or damaged census is deleted."""
-    state = rundir.read_json_or_none(out / STATE) or {}
+    state = fileio.read_json_or_none(out / STATE) or {}
     rows = store.load()
     keep = [r for r in rows if r.get("inputs_key") == p.rows_key]
     stale = [r for r in rows if r.get("inputs_key") != p.rows_key]
     if stale:
         what = changed_inputs(state.get("inputs", {}), p.inputs) if state.get("inputs") else []
-        rundir.RowStore(out / rundir.STALE_ROWS).append_many(stale)
+        fileio.RowStore(out / fileio.STALE_ROWS).append_many(stale)
         store.rewrite(keep)
         log(f"inputs changed since {len(stale)} row(s) were computed ({', '.join(what[:4]) or 'unknown inputs'}): "
-            f"they were moved to {rundir.STALE_ROWS} and are recomputed")
+            f"they were moved to {fileio.STALE_ROWS} and are recomputed")
         for name in TABLE_FILES:
             (out / name).unlink(missing_ok=True)
-    census_ok = rundir.read_json_or_none(out / "census.json") is not None and state.get("census_key") == p.census_key
+    census_ok = fileio.read_json_or_none(out / "census.json") is not None and state.get("census_key") == p.census_key
     if not census_ok and (out / "census.json").exists():
         log("census.json is damaged or from other inputs: discarded" + (", recomputed" if p.census_batches is not None else ""))
     if not census_ok:  # census.md and the plots belong to the census.json they were made with
         for f in [out / name for name in CENSUS_FILES] + sorted(out.glob("census_*.png")):
             f.unlink(missing_ok=True)
     keys = {r.name: _recipe_key(r) for r in cfg.recipes}  # a changed recipe is recomputed
-    done = {k: v for k, v in rundir.latest_by_recipe(keep).items()
+    done = {k: v for k, v in fileio.latest_by_recipe(keep).items()
             if v.get("status") == "ok" and v.get("recipe_key") == keys.get(k)}
     if done:
         log(f"resuming: {len(done)} finished row(s) kept ({', '.join(done)})")
@@ -201,7 +201,7 @@ def _stopped(cfg: RunConfig, out: Path, done: dict[str, dict]) -> None:
         f"{out / 'rows.jsonl'}" + (f" and tabled in {out / 'results.md'}" if rows else ""))
 
 
-def _sweep(cfg: RunConfig, p: Prepared, store: rundir.RowStore, done: dict[str, dict]) -> None:
+def _sweep(cfg: RunConfig, p: Prepared, store: fileio.RowStore, done: dict[str, dict]) -> None:
     """Every recipe not finished yet: apply, evaluate, append its row (`done` is updated in place)."""
     model, suite, calib, e = p.lm.model, p.suite, p.calib, cfg.eval
     n_params, out = sum(t.numel() for t in model.parameters()), store.path.parent

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from quantbench import cli, pipeline, rundir
+from quantbench import cli, fileio, pipeline, rundir
 
 
 def _ready(path: str) -> None:
@@ -35,7 +35,7 @@ def main() -> None:
 
         pipeline._run_recipe = run_recipe
     elif mode == "cut":
-        real_append = rundir.RowStore.append
+        real_append = fileio.RowStore.append
 
         def append(self, row):
             if row["recipe"] == at:
@@ -47,7 +47,7 @@ def main() -> None:
                 _ready(ready)
             real_append(self, row)
 
-        rundir.RowStore.append = append
+        fileio.RowStore.append = append
     cli.main(argv)
 
 

@@ -12,7 +12,9 @@ ROOT = Path(quantbench.__file__).parent
 # layer of each module or subpackage, by longest dotted prefix under quantbench (lower = lower layer)
 LAYERS = {
     "errors": 0, "log": 0, "registry": 0, "surgery": 0, "hooks": 0, "__init__": 0,
-    "arch": 1, "models": 1, "assets": 1, "data": 1, "config": 1, "manifest": 1, "topology": 1, "prequant": 1,
+    "fileio": 0, "stats": 0,
+    "arch": 1, "models": 1, "assets": 1, "taskpack": 1, "offline": 1, "data": 1, "config": 1, "manifest": 1,
+    "topology": 1, "prequant": 1,
     "train.modeling": 1, "train.attention": 1,  # model definitions (loadable checkpoints), not orchestration
     "quant": 2,
     "census": 3, "eval": 3,

@@ -222,7 +222,7 @@ def test_cached_corpus_cut_in_half(capsys, env, news):
 
 
 def test_fetch_force_repairs_model_and_corpus(capsys, env, news, monkeypatch):
-    import quantbench.eval.taskpack as taskpack
+    import quantbench.taskpack as taskpack
 
     monkeypatch.setattr(taskpack, "ensure_task_pack", lambda: taskpack.pack_dir())  # its 358 MB sdist: not here
     original = news["eval"].read_bytes()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import QuantbenchError
-from .taskpack import PACK_TASKS, ensure_task_pack
+from ..taskpack import PACK_TASKS, ensure_task_pack
 
 
 @dataclass(frozen=True)

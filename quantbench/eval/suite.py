@@ -46,7 +46,7 @@ class EvalSuite:
             log(f"tasks: {', '.join(t.names)} (lm-eval {tasks.lm_eval_version}, limit {t.limit}, "
                  f"{t.num_fewshot}-shot)")
         n_words = count_words(tokenizer, windows) if e.word_ppl else None
-        block = getattr(e, "ci_block", None) or DEFAULT_BLOCK
+        block = e.ci_block
         return cls(windows, e.batch_size, device, tokenizer, n_words, e.probe_windows, tasks, task_metric=t.metric,
                    ci_block=block)
 

@@ -119,7 +119,7 @@ def markdown(df: pd.DataFrame, columns: list[str] | None = None) -> str:
 
 
 def write_tables(df: pd.DataFrame, out: Path) -> None:
-    from ..rundir import atomic_write_text  # every output: temporary file, then rename
+    from ..fileio import atomic_write_text  # every output: temporary file, then rename
 
     flat = scalar_frame(df)
     atomic_write_text(out / "results.csv", flat.to_csv(index=False))
