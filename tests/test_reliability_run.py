@@ -209,18 +209,18 @@ def test_changed_recipe_is_recomputed_alone(capsys, env, done, calls):
 
 
 def test_skipped_row_is_retried(capsys, env, calls, monkeypatch):
-    real = pipeline.apply_recipe
+    real = pipeline.quantize
 
-    def unavailable(model, recipe, *a, **k):
-        if recipe.name == "w8a8-token":
+    def unavailable(model, ctx):
+        if ctx.recipe.name == "w8a8-token":
             raise BackendUnavailable("needs a CUDA device")
-        return real(model, recipe, *a, **k)
+        return real(model, ctx)
 
-    monkeypatch.setattr(pipeline, "apply_recipe", unavailable)
+    monkeypatch.setattr(pipeline, "quantize", unavailable)
     assert run(capsys, env).rc == 0
     out = env[0] / "out" / "r"
     assert rows_by_recipe(out)["w8a8-token"]["status"] == "skipped: needs a CUDA device"
-    monkeypatch.setattr(pipeline, "apply_recipe", real)
+    monkeypatch.setattr(pipeline, "quantize", real)
     calls.clear()
     _ok_rerun(capsys, env)
     assert calls == ["fp", "w8a8-token"] and rows_by_recipe(out)["w8a8-token"]["status"] == "ok"
