@@ -30,13 +30,17 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from ...errors import QuantbenchError
 from ...surgery import get_weight, set_weight
-from ..calibration import StatsRequest
+from ..calibration import StatsRequest, collect_input_stats
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
 from ..primitives import QTensor, dequantize, quantize, quantize_weight
+from ..sequential import LayerStep, decoder_layers, run_sequential
 from ..spec import MITIGATIONS, QuantSpec
 from .clip import block_qparams
+
+SEQUENTIAL_DEFAULT = False  # decided by measurement on the default model: docs/quantization.md
 
 
 def _fq_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -57,45 +61,55 @@ def _channel_spec(spec: QuantSpec) -> QuantSpec:
     return spec.model_copy(update={"granularity": "channel", "group_size": None})
 
 
+def _fit(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of w [out, cols] on spec's grid: [out, G] (group), [out, 1] (channel), [1, 1] (tensor)."""
+    return block_qparams(w, spec)
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False) -> QTensor:
+                  act_order: bool = False, static_groups: bool = False) -> QTensor:
     """w [out, in], h = XᵀX [in, in] -> the quantized weight (codes, scales, zeros) on spec's grid.
 
-    Scales: channel/tensor, and groups with act_order ("static groups"), from the original weights;
-    groups without act_order from the updated weights when the group's first column is reached."""
+    The reference loop (IST-DASLab GPTQ.fasterquant; AutoGPTQ's static_groups with act_order), see the
+    module doc. tests/test_gptq_reference.py checks it against a transcription, output channel by
+    output channel, with torch.equal."""
     w = w.float().clone()
     h = h.double().clone()
+    n_out, n = w.shape
+    g = spec.group_size if spec.granularity == "group" else None
+    static = g is not None and (act_order or static_groups)
+    sc, ze = _fit(w, spec if g is None else _channel_spec(spec))  # before dead columns are zeroed, as the reference
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    n_out, n = w.shape
-    grouped = spec.granularity == "group"
-    if not grouped or act_order:
-        sc, ze = block_qparams(w, spec)  # [out, G] (group), [out, 1] (channel) or [1, 1] (tensor)
-    else:
-        sc, ze = torch.zeros(n_out, n // spec.group_size), torch.zeros(n_out, n // spec.group_size)  # filled per group
+    if static:
+        sc, ze = _fit(w, spec)  # every group up front, from the weights with dead columns zeroed  [out, G]
+    elif g is not None:
+        sc, ze = torch.zeros(n_out, n // g), torch.zeros(n_out, n // g)  # filled when each group starts
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_hessian_factor(h, damp).float()
-    if grouped:
-        block = spec.group_size * max(1, block // spec.group_size)  # groups never straddle blocks
+    wq = torch.zeros_like(w)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
+        w1 = w[:, i1:i2].clone()  # this block, with the in-block updates
         err = torch.zeros(n_out, i2 - i1)
         for i in range(i1, i2):
-            j = int(perm[i]) // spec.group_size if grouped else 0  # the column's scale index
-            if grouped and not act_order and i % spec.group_size == 0:
-                s_new, z_new = block_qparams(w[:, i: i + spec.group_size], _channel_spec(spec))  # [out, 1]
-                sc[:, j], ze[:, j] = s_new[:, 0], z_new[:, 0]
+            if g is not None and not static and i % g == 0:
+                # fitted on w: updated through the previous blocks only, as the reference reads it
+                s_new, z_new = _fit(w[:, i: i + g], _channel_spec(spec))  # [out, 1]
+                sc[:, i // g], ze[:, i // g] = s_new[:, 0], z_new[:, 0]
+            j = (int(perm[i]) if static else i) // g if g is not None else 0  # the column's scale index
             s, z = sc.expand(n_out, -1)[:, j], ze.expand(n_out, -1)[:, j]  # [out]
-            q = _fq_col(w[:, i], s, z, spec)
-            e = (w[:, i] - q) / u[i, i]
-            w[:, i] = q
-            w[:, i + 1: i2] -= e[:, None] * u[i, i + 1: i2][None, :]
+            col = w1[:, i - i1]
+            q = _fq_col(col, s, z, spec)
+            e = (col - q) / u[i, i]
+            wq[:, i] = q
+            w1[:, i - i1:] -= e[:, None] * u[i, i:i2][None, :]
             err[:, i - i1] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]
-    wq = w[:, torch.argsort(perm)]  # [out, in] on the grid, original column order
+    wq = wq[:, torch.argsort(perm)]  # [out, in] on the grid, original column order
     return quantize_weight(wq, spec, sc, ze)
 
 
@@ -109,24 +123,64 @@ class GPTQ(Mitigation):
         damp: float = Field(0.01, gt=0)
         block: int = Field(128, ge=1)
         act_order: bool = False
+        static_groups: bool = False
         calib_samples: int = Field(8, ge=1)
         token_norm: bool = True
         skip_first: int = Field(0, ge=0)
+        sequential: bool = SEQUENTIAL_DEFAULT
 
-    def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> dict[str, torch.Tensor]:
+    def check(self, model: nn.Module, plan, opts: Options) -> None:
+        super().check(model, plan, opts)
+        if opts.sequential:
+            try:
+                decoder_layers(model)
+            except QuantbenchError as e:
+                raise QuantbenchError(f"recipe '{plan.recipe.name}': gptq sequential: {e} "
+                                      "(or set sequential: false)") from None
+
+    def _request(self, opts: Options) -> StatsRequest:
+        return StatsRequest(samples=opts.calib_samples, gram=True, token_norm=opts.token_norm, skip_first=opts.skip_first)
+
+    def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> dict[str, torch.Tensor] | None:
+        if opts.sequential:
+            return None  # Hessians come from the layer-by-layer run in apply (they depend on this recipe)
         mods = {n: model.get_submodule(n) for n in ctx.plan.weight_specs()}
-        req = StatsRequest(samples=opts.calib_samples, gram=True, token_norm=opts.token_norm, skip_first=opts.skip_first)
-        stats = ctx.calib.input_stats(model, mods, ctx.upstream, req)
+        stats = ctx.calib.input_stats(model, mods, ctx.upstream, self._request(opts))
         return {k: v.gram for k, v in stats.items()}
 
     @torch.no_grad()
-    def apply(self, model: nn.Module, stats: dict[str, torch.Tensor], ctx: QuantContext, opts: Options) -> Effects:
-        final = {}
-        for name, spec in ctx.plan.weight_specs().items():
-            if name not in stats:
-                continue  # never called on the calibration data: left to the backend's RTN
-            mod = model.get_submodule(name)
-            qt = gptq_quantize(get_weight(mod), stats[name], spec, opts.damp, opts.block, opts.act_order)
-            set_weight(mod, qt.dequantize())
-            final[name] = qt
-        return Effects(final_weights=final, notes={"gptq_layers": len(final)})
+    def apply(self, model: nn.Module, stats: dict[str, torch.Tensor] | None, ctx: QuantContext,
+              opts: Options) -> Effects:
+        specs = ctx.plan.weight_specs()
+        if opts.sequential:
+            final = self._sequential(model, ctx, opts)
+        else:
+            final = {name: self._quantize(model.get_submodule(name), stats[name], spec, opts)
+                     for name, spec in specs.items() if name in stats}  # never called: left to the backend's RTN
+        return Effects(final_weights=final, notes={"gptq_layers": len(final), "gptq_sequential": opts.sequential})
+
+    def _quantize(self, mod: nn.Module, h: torch.Tensor, spec: QuantSpec, opts: Options) -> QTensor:
+        qt = gptq_quantize(get_weight(mod), h, spec, opts.damp, opts.block, opts.act_order, opts.static_groups)
+        set_weight(mod, qt.dequantize())
+        return qt
+
+    def _sequential(self, model: nn.Module, ctx: QuantContext, opts: Options) -> dict[str, QTensor]:
+        """Layer by layer: Hessians of a layer's linears from inputs made by the already-quantized
+        layers before it; linears outside the decoder layers (e.g. an lm_head left in the plan) last,
+        from one pass over the quantized model."""
+        specs, final, req = ctx.plan.weight_specs(), {}, self._request(opts)
+        batches = ctx.calib.subset(opts.calib_samples)
+
+        def on_layer(step: LayerStep) -> None:
+            mods = {n: model.get_submodule(n) for n in specs if step.owns(n)}
+            grams = step.input_stats(mods, req) if mods else {}
+            for name, g in grams.items():
+                final[name] = self._quantize(mods[name], g.gram, specs[name], opts)
+
+        run_sequential(model, batches, ctx.batch_size, ctx.device, on_layer)
+        path, _ = decoder_layers(model)
+        rest = {n: model.get_submodule(n) for n in specs if not n.startswith(path + ".")}
+        if rest:
+            for name, g in collect_input_stats(model, rest, batches, ctx.batch_size, ctx.device, req).items():
+                final[name] = self._quantize(rest[name], g.gram, specs[name], opts)
+        return final
