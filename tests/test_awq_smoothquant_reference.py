@@ -73,8 +73,10 @@ def _pairs(model) -> list[tuple[str, str, list[str]]]:
 def _hooked_inputs(model, tokens: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
     """Every input row [N, in] of each named linear on the FP model (tokens in batches of 4)."""
     rows: dict[str, list] = {n: [] for n in names}
-    hs = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: rows[n].append(a[0].reshape(-1, a[0].shape[-1])))
-          for n in names]
+    def hook(n: str):
+        return lambda _m, a: rows[n].append(a[0].reshape(-1, a[0].shape[-1]))  # [B, T, in] -> [B*T, in]
+
+    hs = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     with torch.no_grad():
         for b in range(0, len(tokens), 4):
             model(input_ids=tokens[b: b + 4])
@@ -143,7 +145,7 @@ def smoothquant_reference(model, tokens, alpha: float):
 @pytest.mark.parametrize("family", ["llama-mha", "llama-gqa", "opt"])
 @pytest.mark.parametrize("alpha", [0.5, 0.8])
 def test_smoothquant_scales_are_the_papers(family, alpha, tokens):
-    model = {"llama-mha": _mha_llama, "llama-gqa": lambda: tiny_model("llama"), "opt": lambda: tiny_model("opt")}[family]()
+    model = _mha_llama() if family == "llama-mha" else tiny_model(family.split("-")[0])
     expected = smoothquant_reference(model, tokens, alpha)
     got = _ours(copy.deepcopy(model), tokens, "smoothquant", {"alpha": alpha})
     _assert_same_params(got, expected)

@@ -133,8 +133,9 @@ def test_sequential_gptq_equals_brute_force(spec, token_norm):
 def test_sequential_needs_known_decoder_layers():
     model = tiny_model("llama")
     model.config.model_type = "mystery"
-    r = Recipe(name="g", weights=QuantSpec(bits=4), mitigations=(MitigationSpec(name="gptq", options={"sequential": True}),))
-    with pytest.raises(QuantbenchError, match="recipe 'g': gptq sequential: .*'mystery'") as e:
+    gptq = MitigationSpec(name="gptq", options={"sequential": True})
+    r = Recipe(name="g", weights=QuantSpec(bits=4), mitigations=(gptq,))
+    with pytest.raises(QuantbenchError, match="recipe 'g': gptq: sequential calibration .*'mystery'.*false") as e:
         prepare(model, r)
     assert "\n" not in str(e.value)
     prepare(model, r.model_copy(update={"mitigations": (MitigationSpec(name="gptq", options={"sequential": False}),)}))

@@ -1,28 +1,57 @@
 """GPTQ (Frantar et al. 2023): quantize weights column by column, pushing each column's rounding
 error onto the not-yet-quantized columns through the inverse Hessian H = XᵀX of the layer input.
 
-Hessians are accumulated in one pass over the FP model for every target linear at once (inputs
-shared by q/k/v or gate/up are accumulated once). This is the "parallel" variant: reference GPTQ
-feeds each layer the outputs of the already-quantized previous layers; here every layer sees FP
-inputs. The result is a QTensor (codes, scales, zero points) declared as final in the Effects, so
-no backend rounds it again (re-running RTN on GPTQ output would pick a different scale whenever an
-extreme column value was moved by the updates); the dequantized weight is written back too.
+`gptq_quantize` is the reference loop (IST-DASLab gptq `GPTQ.fasterquant`; AutoGPTQ's
+`static_groups` variant with act_order), checked output channel by output channel with torch.equal
+against a transcription in tests/test_gptq_reference.py:
+  - dead inputs (diag H == 0): H[j, j] = 1 and W[:, j] = 0; damping percdamp * mean(diag H);
+    H^-1 as Cholesky -> cholesky_inverse -> upper Cholesky factor U; column i's error / U[i, i];
+  - lazy batches of `block` columns: in-block updates on a copy of the block, the block's error
+    pushed onto the later columns at its end (groups may straddle blocks, as in the reference);
+  - per-channel / per-tensor scales from the weights before dead columns are zeroed;
+  - groups: a group's scale is fitted when its first column is reached, on the weight matrix as
+    updated through the previous blocks (the reference reads W there, not the block copy W1, so a
+    group starting inside a block does not see that block's earlier updates);
+  - act_order: columns by descending diag H with static groups (every group fitted up front on the
+    weights with dead columns zeroed, groups stay contiguous in the original order: no g_idx);
+    `static_groups: true` does the same without act_order.
+Intended differences from the reference:
+  - H is accumulated as XᵀX in float64 (reference: 2/n XᵀX as a running mean in float32) and
+    factored in float64; the column loop runs in float32 like the reference. In exact arithmetic
+    GPTQ does not depend on a constant factor in H (damping is relative); in float32 the
+    reference's factorisation moves a few codes (0-0.1 % of per-channel weights on the test layers).
+  - token_norm (default true): each token's input row is scaled to unit RMS before H is accumulated
+    (below). token_norm: false gives the reference Hessian.
+  - the quantizer is ours (compressed-tensors' grid, quantbench.quant.primitives): signed codes,
+    scale absmax / 7.5 at 4 bits, where the reference uses unsigned codes and (max - min) / 15.
+  - llm-compressor (what ships to vLLM) fits every group's scale up front on the original weights
+    (before dead columns are zeroed), with or without act_order ("weight" actorder is our act_order);
+    `static_groups: true` is the closest setting (it fits after dead columns are zeroed).
 
-Grid: per-channel and per-tensor scales come from the original weights; group scales are chosen
-when the group's first column is reached (from the updated weights, as in reference GPTQ), or
-from the original weights up front with act_order ("static groups", which keeps groups contiguous).
+Calibration modes (option `sequential`):
+  - parallel (sequential: false): every layer's Hessians from one pass over the model as it is
+    before GPTQ (FP, or after the earlier mitigations), shared by q/k/v and gate/up, cached by the
+    calibration stage across recipes.
+  - sequential (true): layer by layer (quantbench.quant.sequential): each decoder layer's Hessians
+    from inputs produced by the already-quantized layers before it, as reference GPTQ's llama.py
+    and llm-compressor's sequential pipeline (without `true_sequential`: within a layer every linear
+    sees that layer's FP weights); linears outside the decoder layers last, from one pass over the
+    quantized model. Activation quantizers of the recipe are not applied while calibrating.
+  The default is the one measured better on the default model (docs/quantization.md, "GPTQ").
 
-Hessian: by default each token's input row is scaled to unit RMS before H = XᵀX is accumulated
-(token_norm: true, a deliberate departure from reference GPTQ). On the default model the BOS
-token's massive activations (~10^4x the median) otherwise dominate H, and GPTQ's error feedback
-then serves that one token at the expense of all others: measured on 4 x 512 tokens, W4
-per-channel ppl 43.2 (RTN) -> 56.2 (plain H) -> 44.3 (token_norm, KL 0.78 vs RTN's 0.86), and
-W4 g64 37.3 (RTN) -> 36.3 (plain) -> 31.4 (token_norm). More damping does not fix the plain H
-(damp 1.0: 60.9; damp 1e-4: 79.4). token_norm: false gives reference GPTQ.
+Hessian: with token_norm each token's input row is scaled to unit RMS before H = XᵀX is accumulated
+(a deliberate departure from reference GPTQ). On the default model the BOS token's massive
+activations (~10^4x the median) otherwise dominate H, and GPTQ's error feedback then serves that
+one token at the expense of all others (numbers in docs/quantization.md). More damping does not fix
+the plain H; leaving the BOS token out of H (skip_first: 1) is worse still: its output must stay
+accurate.
 
-Options: damp (0.01, fraction of mean diag(H)), block (128), act_order (false), calib_samples (8), token_norm (true),
-skip_first (0: positions left out of H; measured on the default model, leaving out the BOS token
-makes W4 per-channel perplexity explode, 44 -> 288: its output must stay accurate).
+The result is a QTensor (codes, scales, zero points) declared as final in the Effects, so no backend
+rounds it again (re-running RTN on GPTQ output would pick a different scale whenever an extreme
+column value was moved by the updates); the dequantized weight is written back too.
+
+Options: damp (0.01, fraction of mean diag H), block (128), act_order (false), static_groups (false),
+calib_samples (8), token_norm (true), skip_first (0), sequential (see SEQUENTIAL_DEFAULT).
 """
 from __future__ import annotations
 
@@ -40,7 +69,7 @@ from ..sequential import LayerStep, decoder_layers, run_sequential
 from ..spec import MITIGATIONS, QuantSpec
 from .clip import block_qparams
 
-SEQUENTIAL_DEFAULT = False  # decided by measurement on the default model: docs/quantization.md
+SEQUENTIAL_DEFAULT = True  # decided by measurement on the default model: docs/quantization.md, "GPTQ"
 
 
 def _fq_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -135,11 +164,12 @@ class GPTQ(Mitigation):
             try:
                 decoder_layers(model)
             except QuantbenchError as e:
-                raise QuantbenchError(f"recipe '{plan.recipe.name}': gptq sequential: {e} "
-                                      "(or set sequential: false)") from None
+                raise QuantbenchError(f"recipe '{plan.recipe.name}': gptq: {e}; or set sequential: false "
+                                      "(Hessians from one pass over the model)") from None
 
     def _request(self, opts: Options) -> StatsRequest:
-        return StatsRequest(samples=opts.calib_samples, gram=True, token_norm=opts.token_norm, skip_first=opts.skip_first)
+        return StatsRequest(samples=opts.calib_samples, gram=True, token_norm=opts.token_norm,
+                            skip_first=opts.skip_first)
 
     def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> dict[str, torch.Tensor] | None:
         if opts.sequential:
