@@ -61,11 +61,22 @@ def _qwen2_mixed_attention():
     return tf.Qwen2ForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-sdpa", "gpt2", "opt", "qwen2-sliding"])
+def _quantbench_lm():
+    """Our own trainable family (quantbench.train.modeling): layers called as layer(x, cos, sin)."""
+    from quantbench.train.modeling import QuantbenchLMConfig, QuantbenchLMForCausalLM
+
+    torch.manual_seed(0)
+    cfg = QuantbenchLMConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3)
+    return QuantbenchLMForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-sdpa", "gpt2", "opt", "qwen2-sliding", "quantbench_lm"])
 def test_runner_reproduces_the_fp_model_layer_inputs_exactly(kind):
     if kind == "qwen2-sliding":
         model = _qwen2_mixed_attention()
         assert len(set(model.config.layer_types)) == 2
+    elif kind == "quantbench_lm":
+        model = _quantbench_lm()
     else:
         model = tiny_model(kind.split("-")[0], layers=3, attn_implementation="sdpa" if "sdpa" in kind else "eager")
     ids = _tokens()

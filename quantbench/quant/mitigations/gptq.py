@@ -55,6 +55,8 @@ calib_samples (8), token_norm (true), skip_first (0), sequential (see SEQUENTIAL
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn as nn
 from pydantic import Field
@@ -200,14 +202,18 @@ class GPTQ(Mitigation):
         from one pass over the quantized model."""
         specs, final, req = ctx.plan.weight_specs(), {}, self._request(opts)
         batches = ctx.calib.subset(opts.calib_samples)
+        stats_s = [0.0]
 
         def on_layer(step: LayerStep) -> None:
             mods = {n: model.get_submodule(n) for n in specs if step.owns(n)}
+            t0 = time.perf_counter()
             grams = step.input_stats(mods, req) if mods else {}
+            stats_s[0] += time.perf_counter() - t0
             for name, g in grams.items():
                 final[name] = self._quantize(mods[name], g.gram, specs[name], opts)
 
         run_sequential(model, batches, ctx.batch_size, ctx.device, on_layer)
+        ctx.calib.ledger.append((f"sequential Hessians ({len(final)} linears)", stats_s[0], False))
         path, _ = decoder_layers(model)
         rest = {n: model.get_submodule(n) for n in specs if not n.startswith(path + ".")}
         if rest:
