@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ...arch import ArchSpec, get_module
-from ...surgery import get_weight, is_linear, scale_in, scale_out
+from ...surgery import get_weight, is_linear, scale_in, set_weight
 
 
 @dataclass
@@ -47,10 +47,23 @@ class Pair:
 
     @torch.no_grad()
     def fold(self, s: torch.Tensor) -> None:
-        """prev's output channel j divided by s_j, every target's input column j multiplied by it."""
-        scale_out(self.prev, 1.0 / s)
+        """prev's output channel j divided by s_j, every target's input column j multiplied by it
+        (a true division, as SmoothQuant's smooth_ln_fcs and llm-awq's scale_ln_fcs / scale_fc_fc:
+        multiplying by 1/s rounds twice)."""
+        divide_out(self.prev, s)
         for _, mod in self.targets:
             scale_in(mod, self.expand(s))
+
+
+def divide_out(mod: nn.Module, s: torch.Tensor) -> None:
+    """Output channel i of mod (a norm's weight [D] or a linear's row) and its bias divided by s[i]."""
+    if mod.weight.dim() == 1:
+        mod.weight.data.div_(s.to(mod.weight))
+    else:
+        w = get_weight(mod)  # [out, in]
+        set_weight(mod, w / s.to(w)[:, None])
+    if getattr(mod, "bias", None) is not None:
+        mod.bias.data.div_(s.to(mod.bias))
 
 
 def _gqa(model: nn.Module) -> tuple[int, int]:
