@@ -61,15 +61,48 @@ def test_gptq_declares_final_weights_and_quantlinear_keeps_them(tokens):
     assert codes.min() >= -8 and codes.max() <= 7
 
 
+def _clip_brute_force(w, x, spec, ratios):
+    """The clip search written out block by block: for every (row, group) block and every ratio
+    (largest first), clamp the block to ratio * (its min, its max), round it on the spec's grid, and
+    score sum_tokens (x_block . (Q(w_clamped) - w)_block)^2; keep the first strict minimum."""
+    out = w.shape[0]
+    g = spec.group_size if spec.granularity == "group" else w.shape[1]  # channel: the whole row is one block
+    if spec.granularity == "tensor":
+        best, best_e = None, float("inf")
+        for r in sorted(ratios, reverse=True):
+            wc = w.clamp(w.min() * r, w.max() * r)
+            e = (x @ (fake_quant(wc, spec) - w).T).pow(2).sum().item()
+            if e < best_e:
+                best, best_e = r, e
+        return torch.tensor([[best]])
+    n_groups = w.shape[1] // g
+    chosen = torch.zeros(out, n_groups)
+    for i in range(out):
+        for j in range(n_groups):
+            blk, xs = w[i, j * g:(j + 1) * g], x[:, j * g:(j + 1) * g]
+            best, best_e = None, float("inf")
+            for r in sorted(ratios, reverse=True):
+                wc = blk.clamp(blk.min() * r, blk.max() * r)
+                q = fake_quant(wc[None, :], spec.model_copy(update={"granularity": "channel", "group_size": None}))[0]
+                e = (xs @ (q - blk)).pow(2).sum().item()
+                if e < best_e:
+                    best, best_e = r, e
+            chosen[i, j] = best
+    return chosen
+
+
 @pytest.mark.parametrize("spec", SPECS + [QuantSpec(bits=4, granularity="tensor")], ids=lambda s: s.granularity)
-def test_clip_never_worse_than_rtn_and_requantizes_to_the_searched_grid(spec):
+def test_clip_search_equals_a_brute_force_search_and_requantizes_to_it(spec):
     from quantbench.quant.mitigations.clip import block_errors, clamp_blocks
 
     x, w = _layer_data(1)
-    r, e, e0 = search_clip(w, x, spec, (1.0, 0.9, 0.8, 0.7, 0.6))
-    assert (e <= e0).all() and e.sum() < e0.sum()
+    x, w = x[:, :64], w[:16, :64]  # small enough for the block-by-block reference
+    ratios = (1.0, 0.9, 0.8, 0.7, 0.6)
+    r, e, e0 = search_clip(w, x, spec, ratios)
+    assert torch.equal(r, _clip_brute_force(w, x, spec, ratios))
+    assert (r < 1).any()  # the case exercises clipping, not only the RTN ratio
     wc = clamp_blocks(w, spec, r)
-    again = block_errors(x, fake_quant(wc, spec) - w, spec)  # what QuantLinear will compute
+    again = block_errors(x, fake_quant(wc, spec) - w, spec)  # what the backend's RTN will give
     assert torch.allclose(again, e, rtol=1e-4)
 
 
