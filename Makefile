@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 
-.PHONY: install run test bench clean-venv
+.PHONY: install run test bench results clean-venv
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,13 @@ bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/census.py
 	$(PY) benchmarks/quant.py
+
+# Reference runs whose tables README.md and docs/ include (committed; `quantbench tables --check` in the tests)
+results: install
+	$(VENV)/bin/quantbench assets fetch
+	$(VENV)/bin/quantbench run --config configs/default.yaml --out results/reference --run-id default
+	$(VENV)/bin/quantbench run --config configs/mitigations.yaml --out results/reference --run-id mitigations
+	$(VENV)/bin/quantbench tables
 
 clean-venv:
 	rm -rf $(VENV)

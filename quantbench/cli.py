@@ -129,6 +129,21 @@ def recommend(
     typer.echo(recommend_run(run_dir, load_run(run_dir), tol).text())
 
 
+@app.command()
+def tables(
+    check: bool = typer.Option(False, "--check", help="only compare; exit 1 when a block differs"),
+    root: Path = typer.Option(Path("."), "--root", help="repository root (README.md, docs/, results/reference/)"),
+) -> None:
+    """Rewrite the measured tables in README.md and docs/*.md from results/reference/ (see `make results`)."""
+    from .report.reference import doc_files, sync
+
+    differ = sync(doc_files(root), root / "results" / "reference", check=check)
+    for f in differ:
+        typer.echo(f"{'differs' if check else 'updated'}: {f}")
+    if check and differ:
+        raise typer.Exit(1)
+
+
 @assets_app.command("fetch")
 def assets_fetch(
     force: bool = typer.Option(False, "--force", help="rebuild the converted model and corpora from the "
