@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -223,3 +224,13 @@ def stop_children() -> None:
         if kid.proc.poll() is None:
             kid.proc.kill()
             kid.proc.wait()
+
+
+@pytest.fixture
+def env(tmp_path, tmp_path_factory):
+    """(root, a private copy of the tiny model, a corpus file)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model(tmp_path_factory), model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text())
+    return tmp_path, model, corpus

@@ -13,17 +13,8 @@ import pytest
 
 from quantbench import assets
 from quantbench.data import load_corpus
-from reliability_common import assert_error, cli, corpus_text, tiny_model, write_config
+from reliability_common import env, assert_error, cli, corpus_text, tiny_model, write_config
 
-
-@pytest.fixture
-def env(tmp_path, tmp_path_factory):
-    """(root, a private copy of the tiny model, a corpus file)."""
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model(tmp_path_factory), model)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(corpus_text())
-    return tmp_path, model, corpus
 
 
 def _run(capsys, env, **over):

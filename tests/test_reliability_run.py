@@ -16,19 +16,11 @@ import pytest
 
 from quantbench import pipeline, rundir
 from quantbench.quant.backends import BackendUnavailable
-from reliability_common import (assert_error, assert_rows_consistent, cli, corpus_text, results_recipes,
+from reliability_common import (env, assert_error, assert_rows_consistent, cli, corpus_text, results_recipes,
                                 rows_by_recipe, rows_lines, save_tiny_model, template_run, tiny_model, write_config)
 
 RECIPES = ["fp", "w8a8-token", "w4a16-channel"]
 
-
-@pytest.fixture
-def env(tmp_path, tmp_path_factory):
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model(tmp_path_factory), model)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(corpus_text())
-    return tmp_path, model, corpus
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import yaml
 
 from ..errors import QuantbenchError
 from ..stats import n_to_resolve
-from .tables import task_names
+from .tables import num as _num, task_names
 from .uncertainty import uncertainty_notes
 
 Z95 = 1.96
@@ -64,13 +64,6 @@ class Recommendation:
     def text(self) -> str:
         return render(self)
 
-
-def _num(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def _fp_row(df: pd.DataFrame) -> pd.Series | None:

@@ -13,7 +13,6 @@ what the committed files give.
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Callable
@@ -22,18 +21,12 @@ import pandas as pd
 import yaml
 
 from ..errors import QuantbenchError
+from .tables import num as _num
 
 BLOCK = re.compile(r"(<!-- reference: (?P<name>[\w.-]+)(?: columns=(?P<cols>[\w,]+))? -->\n)(?P<body>.*?)(<!-- /reference -->)",
                    re.S)
 DEFAULT_COLUMNS = "recipe,bits,ppl,dppl,kl,top1"
 
-
-def _num(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def _interval(row: pd.Series, col: str, fmt: str, sign: bool = False) -> str:

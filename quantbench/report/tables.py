@@ -25,6 +25,15 @@ LIST_COLUMNS = ("layer_rel_error", "layer_sink", "unit_nll", "unit_tokens", "uni
 TASK_PREFIXES = ("acc:", "acc_norm:", "acc_se:", "n:", "acc_delta_lo:", "acc_delta_hi:")
 
 
+def num(v) -> float | None:
+    """A table cell as a float, or None (missing, not a number, NaN)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
 def task_names(df: pd.DataFrame) -> list[str]:
     """Tasks that have an accuracy column (acc:<task>)."""
     return [c.split(":", 1)[1] for c in df.columns if c.startswith("acc:")]

@@ -16,15 +16,8 @@ import math
 import pandas as pd
 
 from .. import stats
-from .tables import as_list
+from .tables import as_list, num as _num
 
-
-def _num(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def _se(lo: float, hi: float) -> float:
