@@ -152,6 +152,10 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
     print(markdown(df))
     finish_report(out, df, cfg)
     log(f"results: {out / 'results.md'}")
+    if cfg.export:  # the `export:` list: write, reload and verify those recipes (quantbench/export)
+        from .export.job import export_after_run
+
+        export_after_run(out, cfg)
     return out
 
 

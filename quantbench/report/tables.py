@@ -11,6 +11,10 @@ COLUMNS = ["recipe", "status", "mode", "bits_per_weight", "size_mb", "compressio
 TERMINAL = ["recipe", "status", "bits_per_weight", "ppl", "delta_ppl_pct", "kl", "top1", "task_acc_mean",
             "eval_tok_s"]
 LIST_COLUMNS = ("layer_rel_error", "layer_sink")
+# written by `quantbench export` (quantbench/export): the real checkpoint, beside the simulated columns
+EXPORT_COLUMNS = ["export_format", "export_verified", "export_ppl", "export_sim_ppl", "export_ppl_delta_pct",
+                  "export_logit_maxdiff", "export_weights_equal", "export_file_mb", "export_load_s", "export_load_mb",
+                  "export_tok_s", "export_torchao_tok_s", "export_llama_cpp_ppl", "export_llama_cpp_tok_s"]
 
 
 def task_names(df: pd.DataFrame) -> list[str]:
@@ -58,7 +62,8 @@ def write_tables(df: pd.DataFrame, out: Path) -> None:
     flat = scalar_frame(df)
     flat.to_csv(out / "results.csv", index=False)
     tasks = [c for c in flat.columns if c.startswith(("acc:", "acc_norm:", "acc_se:", "n:"))]
-    (out / "results.md").write_text(markdown(flat, COLUMNS + tasks) + "\n")
+    export = [c for c in EXPORT_COLUMNS if c in flat.columns]
+    (out / "results.md").write_text(markdown(flat, COLUMNS + tasks + export) + "\n")
     layers = layer_frame(df)
     if len(layers):
         layers.to_csv(out / "layers.csv", index=False)
