@@ -91,6 +91,16 @@ def _export(run, name, fmt=None):
     return rc, cols
 
 
+def _export_sim(run, name, monkeypatch, fmt=None):
+    """Export and also keep the simulated model the export was verified against."""
+    from quantbench.export import job
+
+    kept, real = {}, job._build
+    monkeypatch.setattr(job, "_build", lambda *a: kept.setdefault(a[1].name, real(*a)))
+    rc, cols = _export(run, name, fmt)
+    return rc, cols, kept[name][0]
+
+
 def _reloaded_equal(sim, reloaded) -> None:
     """Every tensor the simulated model holds equals the reloaded model's, bit for bit."""
     got = dict(reloaded.named_parameters(remove_duplicate=False))
@@ -112,13 +122,7 @@ def test_compressed_tensors_reload_is_the_simulated_model(run, name, monkeypatch
     included: compressed-tensors' forward quantizes them with the stored scales / dynamic ranges)."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from quantbench.export import job
-
-    kept = {}
-    real = job._build
-    monkeypatch.setattr(job, "_build", lambda *a: kept.setdefault("b", real(*a)))
-    rc, cols = _export(run, name)
-    sim = kept["b"][0]
+    rc, cols, sim = _export_sim(run, name, monkeypatch)
     assert cols["export_verified"] is True and cols["export_logit_maxdiff"] == 0.0
     folder = cols["export_path"]
     cfg = json.loads(open(f"{folder}/config.json").read())
@@ -178,15 +182,19 @@ def test_gguf_backend_is_the_package_and_its_sizes():
     assert applied.size.total_bits == bits
 
 
-def test_gguf_files_reload_with_the_simulated_weights(run):
+def test_gguf_files_reload_with_the_simulated_weights(run, monkeypatch):
     from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
 
-    rc, _ = run
     for name in ("gguf-q8_0", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1"):
-        rc, cols = _export(run, name)
+        rc, cols, sim = _export_sim(run, name, monkeypatch)
         assert cols["export_verified"] is True, (name, cols["export_weights_mismatch"])
         assert cols["export_logit_maxdiff"] == 0.0 and cols["export_tokenizer_match"] is True
-        reader = GGUFReader(cols["export_path"])
+        path = cols["export_path"]
+        reloaded = AutoModelForCausalLM.from_pretrained(path.rpartition("/")[0], gguf_file=path.rpartition("/")[2],
+                                                        dtype=torch.float32)
+        _reloaded_equal(sim, reloaded)
+        reader = GGUFReader(path)
         types = {t.name: t.tensor_type.name for t in reader.tensors}
         assert types["blk.0.attn_q.weight"] == name.split("-")[1].upper() and types["token_embd.weight"] == "Q8_0"
         assert "output.weight" not in types  # tied: llama.cpp reuses token_embd

@@ -184,14 +184,23 @@ def summary(name: str, c: dict) -> str:
 
 
 def export_after_run(run_dir: Path, cfg) -> None:
-    """The run config's `export:` list, after the sweep: each into <run_dir>/export/<name>/ (a refusal
-    is logged in one line and the others go on)."""
+    """The run config's `export:` list, after the sweep: each into <run_dir>/export/<name>/. A refusal
+    is logged in one line and the others go on; an export already verified for the same measured row
+    (a resumed run) is kept."""
+    from ..pipeline import load_rows
     from .context import load_run_context
     from .record import record_export
     from .refuse import ExportRefused
 
+    rows = load_rows(run_dir / "rows.jsonl")
+    todo = [n for n in cfg.export if not (rows.get(n, {}).get("export_verified") is True
+                                          and (run_dir / "export" / n / MARKER).exists())]
+    for name in sorted(set(cfg.export) - set(todo)):
+        log(f"export {name}: already exported and verified ({run_dir / 'export' / name})")
+    if not todo:
+        return
     rc = load_run_context(run_dir)
-    for name in cfg.export:
+    for name in todo:
         try:
             cols = export_recipe(rc, name, run_dir / "export" / name)
         except ExportRefused as err:
