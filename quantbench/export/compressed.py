@@ -170,6 +170,8 @@ def write_compressed(model: nn.Module, plan: Plan, tokenizer, out: str | Path) -
             for n in members:
                 sd.update(module_tensors(n, qlinears[n], scheme))
     save_torch_state_dict({k: v.detach().cpu().contiguous() for k, v in sd.items()}, out, metadata={"format": "pt"})
+    for f in out.glob("*.safetensors"):
+        f.chmod(0o644)  # written through a private temporary file; a checkpoint is meant to be shared
     _write_config(model, out, qc)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
