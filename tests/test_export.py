@@ -267,3 +267,29 @@ def test_logits_of_static_w8a8_come_from_the_stored_activation_scale(run):
     ids = rc.windows.input_ids
     with torch.no_grad():
         assert not torch.equal(before(input_ids=ids).logits, after(input_ids=ids).logits)
+
+
+def test_config_export_list_runs_after_the_sweep_and_is_kept_on_resume(run, monkeypatch):
+    """`export:` in a run config: exported into <run>/export/<name> after the sweep (a refusal does not
+    stop the others); rerunning the same config keeps the verified export instead of redoing it."""
+    import yaml
+
+    from quantbench import pipeline
+    from quantbench.config import parse_config
+    from quantbench.export import job
+
+    rc, _ = run
+    data = yaml.safe_load((rc.run_dir / "config.yaml").read_text())
+    cfg = parse_config({**data, "export": ["w8a8-tensor-static-ot", "w8a16"]})
+    calls, real = [], job.export_recipe
+    monkeypatch.setattr(job, "export_recipe", lambda rc_, name, *a: calls.append(name) or real(rc_, name, *a))
+    pipeline.run(cfg)
+    assert calls == ["w8a8-tensor-static-ot", "w8a16"]
+    assert (rc.run_dir / "export" / "w8a16" / "model.safetensors").exists()
+    assert not (rc.run_dir / "export" / "w8a8-tensor-static-ot" / "model.safetensors").exists()
+    assert pipeline.load_rows(rc.run_dir / "rows.jsonl")["w8a16"]["export_verified"] is True
+    calls.clear()
+    pipeline.run(cfg)
+    assert calls == ["w8a8-tensor-static-ot"]  # the refused one is tried again, the verified one kept
+    with pytest.raises(QuantbenchError, match="export: 'w8a8-tokn' is not one of the recipes"):
+        parse_config({**data, "export": ["w8a8-tokn"]})
