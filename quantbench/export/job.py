@@ -73,7 +73,7 @@ def _build(rc: RunContext, recipe: Recipe, fmt: str, out: Path) -> tuple[nn.Modu
     if fmt == "gguf":
         written = _write_gguf(rc, recipe, plan, model, out)
         if recipe.is_fp:
-            from .gguf_model import simulate_gguf_
+            from ..quant.gguf_model import simulate_gguf_
 
             simulate_gguf_(model, {}, "F16")
             sim = model
@@ -183,30 +183,25 @@ def summary(name: str, c: dict) -> str:
             f"file {c['export_file_mb']} MB, load {c['export_load_s']} s, {c['export_tok_s']} tok/s")
 
 
-def export_after_run(run_dir: Path, cfg) -> None:
-    """The run config's `export:` list, after the sweep: each into <run_dir>/export/<name>/. A refusal
-    is logged in one line and the others go on; an export already verified for the same measured row
-    (a resumed run) is kept."""
-    from ..pipeline import load_rows
-    from .context import load_run_context
-    from .record import record_export
+def export_list(rc: RunContext, names: tuple[str, ...] | list[str]) -> None:
+    """The run config's `export:` list, after the sweep (the run's own model, windows and calibration):
+    each into <run_dir>/export/<name>/. A refusal is logged in one line and the others go on; an export
+    already verified for the same measured row (a resumed run) is kept."""
+    from .record import load_run_rows, record_export
     from .refuse import ExportRefused
 
-    rows = load_rows(run_dir / "rows.jsonl")
-    todo = [n for n in cfg.export if not (rows.get(n, {}).get("export_verified") is True
-                                          and (run_dir / "export" / n / MARKER).exists())]
-    for name in sorted(set(cfg.export) - set(todo)):
-        log(f"export {name}: already exported and verified ({run_dir / 'export' / name})")
-    if not todo:
-        return
-    rc = load_run_context(run_dir)
-    for name in todo:
+    rows = load_run_rows(rc.run_dir)
+    for name in names:
+        out = rc.run_dir / "export" / name
+        if rows.get(name, {}).get("export_verified") is True and (out / MARKER).exists():
+            log(f"export {name}: already exported and verified ({out})")
+            continue
         try:
-            cols = export_recipe(rc, name, run_dir / "export" / name)
+            cols = export_recipe(rc, name, out)
         except ExportRefused as err:
             log(f"export {name}: refused: {err}")
             continue
-        log(summary(name, record_export(run_dir, cfg, name, cols)))
+        log(summary(name, record_export(rc.run_dir, rc.cfg, name, cols)))
 
 
-__all__ = ["export_recipe", "export_after_run", "summary", "MARKER"]
+__all__ = ["export_recipe", "export_list", "summary", "MARKER"]

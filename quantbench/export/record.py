@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import fileio
 from ..config import RunConfig
 from ..log import log
 from ..report.tables import EXPORT_COLUMNS, to_frame, write_tables
@@ -16,21 +17,17 @@ from ..report.tables import EXPORT_COLUMNS, to_frame, write_tables
 ROW_TOL = 1e-4
 
 
-def _rows(run_dir: Path):
-    from ..pipeline import load_rows
-
-    return load_rows(run_dir / "rows.jsonl")
+def load_run_rows(run_dir: Path) -> dict[str, dict]:
+    return fileio.latest_by_recipe(fileio.RowStore(run_dir / "rows.jsonl").load())
 
 
 def _append(run_dir: Path, row: dict) -> None:
-    from ..pipeline import _append_row
-
-    _append_row(run_dir / "rows.jsonl", row)
+    fileio.RowStore(run_dir / "rows.jsonl").append(row)
 
 
 def row_check(run_dir: Path, name: str, sim_ppl: float) -> dict:
     """The measured row's perplexity beside the re-applied simulated model's."""
-    row = _rows(run_dir).get(name) or {}
+    row = load_run_rows(run_dir).get(name) or {}
     row_ppl = row.get("ppl") if row.get("status") == "ok" else None
     return {"export_row_ppl": row_ppl,
             "export_reproduces_row": None if row_ppl is None else abs(sim_ppl / row_ppl - 1) <= ROW_TOL}
@@ -38,7 +35,7 @@ def row_check(run_dir: Path, name: str, sim_ppl: float) -> dict:
 
 def record_export(run_dir: Path, cfg: RunConfig, name: str, cols: dict) -> dict:
     """Merge `cols` into the recipe's row (if the sweep measured it) and refresh the tables and report."""
-    rows = _rows(run_dir)
+    rows = load_run_rows(run_dir)
     row = rows.get(name)
     if row is None or row.get("status") != "ok":
         log(f"export {name}: the run has no measured row for it; export columns kept in the export folder only")
@@ -63,4 +60,4 @@ def refresh_reports(run_dir: Path, cfg: RunConfig, rows: dict[str, dict]) -> Non
          if c in df.columns]
     exported = df[df["export_verified"].notna()] if "export_verified" in df.columns else df.iloc[:0]
     if len(exported):
-        (run_dir / "exports.md").write_text(exported[cols].to_markdown(index=False, floatfmt=".5g") + "\n")
+        fileio.atomic_write_text(run_dir / "exports.md", exported[cols].to_markdown(index=False, floatfmt=".5g") + "\n")

@@ -1,5 +1,5 @@
 """gguf backend: llama.cpp weight types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4), simulated through the
-`gguf` package's own quantize/dequantize (quantbench.export.gguf_quant), so the simulated weights are
+`gguf` package's own quantize/dequantize (quantbench.quant.gguf_quant), so the simulated weights are
 bit for bit what a GGUF file written by quantbench.export.gguf stores and llama.cpp reads.
 
 A recipe names the type in its backend options; its `weights` spec is bookkeeping (bits and the
@@ -9,7 +9,7 @@ A recipe names the type in its backend options; its `weights` spec is bookkeepin
      weights: {bits: 4, granularity: group, group_size: 32}, exclude: []}
 
 What the backend quantizes is what llama.cpp's `llama-quantize` writes for a "mostly <qtype>" file
-(quantbench.export.gguf_model.llama_cpp_qtypes): every planned linear gets `qtype`; the output matrix
+(quantbench.quant.gguf_model.llama_cpp_qtypes): every planned linear gets `qtype`; the output matrix
 (lm_head, or the tied embedding that serves as it) gets Q8_0 (llama-quantize picks Q6_K, which the gguf
 package cannot write) unless `output_qtype` says otherwise; an untied input embedding gets `qtype`.
 Linears left out of the plan (exclude, or overrides with `weights: null`) are F16, as in the file.
@@ -30,7 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...errors import QuantbenchError
 from ...surgery import replace_module
+from ..gguf_model import gguf_plan, llama_cpp_qtypes
+from ..gguf_quant import gguf_dequantize, gguf_quantize, stored_nbytes
 from ..plan import Plan
 from ..plugin import Backend, BackendUnavailable, Options, QuantContext
 from ..qlinear import QuantLinear
@@ -62,8 +65,6 @@ class GgufWeight:
         return self.values if dtype is None else self.values.to(dtype)
 
     def storage_bits(self) -> float:
-        from ...export.gguf_quant import stored_nbytes
-
         return 8.0 * stored_nbytes(tuple(self.values.shape), self.qtype)
 
 
@@ -101,8 +102,6 @@ def _gguf_name_reason(names: list[str]) -> str | None:
 def gguf_types(model: nn.Module, names: list[str], qtype: str, output_qtype: str | None = None) -> dict[str, str]:
     """param name -> GGUF type for every 2-D weight of the model (a tied lm_head under the embedding's
     name), as the file will store it; `names`: the planned linears (the others are F16)."""
-    from ...export.gguf_model import llama_cpp_qtypes
-
     types = llama_cpp_qtypes(model, qtype)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     head = model.get_output_embeddings()
@@ -148,10 +147,6 @@ class Gguf(Backend):
 
     @torch.no_grad()
     def apply(self, model: nn.Module, plan: Plan, names: list[str], ctx: QuantContext, opts) -> nn.Module:
-        from ...errors import QuantbenchError
-        from ...export.gguf_model import gguf_plan
-        from ...export.gguf_quant import gguf_dequantize, gguf_quantize
-
         try:
             types = gguf_types(model, names, opts.qtype, opts.output_qtype)
             gguf_plan(model, types)  # the file's checks (architecture, config, block sizes) before any work
