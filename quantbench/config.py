@@ -101,6 +101,7 @@ class RunConfig(_Strict):
     tasks: TasksConfig = TasksConfig()
     recommend: RecommendConfig = RecommendConfig()
     recipes: tuple[Recipe, ...] = Field(default_factory=lambda: (resolve_recipe("fp"),))
+    export: tuple[str, ...] = ()  # recipes to export after the sweep (quantbench/export): results/<run-id>/export/<name>/
 
     @field_validator("recipes", mode="before")
     @classmethod
@@ -115,11 +116,16 @@ class RunConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"recipe names must be unique; repeated: {', '.join(sorted(dup))}")
+        for name in self.export:
+            if name not in names:
+                from .registry import suggest
+
+                raise ValueError(f"export: '{name}' is not one of the recipes{suggest(name, names)}")
         return self
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes results (not run_id/output_dir)."""
-        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend"})
+        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend", "export"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -145,6 +145,11 @@ def _run_in(out: Path, cfg: RunConfig, config_name: str, p: Prepared) -> None:
     write_tables(df, out)
     print(markdown(df))
     finish_report(out, df, cfg)
+    if cfg.export:  # the `export:` list: write, reload and verify those recipes (quantbench/export)
+        from .export.context import RunContext
+        from .export.job import export_list
+
+        export_list(RunContext(out, cfg, p.manifest, p.lm, p.windows, p.calib), cfg.export)
 
 
 STATE = "inputs.json"  # the keys of what the rows and the census in this directory were computed from

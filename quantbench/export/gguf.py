@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .gguf_model import (GgufArch, GgufTensor, gguf_plan, head_dim, model_arch, rope_theta,
+from ..quant.gguf_model import (GgufArch, GgufTensor, gguf_plan, head_dim, model_arch, rope_theta,
                          to_llama_cpp_layout)
-from .gguf_quant import FLOAT_TYPES, gguf_quantize, stored_nbytes
+from ..quant.gguf_quant import FLOAT_TYPES, gguf_quantize, stored_nbytes
 from .gguf_vocab import GgufVocab, add_vocab, vocab_from_tokenizer
 
 
@@ -135,12 +135,13 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | Path, qtypes: Mapp
                       warnings=list(vocab.warnings))
 
 
-def load_gguf_back(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
-    """(model, tokenizer) as transformers loads the file: from_pretrained(folder, gguf_file=name)."""
+def load_gguf_back(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs) -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) as transformers loads the file: from_pretrained(folder, gguf_file=name);
+    kwargs go to from_pretrained (e.g. attn_implementation)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model.eval(), tokenizer
 

@@ -5,6 +5,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..registry import Registry, UnknownName
+from .backends.gguf import GGUF_TYPES, gguf_weight_spec
 from .spec import MitigationSpec, QuantSpec, Recipe
 
 W8_CH = QuantSpec(bits=8, granularity="channel")
@@ -68,6 +69,10 @@ for _recipe in [
     _r("quanto-w4-g64", QuantSpec(bits=4, granularity="group", group_size=64, symmetric=False), backend="quanto"),
 ]:
     PRESETS.register(_recipe.name, _recipe)
+# llama.cpp types through the gguf package (lm_head in the plan: llama-quantize stores the output matrix as Q8_0)
+for _qt in GGUF_TYPES:
+    PRESETS.register(f"gguf-{_qt.lower()}", Recipe(name=f"gguf-{_qt.lower()}", weights=gguf_weight_spec(_qt),
+                                                   backend="gguf", backend_options={"qtype": _qt}, exclude=()))
 
 
 def _preset(name: str) -> Recipe:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from .plots import layer_error_plot, pareto_plot, with_error_bounds
-from .tables import COLUMNS, scalar_frame, task_columns, task_names
+from .tables import COLUMNS, EXPORT_COLUMNS, scalar_frame, task_columns, task_names
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
@@ -58,6 +58,10 @@ def build_html(df: pd.DataFrame, run_dir: Path, recommendation: str | None = Non
              _table(flat[main], "results"), _INTERVALS]
     if task_names(flat):
         parts += ["<h2>Downstream tasks (lm-eval)</h2>", _table(flat[["recipe"] + task_columns(flat)], "tasks")]
+    export = ["recipe"] + [c for c in EXPORT_COLUMNS if c in flat.columns]
+    if len(export) > 1:  # quantbench export: the checkpoint as written and reloaded, beside the simulated row
+        rows = flat[flat[export[1]].notna()]
+        parts += ["<h2>Exported checkpoints (reloaded and verified)</h2>", _table(rows[["recipe", "ppl", *export[1:]]], "export")]
     if recommendation:
         parts += ["<h2>Recommendation</h2>", f"<pre>{html.escape(recommendation)}</pre>"]
     parts += ["<h2>Plots</h2>", *_plots(df, task_metric)]

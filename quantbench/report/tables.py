@@ -23,6 +23,10 @@ TERMINAL = ["recipe", "status", "bits_per_weight", "ppl", "delta_ppl_pct", "delt
             "top1", "task_acc_mean", "eval_tok_s"]
 LIST_COLUMNS = ("layer_rel_error", "layer_sink", "unit_nll", "unit_tokens", "unit_kl", "unit_top1")
 TASK_PREFIXES = ("acc:", "acc_norm:", "acc_se:", "n:", "acc_delta_lo:", "acc_delta_hi:")
+# written by `quantbench export` (quantbench/export): the real checkpoint, beside the simulated columns
+EXPORT_COLUMNS = ["export_format", "export_verified", "export_ppl", "export_sim_ppl", "export_ppl_delta_pct",
+                  "export_logit_maxdiff", "export_weights_equal", "export_file_mb", "export_load_s", "export_load_mb",
+                  "export_tok_s", "export_torchao_tok_s", "export_llama_cpp_ppl", "export_llama_cpp_tok_s"]
 
 
 def num(v) -> float | None:
@@ -132,7 +136,8 @@ def write_tables(df: pd.DataFrame, out: Path) -> None:
 
     flat = scalar_frame(df)
     atomic_write_text(out / "results.csv", flat.to_csv(index=False))
-    atomic_write_text(out / "results.md", markdown(flat, COLUMNS + task_columns(flat)) + "\n")
+    export = [c for c in EXPORT_COLUMNS if c in flat.columns]
+    atomic_write_text(out / "results.md", markdown(flat, COLUMNS + task_columns(flat) + export) + "\n")
     layers = layer_frame(df)
     if len(layers):
         atomic_write_text(out / "layers.csv", layers.to_csv(index=False))

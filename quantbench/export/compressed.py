@@ -1,0 +1,196 @@
+"""Write a simulated model as a compressed-tensors checkpoint (what llm-compressor writes, vLLM and
+transformers load): a Hugging Face folder with `quantization_config` in config.json and the
+quantized tensors in safetensors.
+
+    info = write_compressed(sim_model, plan, tokenizer, "out/")
+
+The config is built with the library's own classes (QuantizationArgs / QuantizationScheme /
+QuantizationConfig, written by ModelCompressor.update_config) and each module's format is the one the
+library infers for its scheme (infer_module_format): int8 W8A8 -> int-quantized, int weight-only
+(4 or 8 bits, per channel or group) -> pack-quantized, fp8 W8A8 -> float-quantized. One config group
+per distinct (weights, activations) pair of the plan: the largest targets "Linear", the others name
+their modules exactly (exact names win over class names in compressed-tensors' matching); every
+unquantized linear is in `ignore`.
+
+The tensors are OUR stored weights (QuantLinear.qweight: codes, scales, zero points) and calibrated
+activation scales, laid out as the library's compressors lay them out (same names, shapes, dtypes,
+and its own pack_to_int32 for packed codes): nothing is re-quantized here.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import QuantbenchError
+from ..quant.plan import LinearPlan, Plan
+from ..quant.qlinear import QuantLinear
+from ..quant.spec import QuantSpec
+
+FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM runs each set as one matmul
+
+
+@dataclass
+class CtExport:
+    path: Path
+    nbytes: int  # safetensors bytes
+    format: str  # quantization_config.format (a single format, or mixed-precision)
+    groups: dict[str, dict]  # group name -> {"targets": [...], "format": ..., "scheme": short}
+    ignore: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def ct_args(spec: QuantSpec, activation: bool = False):
+    """compressed-tensors QuantizationArgs for one of our specs."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=spec.bits, type="float" if spec.format == "fp8" else "int",
+                            symmetric=spec.symmetric, strategy=spec.granularity, group_size=spec.group_size,
+                            dynamic=spec.dynamic if activation else False)
+
+
+def ct_scheme(lp: LinearPlan, targets: list[str]):
+    """The QuantizationScheme of one planned linear, with the format the library infers for it."""
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationScheme
+
+    scheme = QuantizationScheme(targets=targets, weights=ct_args(lp.weights),
+                                input_activations=ct_args(lp.activations, True) if lp.activations else None)
+    scheme.format = infer_module_format(nn.Linear, scheme).value
+    return scheme
+
+
+def _groups(plan: Plan, names: list[str]) -> list[tuple[list[str], LinearPlan]]:
+    """(module names, a representative plan entry) per distinct (weights, activations), largest first."""
+    by_key: dict[tuple, list[str]] = {}
+    for n in names:
+        lp = plan.linears[n]
+        by_key.setdefault((lp.weights, lp.activations), []).append(n)
+    groups = sorted(by_key.values(), key=len, reverse=True)
+    return [(g, plan.linears[g[0]]) for g in groups]
+
+
+def build_config(model: nn.Module, plan: Plan, names: list[str]):
+    """(QuantizationConfig, ignore list, per-group summary) for the quantized linears `names`."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    ignore = [n for n in linears if n not in set(names)]
+    schemes, summary = {}, {}
+    for i, (members, lp) in enumerate(_groups(plan, names)):
+        scheme = ct_scheme(lp, ["Linear"] if i == 0 else members)
+        schemes[f"group_{i}"] = scheme
+        summary[f"group_{i}"] = {"targets": scheme.targets if i == 0 else f"{len(members)} modules",
+                                 "format": scheme.format, "weights": lp.weights.short(),
+                                 "activations": lp.activations.short() if lp.activations else None}
+    formats = {s.format for s in schemes.values()}
+    fmt = formats.pop() if len(formats) == 1 else "mixed-precision"  # as compressed-tensors summarises formats
+    qc = QuantizationConfig(config_groups=schemes, format=fmt, ignore=ignore,
+                            quantization_status=QuantizationStatus.COMPRESSED)
+    return qc, ignore, summary
+
+
+def module_tensors(name: str, q: QuantLinear, scheme) -> dict[str, torch.Tensor]:
+    """The tensors compressed-tensors stores for one module, from our QTensor and activation scales."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    qt, w = q.qweight, q.plan.weights
+    out: dict[str, torch.Tensor] = {f"{name}.weight_scale": qt.scale}
+    if scheme.format == "pack-quantized":
+        out[f"{name}.weight_packed"] = pack_to_int32(qt.codes, w.bits)  # [out, in * bits / 32] int32
+        out[f"{name}.weight_shape"] = torch.tensor(qt.codes.shape)
+        if not w.symmetric:
+            zp = qt.zero_point
+            out[f"{name}.weight_zero_point"] = pack_to_int32(zp, w.bits, packed_dim=0) \
+                if w.granularity in ("group", "channel") else zp
+    else:  # int-quantized / float-quantized / naive-quantized: the codes as int8 / float8_e4m3fn
+        out[f"{name}.weight"] = qt.codes
+        if not w.symmetric:
+            out[f"{name}.weight_zero_point"] = qt.zero_point
+    a = q.aspec
+    if a is not None and not a.dynamic:
+        out[f"{name}.input_scale"] = q.a_scale.reshape(1).to(qt.scale.dtype)  # static per-tensor: shape [1]
+        if not a.symmetric:
+            out[f"{name}.input_zero_point"] = q.a_zero.reshape(1)
+    if q.bias is not None:
+        out[f"{name}.bias"] = q.bias.data
+    return out
+
+
+def _dense_state(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of the model outside the quantized modules; a tied lm_head is stored once."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    sd = {}
+    for key, t in model.state_dict().items():
+        if key.rpartition(".")[0] in skip or (tied and head is not None and key == _name_of(model, head) + ".weight"):
+            continue
+        sd[key] = t
+    return sd
+
+
+def _name_of(model: nn.Module, mod: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is mod)
+
+
+def _fused_warnings(plan: Plan, names: list[str]) -> list[str]:
+    """vLLM fuses q/k/v and gate/up: each set must share one scheme."""
+    out, specs = [], {n: (plan.linears[n].weights, plan.linears[n].activations) for n in names}
+    for n in names:
+        for shards in FUSED_SHARDS:
+            if n.endswith("." + shards[0]):
+                prefix = n[: -len(shards[0])]
+                got = {specs.get(prefix + s) for s in shards}
+                if len(got) > 1:
+                    out.append(f"{prefix}{{{','.join(shards)}}} have different schemes: vLLM fuses them into one "
+                               "matmul and refuses mixed schemes there (transformers loads it)")
+    return out
+
+
+def write_compressed(model: nn.Module, plan: Plan, tokenizer, out: str | Path) -> CtExport:
+    """Write the simulated `model` (its QuantLinears hold the stored weights) to the folder `out`."""
+    from compressed_tensors.compressors import ModelCompressor
+    from huggingface_hub import save_torch_state_dict
+
+    out = Path(out)
+    qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    names = [n for n in plan.linears if n in qlinears]
+    for n in names:
+        if qlinears[n].qweight is None:
+            raise QuantbenchError(f"{n}: activation-only quantization has no compressed-tensors format")
+    out.mkdir(parents=True, exist_ok=True)
+    sd = _dense_state(model, set(qlinears))
+    qc, ignore, summary = (build_config(model, plan, names) if names else (None, [], {}))
+    if qc is not None:
+        for i, (members, lp) in enumerate(_groups(plan, names)):
+            scheme = qc.config_groups[f"group_{i}"]
+            for n in members:
+                sd.update(module_tensors(n, qlinears[n], scheme))
+    save_torch_state_dict({k: v.detach().cpu().contiguous() for k, v in sd.items()}, out, metadata={"format": "pt"})
+    for f in out.glob("*.safetensors"):
+        f.chmod(0o644)  # written through a private temporary file; a checkpoint is meant to be shared
+    _write_config(model, out, qc)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if qc is not None:
+        ModelCompressor(quantization_config=qc).update_config(str(out))
+    nbytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return CtExport(out, nbytes, qc.format if qc is not None else "dense", summary, ignore,
+                    _fused_warnings(plan, names))
+
+
+def _write_config(model: nn.Module, out: Path, qc) -> None:
+    """config.json (without any leftover quantization_config) and generation_config.json."""
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not emb.weight:
+        cfg.tie_word_embeddings = False  # untied by quantization (lm_head on its own grid) or a mitigation
+    cfg.save_pretrained(out)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)

@@ -1,0 +1,115 @@
+"""What each export format can express, and one-line refusals that name the cause and the closest
+exportable recipe.
+
+compressed-tensors: simulated recipes whose linears hold int (2-8 bit) or fp8 weights per tensor,
+channel or group, with no activation quantization, or dynamic per-token / per-tensor activations, or
+static per-tensor activations; weight-only mitigations (SmoothQuant, AWQ, clipping, GPTQ, rotation
+folded into the weights) export as plain quantized weights. It cannot express online transforms
+(rotate's Hadamard before down_proj), inputs kept in high precision (outlier_tokens, int8_decomp),
+our KV-cache quantization (dynamic per head), grouped activations, or other backends' kernels.
+gguf: `gguf` backend recipes (llama.cpp block types) and `fp` (F16), same mitigation rules.
+"""
+from __future__ import annotations
+
+import yaml
+
+from ..errors import QuantbenchError
+from ..quant.recipes import PRESETS
+from ..quant.spec import MitigationSpec, Recipe
+from ..registry import suggest
+
+FORMATS = ("compressed-tensors", "gguf")
+
+
+class ExportRefused(QuantbenchError):
+    """The recipe cannot be written in the requested format (one line: why, and what can)."""
+
+
+def export_format(recipe: Recipe, fmt: str | None) -> str:
+    """The format to write: the one asked for, else gguf for gguf-backend recipes, else compressed-tensors."""
+    if fmt is None:
+        return "gguf" if _backends(recipe) == {"gguf"} else "compressed-tensors"
+    if fmt not in FORMATS:
+        raise QuantbenchError(f"unknown export format '{fmt}'{suggest(fmt, list(FORMATS))} (known: {', '.join(FORMATS)})")
+    return fmt
+
+
+def _backends(recipe: Recipe) -> set[str]:
+    return {recipe.backend, *[o.backend for o in recipe.overrides if o.backend]}
+
+
+def _same(a: Recipe, b: Recipe) -> bool:
+    drop = lambda r: {k: v for k, v in r.model_dump(mode="json").items() if k != "name"}  # noqa: E731
+    return drop(a) == drop(b)
+
+
+def describe(candidate: Recipe, base: Recipe) -> str:
+    """A preset equal to `candidate`, else a one-line YAML entry for a run config."""
+    for name in PRESETS:
+        if _same(PRESETS.get(name), candidate):
+            return f"preset '{name}'"
+    if base.name in PRESETS:
+        diff = {k: v for k, v in candidate.model_dump(mode="json", exclude_defaults=True).items()
+                if k != "name" and v != PRESETS.get(base.name).model_dump(mode="json").get(k)}
+        entry = {"preset": base.name, "name": candidate.name, **diff}
+    else:
+        entry = candidate.model_dump(mode="json", exclude_defaults=True)
+    return yaml.safe_dump(entry, default_flow_style=True, width=10_000, sort_keys=False).strip()
+
+
+def closest_without(recipe: Recipe, mitigation: str) -> str:
+    """The recipe with `mitigation` made exportable: rotate without its online part, others dropped."""
+    if mitigation == "rotate":
+        mits = tuple(MitigationSpec(name="rotate", options={**m.options, "down": False}) if m.name == "rotate" else m
+                     for m in recipe.mitigations)
+        cand = recipe.model_copy(update={"mitigations": mits, "name": f"{recipe.name}-nodown"})
+    else:
+        cand = recipe.model_copy(update={"mitigations": tuple(m for m in recipe.mitigations if m.name != mitigation),
+                                         "name": f"{recipe.name}-no-{mitigation.replace('_', '-')}"})
+    return describe(cand, recipe)
+
+
+def check_recipe(recipe: Recipe, fmt: str) -> None:
+    """Refuse, before any work, what `fmt` cannot hold whatever the mitigations do."""
+    r, backends = recipe, _backends(recipe)
+    if fmt == "gguf":
+        if r.is_fp or backends == {"gguf"}:
+            return
+        bits = r.weights.bits if r.weights else 16
+        hint = "gguf-q8_0" if bits >= 8 else "gguf-q4_0"
+        raise ExportRefused(f"recipe '{r.name}' is not a llama.cpp type (backend {r.backend}); --format gguf writes "
+                            f"gguf-* recipes and fp; export this one with --format compressed-tensors, or run "
+                            f"preset '{hint}'")
+    if "gguf" in backends:
+        raise ExportRefused(f"recipe '{r.name}' uses llama.cpp block types, which compressed-tensors cannot hold; "
+                            "use --format gguf")
+    if backends != {"simulated"}:
+        sim = r.model_copy(update={"backend": "simulated", "backend_options": {},
+                                   "overrides": tuple(o.model_copy(update={"backend": None}) for o in r.overrides),
+                                   "name": f"{r.name}-simulated"})
+        raise ExportRefused(f"recipe '{r.name}' runs on the {'/'.join(sorted(backends - {'simulated'}))} backend's "
+                            f"own kernels; compressed-tensors exports simulated recipes; closest exportable: "
+                            f"{describe(sim, r)}")
+    specs = [(r.activations, r.kv), *[(o.activations, o.kv) for o in r.overrides]]
+    if any(kv is not None for _, kv in specs):
+        cand = r.model_copy(update={"kv": None, "overrides": tuple(o.model_copy(update={"kv": None}) for o in r.overrides),
+                                    "name": f"{r.name}-nokv"})
+        raise ExportRefused(f"recipe '{r.name}': KV-cache quantization (dynamic, per head) has no compressed-tensors "
+                            f"form that vLLM runs (its kv_cache_scheme is static per tensor); closest exportable: "
+                            f"{describe(cand, r)}")
+    if any(a is not None and a.granularity == "group" for a, _ in specs):
+        raise ExportRefused(f"recipe '{r.name}': grouped activation quantization is not exportable "
+                            "(use per-token or per-tensor activations)")
+
+
+def check_effects(recipe: Recipe, mitigation: str, online: list[str], keep: dict[str, str], fmt: str) -> None:
+    """Refuse when the mitigation just applied declared what `fmt` cannot express."""
+    if online:
+        raise ExportRefused(f"recipe '{recipe.name}': {mitigation} inserts an online transform before "
+                            f"{len(online)} linear input(s) (e.g. {online[0]}), which {fmt} cannot express; "
+                            f"closest exportable: {closest_without(recipe, mitigation)}")
+    if keep:
+        first, kinds = next(iter(keep.items()))
+        raise ExportRefused(f"recipe '{recipe.name}': {mitigation} keeps {kinds} of {len(keep)} linear input(s) in high "
+                            f"precision (e.g. {first}), which {fmt} cannot express; closest exportable: "
+                            f"{closest_without(recipe, mitigation)}")
