@@ -37,7 +37,7 @@ def _nll(model, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def speed(model) -> None:
-    from quantbench.export.gguf_quant import gguf_fake_quant, gguf_quantize
+    from quantbench.quant.gguf_quant import gguf_fake_quant, gguf_quantize
 
     w = model.model.layers[0].mlp.gate_proj.weight.detach()  # [1536, 576]
     _, tq = _timed(lambda: gguf_quantize(w, "Q4_0"), 5)
@@ -53,7 +53,7 @@ def speed(model) -> None:
 
 def roundtrip(model, tok, ids: torch.Tensor, qtype: str, out: Path, keep: bool) -> None:
     from quantbench.export.gguf import load_gguf_back, write_gguf
-    from quantbench.export.gguf_model import llama_cpp_qtypes, simulate_gguf_
+    from quantbench.quant.gguf_model import llama_cpp_qtypes, simulate_gguf_
 
     qtypes = llama_cpp_qtypes(model, qtype)
     info = write_gguf(model, tok, out / f"default-{qtype}.gguf", qtypes)

@@ -14,8 +14,8 @@ from gguf import quants  # noqa: E402
 
 from quantbench.errors import QuantbenchError, UnsupportedArchitecture  # noqa: E402
 from quantbench.export.gguf import load_gguf_back, write_gguf  # noqa: E402
-from quantbench.export.gguf_model import gguf_plan, llama_cpp_qtypes, plan_nbytes, simulate_gguf_  # noqa: E402
-from quantbench.export.gguf_quant import (bits_per_weight, block_types, gguf_fake_quant,  # noqa: E402
+from quantbench.quant.gguf_model import gguf_plan, llama_cpp_qtypes, plan_nbytes, simulate_gguf_  # noqa: E402
+from quantbench.quant.gguf_quant import (bits_per_weight, block_types, gguf_fake_quant,  # noqa: E402
                                           gguf_quantize, quantizable_types)
 
 SENTENCE = "The quick brown fox, 12345 times!\n<|im_start|>user naïve café 🦙"
