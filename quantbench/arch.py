@@ -1,101 +1,165 @@
-"""Architecture knowledge as data: where each family keeps its layers, norms and linears.
+"""Architecture knowledge, found by tracing (quantbench.topology) rather than typed per family.
 
-Paths are relative to the model (top level) or to one decoder layer. Adding a family is adding
-a row; an unknown family gets an error naming what is missing.
+`arch_of(model)` traces the model once (one recorded forward pass on a few tokens, then a few
+perturbation passes that verify every smoothing pair is exact) and caches the result on the model
+(it travels with copy.deepcopy). Paths in a LayerTopo are relative to its decoder layer; an
+ArchSpec holds the model-level paths and one LayerTopo per layer (equal layers share one object).
+The properties `attn`, `qkv`, `o`, `up`, `down`, ... describe layer 0, as the old hand table did
+(tests keep that table as a cross-check). An architecture the tracer cannot map raises
+UnsupportedArchitecture with one line saying what it could not find.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
 from .errors import UnsupportedArchitecture
 
+NORM_KINDS = ("rms", "rms+1", "layer")  # x/rms(x) * w;  x/rms(x) * (1 + w) (Gemma);  (x - mean)/std * w + b
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """A smoothing pair, layer-relative: per channel c, `prev`'s output channel c (its output row
+    rows[c], or c) is divided by s_c and every target's input column j multiplied by s_index[j]
+    (index[j], or j). Verified exact on the traced model (outputs unchanged for random s)."""
+
+    kind: str  # "qkv" (norm -> attention readers), "up" (norm -> MLP readers), "down", "o"
+    prev: str  # a norm or a linear
+    targets: tuple[str, ...]  # readers; routers included (compensated, never quantized)
+    rows: tuple[int, ...] | None = field(default=None, repr=False)  # fused producers: prev's rows carrying them
+    index: tuple[int, ...] | None = field(default=None, repr=False)  # GQA: channel carried by each target column
+
+
+@dataclass(frozen=True)
+class LayerTopo:
+    attn: str | None  # the attention module (eager attention returns its probabilities)
+    attn_norm: str | None  # norm feeding the attention readers (None: they read the residual stream)
+    mlp_norm: str | None  # norm feeding the MLP readers (None: parallel block sharing attn_norm, or none)
+    qkv: tuple[str, ...]  # linears whose outputs flow into the attention output projection
+    o: str | None  # the attention output projection (writes the residual stream)
+    up: tuple[str, ...]  # linears whose outputs flow into an MLP writer (every expert's gate/up too)
+    downs: tuple[str, ...]  # MLP writers: the down projection, or every expert's and the shared expert's
+    readers: tuple[str, ...]  # every module applying a matrix to the (normed) residual stream
+    routers: tuple[str, ...] = ()  # readers that only decide routing/gating (kept in high precision)
+    post_norms: tuple[str, ...] = ()  # norms between a writer and the residual sum (Gemma2/3, OLMo2)
+    mlp: str | None = None  # the MLP / MoE block
+    experts: tuple[str, ...] = ()  # expert units (MoE), in expert order
+    kv: tuple[str, ...] = ()  # linears whose outputs the KV cache stores (k, v)
+    reads: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (norm, or "" for the residual itself) -> its readers
+    parallel: bool = False  # attention and MLP read the same residual (one norm or two)
+    pairs: tuple[PairSpec, ...] = ()
+    notes: tuple[str, ...] = ()  # what is not exact here, one line each
+    residual_issue: str | None = None  # why the residual stream cannot be rotated here (None: it can)
+
+    @property
+    def down(self) -> str | None:
+        """The dense MLP's writer (None in a mixture-of-experts layer)."""
+        return self.downs[0] if len(self.downs) == 1 and not self.experts else None
+
+    def pairs_of(self, kinds: tuple[str, ...]) -> tuple[PairSpec, ...]:
+        return tuple(p for p in self.pairs if p.kind in kinds)
+
 
 @dataclass(frozen=True)
 class ArchSpec:
+    family: str  # config.model_type
     layers: str  # model-level path of the decoder layer list
     embed: str
-    final_norm: str
+    final_norm: str | None
     lm_head: str
-    attn: str  # layer-level path of the attention module
-    attn_norm: str  # norm feeding the attention input
-    mlp_norm: str | None  # norm feeding the MLP (None: parallel block sharing attn_norm)
-    qkv: tuple[str, ...]  # layer-level linears reading the attention-norm output
-    o: str  # attention output projection
-    up: tuple[str, ...]  # linears reading the MLP-norm output
-    down: str  # MLP output projection (writes the residual stream)
-    norm_kind: str = "rms"  # "rms" (no mean subtraction) or "layer"
-    gated_mlp: bool = False  # down input = act(gate) * up, so up -> down scaling is exact
-    fused_qkv: bool = False
+    norm_kind: str  # of the residual-stream norms ("rms", "rms+1", "layer", or "mixed")
+    layer_topos: tuple[LayerTopo, ...]
+    tied: bool = False  # lm_head shares the embedding matrix
+    embed_scale: float | None = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden)); None: not a scale
+    head_dim: int = 0
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    norm_kinds: tuple[tuple[str, str | None], ...] = field(default=(), repr=False)  # model-level norm path -> kind
+    notes: tuple[str, ...] = field(default=())
+
+    def norm_kind_of(self, path: str) -> str | None:
+        return dict(self.norm_kinds).get(path)
+
+    # layer 0's view, as the old hand table described every family
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_topos)
+
+    def layer(self, i: int) -> LayerTopo:
+        return self.layer_topos[i]
+
+    @property
+    def attn(self) -> str | None:
+        return self.layer_topos[0].attn
+
+    @property
+    def attn_norm(self) -> str | None:
+        return self.layer_topos[0].attn_norm
+
+    @property
+    def mlp_norm(self) -> str | None:
+        return self.layer_topos[0].mlp_norm
+
+    @property
+    def qkv(self) -> tuple[str, ...]:
+        return self.layer_topos[0].qkv
+
+    @property
+    def o(self) -> str | None:
+        return self.layer_topos[0].o
+
+    @property
+    def up(self) -> tuple[str, ...]:
+        return self.layer_topos[0].up
+
+    @property
+    def down(self) -> str | None:
+        return self.layer_topos[0].down
+
+    @property
+    def gated_mlp(self) -> bool:
+        return any(p.kind == "down" for p in self.layer_topos[0].pairs)
+
+    @property
+    def fused_qkv(self) -> bool:
+        t = self.layer_topos[0]
+        return len(t.kv) == 1 or any(p.kind == "o" and p.rows is not None for p in t.pairs)
+
+    @property
+    def is_moe(self) -> bool:
+        return any(t.experts for t in self.layer_topos)
 
     @property
     def smooth_pairs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        """(previous op, linears it feeds) pairs whose input scale can move into the weights."""
-        if self.mlp_norm is None:  # parallel block: one norm feeds attention and MLP alike
-            return ((self.attn_norm, self.qkv + self.up),) + self._inner_pairs()
-        pairs = [(self.attn_norm, self.qkv)]
-        if self.mlp_norm is not None:
-            pairs.append((self.mlp_norm, self.up))
-        return tuple(pairs) + self._inner_pairs()
+        """Layer 0's (previous op, linears it feeds) pairs."""
+        return tuple((p.prev, p.targets) for p in self.layer_topos[0].pairs)
 
-    def _inner_pairs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        """up -> down (gated MLPs: down's input is act(gate) * up) and v -> o (separate v projection)."""
-        pairs = []
-        if self.gated_mlp:
-            pairs.append((self.up[-1], (self.down,)))
-        if not self.fused_qkv:
-            pairs.append((self.qkv[-1], (self.o,)))
-        return tuple(pairs)
+    def layer_path(self, i: int, rel: str) -> str:
+        return f"{self.layers}.{i}.{rel}"
+
+    def names(self, what: str) -> list[str]:
+        """Model-level names of one LayerTopo tuple field (e.g. 'routers', 'kv', 'readers') in every layer."""
+        return [self.layer_path(i, r) for i, t in enumerate(self.layer_topos) for r in getattr(t, what)]
 
 
-_LLAMA = ArchSpec(
-    layers="model.layers", embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
-    attn="self_attn", attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
-    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), o="self_attn.o_proj",
-    up=("mlp.gate_proj", "mlp.up_proj"), down="mlp.down_proj", gated_mlp=True,
-)
-ARCHS: dict[str, ArchSpec] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "quantbench_lm": _LLAMA,  # quantbench.train.modeling: Llama module names, any attention variant
-    "gpt2": ArchSpec(
-        layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
-        attn="attn", attn_norm="ln_1", mlp_norm="ln_2", qkv=("attn.c_attn",), o="attn.c_proj",
-        up=("mlp.c_fc",), down="mlp.c_proj", norm_kind="layer", fused_qkv=True,
-    ),
-    "opt": ArchSpec(
-        layers="model.decoder.layers", embed="model.decoder.embed_tokens",
-        final_norm="model.decoder.final_layer_norm", lm_head="lm_head",
-        attn="self_attn", attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm",
-        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), o="self_attn.out_proj",
-        up=("fc1",), down="fc2", norm_kind="layer",
-    ),
-    "gpt_neox": ArchSpec(
-        layers="gpt_neox.layers", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out", attn="attention", attn_norm="input_layernorm",
-        mlp_norm="post_attention_layernorm", qkv=("attention.query_key_value",), o="attention.dense",
-        up=("mlp.dense_h_to_4h",), down="mlp.dense_4h_to_h", norm_kind="layer", fused_qkv=True,
-    ),
-    "phi": ArchSpec(
-        layers="model.layers", embed="model.embed_tokens", final_norm="model.final_layernorm",
-        lm_head="lm_head", attn="self_attn", attn_norm="input_layernorm", mlp_norm=None,
-        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), o="self_attn.dense",
-        up=("mlp.fc1",), down="mlp.fc2", norm_kind="layer",
-    ),
-}
+_CACHE_ATTR = "_quantbench_arch"
 
 
-def arch_of(model: nn.Module) -> ArchSpec:
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in ARCHS:
-        raise UnsupportedArchitecture(
-            f"architecture '{mt}' is not described in quantbench.arch.ARCHS (known: {', '.join(sorted(ARCHS))}); "
-            "add a row naming its decoder layers, norms, q/k/v, o, up and down projections")
-    return ARCHS[mt]
+def arch_of(model: nn.Module, refresh: bool = False) -> ArchSpec:
+    """The model's traced architecture (cached on the model; `refresh` traces again)."""
+    spec = model.__dict__.get(_CACHE_ATTR)
+    if spec is None or refresh:
+        from .topology import trace_architecture
+
+        spec = trace_architecture(model)
+        model.__dict__[_CACHE_ATTR] = spec
+    return spec
 
 
 def arch_or_none(model: nn.Module) -> ArchSpec | None:
-    """The family's ArchSpec, or None (plain quantization needs no architecture knowledge)."""
+    """The traced ArchSpec, or None (plain quantization needs no architecture knowledge)."""
     try:
         return arch_of(model)
     except UnsupportedArchitecture:
