@@ -49,6 +49,7 @@ class LayerTopo:
     kv: tuple[str, ...] = ()  # linears whose outputs the KV cache stores (k, v)
     reads: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (norm, or "" for the residual itself) -> its readers
     parallel: bool = False  # attention and MLP read the same residual (one norm or two)
+    gated: bool = False  # an MLP writer's input is the product of two linear outputs (act(gate) * up)
     pairs: tuple[PairSpec, ...] = ()
     notes: tuple[str, ...] = ()  # what is not exact here, one line each
     residual_issue: str | None = None  # why the residual stream cannot be rotated here (None: it can)
@@ -120,7 +121,9 @@ class ArchSpec:
 
     @property
     def gated_mlp(self) -> bool:
-        return any(p.kind == "down" for p in self.layer_topos[0].pairs)
+        """Layer 0's MLP is gated: down's input is act(gate) * up (separate or fused [gate|up] projections)."""
+        t = self.layer_topos[0]
+        return t.gated or any(p.kind == "down" and p.rows is not None for p in t.pairs)
 
     @property
     def fused_qkv(self) -> bool:

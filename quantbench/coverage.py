@@ -150,16 +150,31 @@ def run_cell(base: nn.Module, column: str, ids: torch.Tensor) -> Cell:
         return Cell("fail", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
 
 
-def run_matrix(families: tuple[str, ...] = FAMILIES, columns: tuple[str, ...] = COLUMNS
-               ) -> dict[str, dict[str, Cell]]:
+@dataclass
+class Matrix:
+    cells: dict[str, dict[str, Cell]]  # family -> column -> cell
+    archs: dict[str, object]  # family -> ArchSpec (or the one-line reason it could not be traced)
+
+    def supported(self) -> list[str]:
+        """Families whose every cell is ✓ or a refusal with a reason."""
+        return [f for f, row in self.cells.items() if all(c.status != "fail" for c in row.values())]
+
+    def failures(self) -> list[str]:
+        return [f"{f} x {c}: {cell.text}" for f, row in self.cells.items() for c, cell in row.items()
+                if cell.status == "fail"]
+
+
+def run_matrix(families: tuple[str, ...] = FAMILIES, columns: tuple[str, ...] = COLUMNS) -> Matrix:
     ids = tokens()
-    out: dict[str, dict[str, Cell]] = {}
+    cells: dict[str, dict[str, Cell]] = {}
+    archs: dict[str, object] = {}
     for fam in families:
         base = tiny_family(fam)
         try:
-            arch_of(base)
+            archs[fam] = arch_of(base)
         except QuantbenchError as e:
-            out[fam] = {c: Cell("fail", str(e)) for c in columns}
+            archs[fam] = str(e)
+            cells[fam] = {c: Cell("fail", str(e)) for c in columns}
             continue
-        out[fam] = {c: run_cell(base, c, ids) for c in columns}
-    return out
+        cells[fam] = {c: run_cell(base, c, ids) for c in columns}
+    return Matrix(cells, archs)

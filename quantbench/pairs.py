@@ -278,7 +278,8 @@ class Builder:
             if found is None:
                 what = "v -> o" if kind == "o" else f"{', '.join(feeds)} -> {tpl}"
                 for i in dict.fromkeys(i for i, _ in group):
-                    notes[i].append(f"{what}: no exact scaling pair ({len(cands)} candidate(s) change the output)")
+                    notes[i].append(f"{what}: no exact scaling pair (a scale does not pass through what lies between; "
+                                    f"{len(cands)} candidate(s) tried)")
                 continue
             for i, p in found:
                 pairs[i].append(p)
@@ -295,7 +296,22 @@ class Builder:
                     mats, _ = self.tr.ancestors(id(t), len(self.g.nodes), self.lays[i])
                     names += [self.lays[i].rel(self.g.nodes[m].name) for m in sorted(mats)]
             per[i] = tuple(dict.fromkeys(names))
-        return per
+        return [kv or self.kv_from_products(i) for i, kv in enumerate(per)]
+
+    def kv_from_products(self, i: int) -> tuple[str, ...]:
+        """Without a KV cache: the matrices behind the key/value side of the attention products
+        (the second operand of q kᵀ and of probs · v; sdpa's key and value)."""
+        lay, g, names = self.lays[i], self.g, []
+        readers = set(self.raws[i].topo["readers"])
+        for k in range(lay.lo, lay.hi):
+            n = g.nodes[k]
+            if n.kind != "op" or n.name not in ("matmul", "__matmul__", "bmm", "scaled_dot_product_attention"):
+                continue
+            for t in n.ins[1:3] if n.name == "scaled_dot_product_attention" else n.ins[1:2]:
+                mats, _ = self.tr.ancestors(t, k, lay)
+                names += [lay.rel(g.nodes[m].name) for m in sorted(mats) if lay.rel(g.nodes[m].name) in readers]
+        order = {r: j for j, r in enumerate(self.raws[i].topo["readers"])}
+        return tuple(sorted(dict.fromkeys(names), key=order.get))
 
 
 def _exists(b: Builder, i: int, p: PairSpec) -> bool:

@@ -318,6 +318,7 @@ def analyse_layer(tr: Tracer, lay: LayerGraph, inp: int) -> RawLayer:
     post_names = [lay.rel(g.nodes[p].name) for p in post]
     topo = _topo_fields(model, lay, qkv, o, up, downs, all_readers, routers, post_names, sources, reads)
     topo["residual_issue"] = _residual_issue(model, post_names, blocked, res_bad)
+    topo["gated"] = any(len(feeds[d]) >= 2 for d in downs)
     return RawLayer(topo, sources, issues, feeds)
 
 

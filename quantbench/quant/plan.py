@@ -139,7 +139,11 @@ def _check_kv(model: nn.Module, plan: Plan) -> None:
     if arch.fused_qkv:
         raise QuantbenchError(f"recipe '{r.name}': kv quantization needs separate k/v projections; "
                               f"{model.config.model_type} fuses q/k/v")
-    for name in kv_linears(model, arch):
+    names = kv_linears(model, arch)
+    if not names:
+        raise QuantbenchError(f"recipe '{r.name}': kv quantization needs the k/v projections, and the traced "
+                              f"{arch.family} has none that are separate linears")
+    for name in names:
         lp = plan.linears.get(name)
         if lp is None or lp.kv is None:
             continue
