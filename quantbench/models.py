@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import assets
+from . import assets, prequant
 from .errors import QuantbenchError
 
 OFFLINE_HINT = ("offline alternatives: model 'default' (SmolLM2-135M-Instruct shipped on PyPI), "
@@ -84,15 +84,18 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
     else:
         src, tok_src = spec, spec
         info.update(source=f"hub id {spec}")
+    pq, extra = prequant.before_load(spec, src, path if "gguf_file" in kwargs else None)  # already quantized? (prequant.py)
+    kwargs.update(extra)
     try:
         tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
         tokenizer = AutoTokenizer.from_pretrained(tok_src, **tok_kwargs)
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         if info["source"].startswith("hub id"):
             first = str(e).strip().splitlines()[0][:160]
             raise QuantbenchError(f"cannot load model '{spec}' from the Hugging Face hub ({first}); {OFFLINE_HINT}") from None
         raise QuantbenchError(f"cannot load model '{spec}': {str(e).strip().splitlines()[0][:200]}") from None
+    prequant.after_load(model, pq, info)  # marks the model; one line in info["caveat"] (prequant.py)
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     model.to(dev).eval()

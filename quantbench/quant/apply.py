@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .. import prequant
 from ..arch import arch_or_none
 from ..errors import QuantbenchError
 from ..surgery import model_device
@@ -34,6 +35,7 @@ def _options(plugin_cls, options: dict):
 def prepare(model: nn.Module, recipe: Recipe) -> Plan:
     """The recipe's plan for this model; raises a one-line QuantbenchError before any work when a
     mitigation, a backend or the plan cannot serve this model."""
+    prequant.check_recipe(model, recipe)  # an already-quantized checkpoint is not quantized again
     plan = resolve_plan(model, recipe)
     check_plan(model, plan)
     finalized_by = None
