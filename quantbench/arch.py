@@ -41,7 +41,7 @@ class LayerTopo:
     o: str | None  # the attention output projection (writes the residual stream)
     up: tuple[str, ...]  # linears whose outputs flow into an MLP writer (every expert's gate/up too)
     downs: tuple[str, ...]  # MLP writers: the down projection, or every expert's and the shared expert's
-    readers: tuple[str, ...]  # every module applying a matrix to the (normed) residual stream
+    readers: tuple[str, ...]  # every module applying a matrix to a norm's output or the residual stream
     routers: tuple[str, ...] = ()  # readers that only decide routing/gating (kept in high precision)
     post_norms: tuple[str, ...] = ()  # norms between a writer and the residual sum (Gemma2/3, OLMo2)
     mlp: str | None = None  # the MLP / MoE block
@@ -53,6 +53,7 @@ class LayerTopo:
     pairs: tuple[PairSpec, ...] = ()
     notes: tuple[str, ...] = ()  # what is not exact here, one line each
     residual_issue: str | None = None  # why the residual stream cannot be rotated here (None: it can)
+    stream_readers: tuple[str, ...] = ()  # readers of the residual stream itself or of a norm of it
 
     @property
     def down(self) -> str | None:

@@ -156,8 +156,9 @@ class Matrix:
     archs: dict[str, object]  # family -> ArchSpec (or the one-line reason it could not be traced)
 
     def supported(self) -> list[str]:
-        """Families whose every cell is ✓ or a refusal with a reason."""
-        return [f for f, row in self.cells.items() if all(c.status != "fail" for c in row.values())]
+        """Families whose census and every recipe run (mitigations may refuse, with the reason)."""
+        return [f for f, row in self.cells.items()
+                if all(c.status != "fail" for c in row.values()) and all(row[c].status == "ok" for c in ("census", *RECIPES))]
 
     def failures(self) -> list[str]:
         return [f"{f} x {c}: {cell.text}" for f, row in self.cells.items() for c, cell in row.items()
@@ -172,9 +173,7 @@ def run_matrix(families: tuple[str, ...] = FAMILIES, columns: tuple[str, ...] = 
         base = tiny_family(fam)
         try:
             archs[fam] = arch_of(base)
-        except QuantbenchError as e:
+        except QuantbenchError as e:  # every cell then says what quantbench does with it (refuses, in one line)
             archs[fam] = str(e)
-            cells[fam] = {c: Cell("fail", str(e)) for c in columns}
-            continue
         cells[fam] = {c: run_cell(base, c, ids) for c in columns}
     return Matrix(cells, archs)

@@ -8,7 +8,7 @@ README_BEGIN, README_END = "<!-- architectures:begin (tools/architectures.py) --
 
 def _topology_row(fam: str, a) -> str:
     if isinstance(a, str):
-        return f"| {fam} | {a} |" + " |" * 7
+        return f"| {fam} | not mapped: {a.removeprefix(f'cannot map architecture {fam!r}: ')} |" + " |" * 7
     t = a.layer(0)
     pairs = sorted({p.kind for lt in a.layer_topos for p in lt.pairs}, key=("qkv", "up", "down", "o").index)
     gqa = f"{a.n_heads}/{a.n_kv_heads}" if a.n_kv_heads != a.n_heads else f"{a.n_heads}"

@@ -52,6 +52,17 @@ def _configs(hidden: int, layers: int, vocab: int) -> dict[str, tuple[str, str, 
         "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", _dec(
             hidden, layers, vocab, moe_intermediate_size=hidden, shared_expert_intermediate_size=hidden,
             num_experts=4, num_experts_per_tok=2)),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", _dec(
+            hidden, layers, vocab, moe_intermediate_size=hidden, num_experts=4, num_experts_per_tok=2, head_dim=hd)),
+        "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", _dec(  # MLA; layer 0 dense, then MoE
+            hidden, layers, vocab, num_key_value_heads=4, moe_intermediate_size=hidden, n_routed_experts=4,
+            num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=hidden,
+            q_lora_rank=hidden, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=hd, n_group=1, topk_group=1,
+            rope_scaling=None)),
+        "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", _dec(hidden, layers, vocab)),
+        "cohere": ("CohereConfig", "CohereForCausalLM", _dec(hidden, layers, vocab)),
+        "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", _dec(
+            hidden, layers, vocab, num_local_experts=4, num_experts_per_tok=2, head_dim=hd)),
     }
 
 

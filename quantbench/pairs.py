@@ -276,7 +276,7 @@ class Builder:
                     found = trial
                     break
             if found is None:
-                what = "v -> o" if kind == "o" else f"{', '.join(feeds)} -> {tpl}"
+                what = "v -> o" if kind == "o" else f"{', '.join(template(f) for f in feeds)} -> {tpl}"
                 for i in dict.fromkeys(i for i, _ in group):
                     notes[i].append(f"{what}: no exact scaling pair (a scale does not pass through what lies between; "
                                     f"{len(cands)} candidate(s) tried)")

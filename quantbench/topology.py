@@ -98,9 +98,10 @@ class Tracer:
             return self.residual_read(self.g.nodes[p].ins[0], p, lay.R)
         return self.residual_read(self.g.nodes[k].ins[0], k, lay.R) if kind == "residual" else None
 
-    def ancestors(self, tid: int, before: int, lay: LayerGraph) -> tuple[set[int], set[str]]:
+    def ancestors(self, tid: int, before: int, lay: LayerGraph, through: bool = False) -> tuple[set[int], set[str]]:
         """Matrix-applying modules and op names that tensor tid descends from inside the layer
-        (through any op and through norms; not through other matrices or the residual stream)."""
+        (through any op and through norms; through other matrices too if `through`; never through
+        the residual stream, nor through integer tensors such as routing indices)."""
         g, mats, ops, seen = self.g, set(), set(), set()
         stack = [(tid, before)]
         while stack:
@@ -116,6 +117,8 @@ class Tracer:
                 mod = self.node_mod(p)
                 if owns_matrix(mod):
                     mats.add(p)
+                    if through:
+                        stack += [(x, p) for x in n.ins[:1]]
                 elif is_norm(mod):
                     stack += [(x, p) for x in n.ins[:1]]
                 continue
@@ -291,39 +294,44 @@ def analyse_layer(tr: Tracer, lay: LayerGraph, inp: int) -> RawLayer:
             sources.setdefault(key, []).append(lay.rel(n.name))
     if not writers:
         raise UnsupportedArchitecture(f"layer {lay.i}: no linear writes the residual stream")
-    attn_w, mlp_w, feeds = [], [], {}
+    attn_w, mlp_w, feeds, behind = [], [], {}, {}
     for w in writers:
         mats, ops = tr.ancestors(g.nodes[w].ins[0], w, lay)
         (attn_w if ops & HEAD_OPS else mlp_w).append(w)
         feeds[lay.rel(g.nodes[w].name)] = [lay.rel(g.nodes[m].name) for m in sorted(mats) if m in readers]
+        every, _ = tr.ancestors(g.nodes[w].ins[0], w, lay, through=True)  # readers behind other matrices (MLA)
+        behind[lay.rel(g.nodes[w].name)] = [lay.rel(g.nodes[m].name) for m in sorted(every) if m in readers]
     rel = [lay.rel(g.nodes[w].name) for w in attn_w]
     if len(rel) != 1:
         raise UnsupportedArchitecture(f"layer {lay.i}: expected one attention output projection writing the "
                                       f"residual stream, found {rel or 'none'}")
     o = rel[0]
     downs = [lay.rel(g.nodes[w].name) for w in mlp_w]
-    qkv = feeds[o]
-    up = [r for d in downs for r in feeds[d]]
+    qkv = behind[o]
+    up = list(dict.fromkeys(r for d in downs for r in behind[d]))
     all_readers = [lay.rel(g.nodes[k].name) for k in readers]
     routers = [r for r in all_readers if r not in qkv and r not in up]
-    issues = {}
+    issues, stream = {}, []
     for key, names in sources.items():
         node = next(k for k in readers if lay.rel(g.nodes[k].name) == names[0])
         kind, p = tr.source(g.nodes[node].ins[0], node, lay.R)
         if key:
             issues[key] = tr.bad_consumers(g.nodes[p].outs[0], p, allow_norms=False)
+        if not key or tr.residual_read(g.nodes[p].ins[0], p, lay.R) is not None:
+            stream += names  # reads the residual stream, directly or through a norm of it
     reads = {side: tr.stream_read([k for k in readers if lay.rel(g.nodes[k].name) in names], lay)
              for side, names in (("attn", qkv), ("mlp", up))}
     res_bad = [b for t in list(lay.R) for b in tr.bad_consumers(t, lay.lo - 1, allow_norms=True, lay=lay)]
     post_names = [lay.rel(g.nodes[p].name) for p in post]
-    topo = _topo_fields(model, lay, qkv, o, up, downs, all_readers, routers, post_names, sources, reads)
+    topo = _topo_fields(model, lay, qkv, o, up, downs, all_readers, routers, post_names, sources, reads, stream)
     topo["residual_issue"] = _residual_issue(model, post_names, blocked, res_bad)
     topo["gated"] = any(len(feeds[d]) >= 2 for d in downs)
+    topo["stream_readers"] = tuple(_expand_experts(stream, model, lay.path))
     return RawLayer(topo, sources, issues, feeds)
 
 
-def _topo_fields(model, lay, qkv, o, up, downs, readers, routers, post, sources, reads) -> dict:
-    g_src = {r: s for s, rs in sources.items() for r in rs}
+def _topo_fields(model, lay, qkv, o, up, downs, readers, routers, post, sources, reads, stream) -> dict:
+    g_src = {r: s for s, rs in sources.items() for r in rs if r in stream}  # norms of the residual stream only
     attn_norm = _main_source(qkv, g_src)
     mlp_norm = _main_source(up, g_src)
     parallel = reads["attn"] is not None and reads["attn"] == reads["mlp"]

@@ -140,13 +140,18 @@ def test_gqa_index_repeats_each_kv_head_for_its_query_heads():
     assert list(o.index) == [(c // 16 // 2) * 16 + c % 16 for c in range(64)]
 
 
-def test_unfused_experts_match_transformers_fused_module():
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_unfused_experts_match_transformers_fused_module(family):
     import transformers as tf
 
-    cfg = tf.MixtralConfig(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
-    fused = tf.models.mixtral.modeling_mixtral.MixtralExperts(cfg)
-    torch.nn.init.normal_(fused.gate_up_proj, std=0.2)
-    torch.nn.init.normal_(fused.down_proj, std=0.2)
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+        fused = tf.models.mixtral.modeling_mixtral.MixtralExperts(cfg)
+    else:  # [E, D, 2I] with interleaved gate/up, biases, clamped SwiGLU
+        cfg = tf.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+        fused = tf.models.gpt_oss.modeling_gpt_oss.GptOssExperts(cfg)
+    for p in fused.parameters():
+        torch.nn.init.normal_(p, std=0.5)
     holder = torch.nn.Module()
     holder.experts = fused
     ref_mod = copy.deepcopy(fused)
@@ -224,3 +229,35 @@ def test_the_traced_map_travels_with_deepcopy_and_is_traced_once(monkeypatch):
     arch = arch_of(m)
     monkeypatch.setattr(topo, "trace_architecture", lambda _m: (_ for _ in ()).throw(AssertionError("traced twice")))
     assert arch_of(copy.deepcopy(m)) is not None and arch_of(m) is arch
+
+
+def test_an_expert_no_calibration_token_reaches_still_gets_static_ranges():
+    import types
+
+    def never_e3(self, h):  # Mixtral's router with expert 3 masked out
+        logits = torch.nn.functional.linear(h.reshape(-1, self.hidden_dim), self.weight)
+        probs = logits.masked_fill(torch.arange(4) == 3, -1e9).softmax(-1)
+        top, idx = probs.topk(self.top_k, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), idx
+
+    m = tiny_model("mixtral")
+    ids = torch.randint(3, 128, (2, 16))
+    for lay in m.model.layers:
+        lay.mlp.gate.forward = types.MethodType(never_e3, lay.mlp.gate)
+    arch_of(m)
+    hit = torch.zeros(4, dtype=torch.long)
+
+    def count(_m, args, _out):
+        hit.add_(torch.bincount(args[1].flatten(), minlength=4))
+
+    hooks = [lay.mlp.experts.register_forward_hook(count) for lay in m.model.layers]
+    with torch.no_grad():
+        m(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    assert hit[3] == 0 and hit.sum() == 2 * 32 * 2  # ...on these tokens (layers x tokens x top-2)
+    q, applied = apply_recipe(m, PRESETS.get("w8a8-tensor-static"), ids, CPU)
+    e3 = q.model.layers[0].mlp.experts[3].gate_proj
+    e0, e1 = q.model.layers[0].mlp.experts[0].gate_proj, q.model.layers[0].mlp.experts[1].gate_proj
+    assert applied.notes["static_ranges_borrowed"] == 2 * 3  # layers x (gate, up, down) of expert 3
+    assert torch.equal(e3.a_hi, torch.maximum(torch.maximum(e0.a_hi, e1.a_hi), q.model.layers[0].mlp.experts[2].gate_proj.a_hi))

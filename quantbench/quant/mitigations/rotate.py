@@ -127,7 +127,7 @@ def fuse_norms(model: nn.Module, arch) -> None:
     if issue:
         raise QuantbenchError(f"rotate: {issue}")
     groups = [(arch.layer_path(i, p.prev), [arch.layer_path(i, r) for r in p.targets])
-              for i, t in enumerate(arch.layer_topos) for p in t.pairs_of(("qkv", "up"))]
+              for i, t in enumerate(arch.layer_topos) for p in t.pairs_of(("qkv", "up")) if p.prev in (t.attn_norm, t.mlp_norm)]
     groups.append((arch.final_norm, [arch.lm_head]))
     for norm_path, readers in groups:
         norm, kind = get_module(model, norm_path), arch.norm_kind_of(norm_path) or arch.norm_kind
@@ -220,7 +220,7 @@ class Rotate(Mitigation):
         skipped_heads = 0
         for i, layer in enumerate(get_module(model, arch.layers)):
             t = arch.layer(i)
-            for p in t.readers:  # routers included: their logits must not change
+            for p in t.stream_readers:  # routers included: their logits must not change
                 _rot_in(get_module(layer, p), q)
             for p in (t.o, *t.downs):
                 _rot_out(get_module(layer, p), q)
