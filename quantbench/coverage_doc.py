@@ -6,6 +6,33 @@ from .coverage import COLUMNS, Matrix
 README_BEGIN, README_END = "<!-- architectures:begin (tools/architectures.py) -->", "<!-- architectures:end -->"
 
 
+QUIRKS = [
+    "## How the families' quirks are handled", "",
+    "- Gemma's `(1 + w)` RMSNorm: SmoothQuant and AWQ divide `1 + w` by the scale; rotation folds `1 + w` into",
+    "  the matrices reading the norm and sets `w = 0` (the identity scale). Its embedding scale (sqrt(d), like",
+    "  Granite's embedding multiplier and residual / logit scalars) commutes with both.",
+    "- Sandwich norms (Gemma2/3, OLMo2: a weighted norm between a writer and the residual sum): smoothing into",
+    "  the pre-norms stays exact; rotating the residual stream cannot be, so rotation refuses. OLMo2 has no",
+    "  pre-norm (q/k/v and gate/up read the residual stream itself): only up -> down and v -> o are smoothed.",
+    "- Fused projections: the v rows of a fused q/k/v (GPT-2 `[q|k|v]`, Phi-3 `[q|k|v]` under GQA, GPT-NeoX per",
+    "  head `[q, k, v]`, Falcon multi-query `[q..|k|v]`) and Phi-3's up half of `gate_up_proj` are found by",
+    "  verification; v -> o, up -> down and the per-head rotation use exactly those rows. KV-cache quantization",
+    "  needs separate k/v projections and refuses fused ones.",
+    "- Parallel blocks (Phi, Falcon, GPT-NeoX, Cohere): a norm feeding attention and MLP is one pair whose",
+    "  scale every reader compensates (GPT-NeoX's two norms read the same residual: two pairs).",
+    "- Tied heads: rotation unties the head (declared as an added parameter, counted in the size).",
+    "- Grouped-query / multi-query attention: v -> o scales are repeated over each kv head's query heads.",
+    "- Activations: `act(gate) * up` and ReLU (positively homogeneous) keep up -> down exact; GELU, clamped",
+    "  SwiGLU (GPT-OSS) and the like do not, and have no such pair.",
+    "- Mixtures of experts: fused 3-D expert tensors become one `nn.Linear` per expert (function unchanged), so",
+    "  every expert is planned, quantized, calibrated (GPTQ Hessians, AWQ / SmoothQuant statistics on the",
+    "  tokens routed to it) and profiled. Routers (and Qwen2-MoE's `shared_expert_gate`) are compensated by",
+    "  smoothing and rotation, never quantized, and listed in the plan's `excluded`. An expert no calibration",
+    "  token reaches is left unscaled (RTN for GPTQ) and borrows its siblings' static activation ranges.",
+    "- Already-quantized checkpoints (GPTQ, AWQ, bitsandbytes, compressed-tensors, fp8, GGUF) are named at load in",
+    "  one line; kept-quantized ones are evaluated as loaded (`as-loaded`) and refuse re-quantization.", ""]
+
+
 def _topology_row(fam: str, a) -> str:
     if isinstance(a, str):
         return f"| {fam} | not mapped: {a.removeprefix(f'cannot map architecture {fam!r}: ')} |" + " |" * 7
@@ -49,6 +76,7 @@ def render(m: Matrix) -> str:
                 marks.append(cell.mark())
         lines.append(f"| {fam} | " + " | ".join(marks) + " |")
     lines += ["", "Reasons:", ""] + [f"{i + 1}. {r}" for i, r in enumerate(reasons)] + [""]
+    lines += QUIRKS
     lines += ["## Topology found by tracing", "",
               "Norm kind (rms: x/rms·w; rms+1: x/rms·(1+w), Gemma; layer: LayerNorm), head, embedding scale, block",
               "(parallel: attention and MLP read the same residual; sandwich: weighted norms between a writer and",
