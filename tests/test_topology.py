@@ -268,3 +268,33 @@ def test_half_precision_trace_finds_the_same_pairs(family):
     """bf16 rounding can flip MoE routing downstream; the half-precision check stays layer-local."""
     key = lambda a: sorted((p.kind, p.prev, p.targets, p.rows, p.index) for t in a.layer_topos for p in t.pairs)  # noqa: E731
     assert key(arch_of(tiny_model(family).to(torch.bfloat16))) == key(arch_of(tiny_model(family)))
+
+
+@pytest.mark.parametrize("family", ["phi", "falcon", "cohere"])
+def test_shared_norm_smoothing_compensates_attention_and_mlp(family):
+    """Issue 9 §3: where one norm feeds attention and MLP, SmoothQuant must scale every reader's columns
+    (before the fix only q/k/v were: logits moved by ~1.4x with one outlier channel)."""
+    from quantbench.coverage import _recipe
+    from quantbench.quant.apply import mitigate
+    from quantbench.quant.calibration import Calibration
+    from quantbench.quant.plugin import QuantContext
+
+    m = tiny_model(family)
+    arch = arch_of(m)
+    t = arch.layer(0)
+    assert t.parallel and t.mlp_norm is None
+    with torch.no_grad():
+        for i in range(arch.n_layers):
+            m.get_submodule(arch.layer_path(i, t.attn_norm)).weight[3] = 50.0  # an outlier channel into both branches
+    ids = torch.randint(3, 128, (4, 32))
+    mlp_in = m.get_submodule(arch.layer_path(0, t.up[0]))
+    before = mlp_in.weight[:, 3].clone()
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+    ctx = QuantContext(plan=prepare(m, _recipe("w8a8-tensor-static", "smoothquant")),
+                       calib=Calibration(ids, 4, CPU), arch=arch)
+    mitigate(m, ctx)
+    with torch.no_grad():
+        err = float((m(input_ids=ids).logits - ref).abs().max() / ref.abs().max())
+    assert err < 1e-4
+    assert float(mlp_in.weight[:, 3].abs().max()) > 5 * float(before.abs().max())  # the MLP took its share of s
