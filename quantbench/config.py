@@ -36,7 +36,8 @@ class EvalConfig(_Strict):
     batch_size: int = Field(4, ge=1)
     expected_fp_ppl: float | None = None  # sanity check: warn when FP ppl differs by > 10%
     word_ppl: bool = True  # also report word-level perplexity (exp(total NLL / words)), as lm-eval does
-    probe_windows: int = Field(1, ge=0)  # windows used for per-layer error / attention drift (0: off)
+    probe_windows: int = Field(1, ge=0)
+    ci_block: int = Field(128, ge=8)  # scored tokens per bootstrap unit of the paired intervals  # windows used for per-layer error / attention drift (0: off)
 
     @model_validator(mode="after")
     def _stride(self) -> "EvalConfig":
@@ -122,14 +123,14 @@ class RunConfig(_Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, prefix: str = "config: ") -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"config: {loc or '<root>'}: {msg}{more}"
+    return f"{prefix}{loc or '<root>'}: {msg}{more}"
 
 
 def validate(cls: type[BaseModel], data: dict[str, Any] | None):
@@ -140,23 +141,59 @@ def validate(cls: type[BaseModel], data: dict[str, Any] | None):
         raise ConfigError(_format_error(err)) from None
 
 
+def _yaml_error(p: Path, e: yaml.YAMLError) -> str:
+    """'config F is not valid YAML (line L, column C): problem' -- the position of the mistake kept."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"config {p} is not valid YAML{where}: {' '.join(str(problem).split())}"
+
+
 def read_yaml_mapping(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """A YAML file's top-level mapping plus the non-None overrides; one-line errors."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config {p}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read config {p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: [Errno {e.errno}] {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(_yaml_error(p, e)) from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config {p} must be a mapping at the top level")
     return {**(data or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
 
 
+def _recipe_label(i: int, entry: Any) -> str:
+    name = entry if isinstance(entry, str) else (entry.get("name") or entry.get("preset")) if isinstance(entry, dict) else None
+    return f"recipes[{i}]" + (f" ({name})" if isinstance(name, str) and name else "")
+
+
+def resolve_recipes(entries: Any) -> Any:
+    """Resolve each recipe entry; an error names the entry: `config: recipes[2] (my-w8a8): weights.bits: ...`."""
+    if not isinstance(entries, (list, tuple)):
+        return entries  # the field validator says what is wrong
+    out = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, Recipe):
+            out.append(entry)
+            continue
+        try:
+            out.append(resolve_recipe(entry))
+        except ValidationError as err:
+            raise ConfigError(_format_error(err, f"config: {_recipe_label(i, entry)}: ")) from None
+        except (ConfigError, ValueError, TypeError) as err:
+            msg = str(err).removeprefix("config: ").removeprefix("recipes: ")
+            raise ConfigError(f"config: {_recipe_label(i, entry)}: {' '.join(msg.split())}") from None
+    return out
+
+
 def parse_config(data: dict[str, Any]) -> RunConfig:
+    if isinstance(data, dict) and "recipes" in data:
+        data = {**data, "recipes": resolve_recipes(data["recipes"])}
     return validate(RunConfig, data)
 
 

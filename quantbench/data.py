@@ -22,6 +22,7 @@ class Corpus:
     calib_text: str
     eval_text: str
     source: str
+    split: str = "calibration and evaluation texts are disjoint"  # exactly how the two were obtained
 
     def fingerprint(self) -> dict[str, str]:
         return {k: hashlib.sha256(t.encode()).hexdigest()[:16]
@@ -38,50 +39,78 @@ def _split_text(text: str, fraction: float = assets.CALIB_FRACTION) -> tuple[str
     return "\n\n".join(paras[-n_cal:]), "\n\n".join(paras[:-n_cal])
 
 
-def _hub_corpus(name: str, dataset: str, config: str | None, calib_split: str, eval_split: str) -> Corpus:
+SPLIT_NOTE = (f"one text split disjointly: the last {assets.CALIB_FRACTION:.0%} of its documents (paragraphs) "
+              f"calibrate, the first {1 - assets.CALIB_FRACTION:.0%} evaluate")
+HUB_DOCS = 20000  # documents read from a hub split
+
+
+def _hub_text(dataset: str, config: str | None, split: str) -> str:
+    from datasets import load_dataset
+
+    kw = {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}} if dataset == "allenai/c4" else {}
+    ds = load_dataset(dataset, config, split=split if not kw else "validation", **kw)
+    col = "text" if "text" in ds.column_names else ds.column_names[0]
+    return "\n\n".join(t for t in ds[col][:HUB_DOCS] if t and t.strip())
+
+
+def _hub_corpus(name: str, dataset: str, config: str | None, calib_split: str | None, eval_split: str) -> Corpus:
+    """calib_split None: the eval split is split disjointly (as the built-in corpora are)."""
+    where = f"hub dataset {dataset}" + (f"/{config}" if config else "")
     try:
-        from datasets import load_dataset
-
-        def text_of(split: str) -> str:
-            kw = {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}} if dataset == "allenai/c4" else {}
-            ds = load_dataset(dataset, config, split=split if not kw else "validation", **kw)
-            col = "text" if "text" in ds.column_names else ds.column_names[0]
-            return "\n\n".join(t for t in ds[col][:20000] if t and t.strip())
-
-        if dataset == "allenai/c4":
-            return Corpus(name, *_split_text(text_of("validation")), source=f"hub dataset {dataset}")
-        return Corpus(name, text_of(calib_split), text_of(eval_split), source=f"hub dataset {dataset}/{config}")
+        if calib_split is None:
+            calib, ev = _split_text(_hub_text(dataset, config, eval_split))
+            split = f"split '{eval_split}' (first {HUB_DOCS} documents), {SPLIT_NOTE}"
+        else:
+            calib, ev = _hub_text(dataset, config, calib_split), _hub_text(dataset, config, eval_split)
+            split = (f"calibration: split '{calib_split}', evaluation: split '{eval_split}' "
+                     f"(first {HUB_DOCS} documents of each; disjoint splits)")
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one line
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise QuantbenchError(f"cannot load corpus '{name}' from the Hugging Face hub ({first}); "
                               "offline alternatives: corpus 'wiki', 'news', or a local text file") from None
+    if not ev.strip() or not calib.strip():
+        raise QuantbenchError(f"corpus '{name}': the {where} split has too little text for disjoint "
+                              "calibration and evaluation parts")
+    return Corpus(name, calib, ev, source=where, split=split)
+
+
+def _read_corpus_file(p: Path) -> str:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QuantbenchError(f"cannot read corpus file {p}: it is damaged or not UTF-8 text (byte {e.start}: "
+                              f"{e.reason}); convert it to UTF-8 or use another file") from None
+    except OSError as e:
+        raise QuantbenchError(f"cannot read corpus file {p}: [Errno {e.errno}] {e.strerror}") from None
+    if not text.strip():
+        raise QuantbenchError(f"corpus file {p} is empty")
+    if "\x00" in text:
+        raise QuantbenchError(f"corpus file {p} is damaged (it contains NUL bytes); use a plain text file")
+    return text
 
 
 def load_corpus(name: str) -> Corpus:
     if name in assets.CORPORA:
-        paths = assets.ensure_corpus(name)
-        return Corpus(name, paths["calib"].read_text(), paths["eval"].read_text(), assets.CORPORA[name][2])
+        paths = assets.ensure_corpus(name)  # verifies the checksums written at extraction
+        return Corpus(name, paths["calib"].read_text(encoding="utf-8"), paths["eval"].read_text(encoding="utf-8"),
+                      assets.CORPORA[name][2], split=f"built-in split: {SPLIT_NOTE}")
     if name in HUB_CORPORA:
         ds, cfg, cs, es = HUB_CORPORA[name]
-        return _hub_corpus(name, ds, cfg, cs, es)
+        return _hub_corpus(name, ds, cfg, None if ds == "allenai/c4" else cs, es)
     if name.startswith("hf:"):
         parts = name[3:].split(":")
-        if len(parts) not in (2, 3):
+        if len(parts) not in (2, 3) or not all(parts):
             raise QuantbenchError(f"corpus '{name}': use hf:<dataset>:<split> or hf:<dataset>:<config>:<split>")
         ds, cfg, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
-        return _hub_corpus(name, ds, cfg, split, split)
+        return _hub_corpus(name, ds, cfg, None, split)
     p = Path(name).expanduser()
     if not p.exists():
         raise QuantbenchError(f"unknown corpus '{name}': not a built-in (wiki, news, wikitext2, c4), "
                               "not hf:<dataset>:<split>, and no such file")
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise QuantbenchError(f"cannot read corpus file {p}: {e}") from None
-    if not text.strip():
-        raise QuantbenchError(f"corpus file {p} is empty")
-    calib, ev = _split_text(text)
-    return Corpus(name, calib, ev, source=f"local file {p}")
+    if p.is_dir():
+        raise QuantbenchError(f"corpus '{name}' is a folder; give a text file")
+    calib, ev = _split_text(_read_corpus_file(p))
+    return Corpus(name, calib, ev, source=f"local file {p}", split=SPLIT_NOTE)
 
 
 def _tokens(tokenizer, text: str, n_needed: int) -> torch.Tensor:
@@ -103,7 +132,8 @@ class Windows:
     protocol: dict
 
 
-def eval_windows(tokenizer, text: str, seq_len: int, stride: int, max_windows: int, bos: bool, what: str = "eval") -> Windows:
+def eval_windows(tokenizer, text: str, seq_len: int, stride: int, max_windows: int, bos: bool,
+                 setting: str = "eval.seq_len") -> Windows:
     """Fixed-length windows every `stride` tokens. With bos, each window is [BOS] + (seq_len-1) text tokens
     and BOS is never a target. With stride < seq_len only the last `stride` targets of a window are
     scored (the rest is context), so every text token is scored exactly once."""
@@ -112,8 +142,8 @@ def eval_windows(tokenizer, text: str, seq_len: int, stride: int, max_windows: i
     need = body + step * (max_windows - 1)
     ids = _tokens(tokenizer, text, need)
     if len(ids) < body:
-        raise QuantbenchError(f"{what} corpus too short: {len(ids)} tokens, one window needs {body}; "
-                              "lower eval.seq_len or use a longer corpus")
+        raise QuantbenchError(f"evaluation corpus too short: {len(ids)} tokens, one window of {setting}="
+                              f"{seq_len} needs {body}; lower {setting} or use a longer corpus")
     n = min(max_windows, 1 + (len(ids) - body) // step)
     rows, starts = [], []
     for i in range(n):
@@ -129,13 +159,15 @@ def eval_windows(tokenizer, text: str, seq_len: int, stride: int, max_windows: i
     return Windows(torch.stack(rows), torch.tensor(starts), protocol)
 
 
-def calibration_batches(tokenizer, text: str, n: int, seq_len: int, seed: int, bos: bool = True) -> torch.Tensor:
-    """n random windows of seq_len tokens from the calibration text (seeded) -> [n, seq_len]."""
+def calibration_batches(tokenizer, text: str, n: int, seq_len: int, seed: int, bos: bool = True,
+                        setting: str = "corpus.calib_seq_len", what: str = "calibration") -> torch.Tensor:
+    """n random windows of seq_len tokens from the calibration text (seeded) -> [n, seq_len].
+    `setting` names the config key that sets seq_len (the one a too-short text asks to lower)."""
     body = seq_len - 1 if bos else seq_len
     ids = _tokens(tokenizer, text, body * n * 4)
     if len(ids) < body + 1:
-        raise QuantbenchError(f"calibration corpus too short: {len(ids)} tokens, need {body + 1}; "
-                              "lower corpus.calib_seq_len or use a longer corpus")
+        raise QuantbenchError(f"{what} corpus too short: {len(ids)} tokens, {setting}={seq_len} needs {body + 1}; "
+                              f"lower {setting} or use a longer corpus")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - body, (n,), generator=g)
     rows = [ids[s: s + body] for s in starts.tolist()]

@@ -1,7 +1,9 @@
 """Run manifest: everything needed to know what produced a result."""
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
+import json
 import platform
 import subprocess
 import sys
@@ -14,9 +16,14 @@ PACKAGES = ("quantbench", "torch", "transformers", "accelerate", "bitsandbytes",
             "lm-eval", "pandas", "gguf", "safetensors")
 
 
-def package_versions() -> dict[str, str | None]:
+# Packages whose version can change a row's numbers (kernels, tokenization, task scoring, loading).
+NUMERIC_PACKAGES = ("quantbench", "torch", "transformers", "tokenizers", "accelerate", "bitsandbytes",
+                    "optimum-quanto", "lm-eval", "compressed-tensors", "torchao", "gguf", "safetensors")
+
+
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
     out = {}
-    for p in PACKAGES:
+    for p in packages:
         try:
             out[p] = md.version(p)
         except md.PackageNotFoundError:
@@ -53,3 +60,39 @@ def build_manifest(cfg, model_info: dict, corpus_info: dict, protocol: dict) -> 
         "eval_protocol": protocol,
         "config_fingerprint": cfg.fingerprint(),
     }
+
+
+# ---------------------------------------------------------------- what the rows depend on
+def run_inputs(cfg, model_info: dict, corpus_fingerprint: dict) -> dict:
+    """Everything besides the recipe that changes a row: model content, corpus content, the
+    settings of evaluation/calibration/tasks, the device and dtype, and package versions."""
+    settings = cfg.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend", "recipes", "model",
+                                                    "threads", "device", "census"})
+    settings["corpus"].pop("name", None)  # the content is keyed, not the name
+    return {"model": {"content": model_info.get("content_fingerprint"), "tensors": model_info.get("fingerprint"),
+                      "dtype": model_info.get("dtype")},
+            "corpus": dict(corpus_fingerprint),
+            "settings": settings,
+            "device": str(model_info.get("device", "")).split(":")[0],
+            "packages": package_versions(NUMERIC_PACKAGES)}
+
+
+def inputs_key(inputs: dict, census: dict | None = None) -> str:
+    """Short hash of `inputs` (plus the census settings for the census's own key)."""
+    blob = json.dumps({"inputs": inputs, "census": census}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _flat(d, prefix: str = "") -> dict[str, object]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def changed_inputs(old: dict, new: dict) -> list[str]:
+    """Dotted names of what differs, e.g. ['corpus.eval', 'settings.eval.seq_len', 'packages.torch']."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -49,8 +49,139 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------- damaged files
+_HF_JSON = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "vocab.json", "added_tokens.json"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".model", ".tiktoken")  # weights and tokenizer models
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, this process
+
+
+def _damaged(p: Path, why: str, repair: str) -> QuantbenchError:
+    return QuantbenchError(f"model file {p} is damaged ({why}); {repair}")
+
+
+def _first(e: BaseException) -> str:
+    """An exception's message on one line (long library messages are cut at 200 characters)."""
+    text = " ".join(str(e).split())
+    return (text[:200] + ("..." if len(text) > 200 else "")) if text else type(e).__name__
+
+
+def check_json_file(p: Path, repair: str) -> None:
+    try:
+        json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _damaged(p, f"not valid JSON: {_first(e)}", repair) from None
+
+
+def check_safetensors(p: Path, repair: str) -> None:
+    """The header parses and the file is exactly as long as the header says (truncation, overwritten header)."""
+    size = p.stat().st_size
+    try:
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 1 or n > size - 8:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise _damaged(p, f"unreadable safetensors header: {_first(e)}", repair) from None
+    if 8 + n + end != size:
+        raise _damaged(p, f"{size} bytes, its header describes {8 + n + end}", repair)
+
+
+def check_gguf(p: Path, repair: str) -> None:
+    """GGUF header, metadata and tensor table parse, and every tensor lies inside the file."""
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(p)
+    except ImportError:
+        return
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError, struct errors...
+        raise _damaged(p, f"not a readable GGUF file: {_first(e)}", repair) from None
+
+
+def _is_model_json(name: str) -> bool:
+    return name in _HF_JSON or name.endswith(".index.json")
+
+
+def _is_model_file(name: str) -> bool:
+    return _is_model_json(name) or name.endswith(_WEIGHT_SUFFIXES) or name == "merges.txt"
+
+
+def check_model_files(folder: Path, repair: str) -> None:
+    """Cheap structural checks of a local model's files, so damage is one line naming the file."""
+    for p in sorted(folder.iterdir()):
+        if not p.is_file():
+            continue
+        if _is_model_json(p.name):
+            check_json_file(p, repair)
+        elif p.suffix == ".safetensors":
+            check_safetensors(p, repair)
+
+
+def _digest(p: Path) -> str:
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = assets.sha256_file(p)
+    return _DIGESTS[key]
+
+
+def files_fingerprint(folder: Path, only: str | None = None) -> str:
+    """Content hash of a local model's weight, config and tokenizer files (or of the one file `only`)."""
+    h = hashlib.sha256()
+    names = [only] if only else sorted(p.name for p in folder.iterdir() if p.is_file() and _is_model_file(p.name))
+    for name in names:
+        h.update(name.encode())
+        h.update(_digest(folder / name).encode())
+    return h.hexdigest()[:16]
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep in spec and Path(spec).suffix != ""
+
+
+@dataclass
+class _Source:
+    """Where a model spec points: what from_pretrained reads, and the local folder (None: hub)."""
+
+    src: str
+    local: Path | None
+    repair: str
+    info: dict
+    gguf_file: str | None = None
+
+
+def _resolve(spec: str) -> _Source:
+    """The model spec -> its source; checks the local files so that damage names the file."""
+    path = Path(spec).expanduser()
+    if spec == "default":
+        folder = assets.ensure_default_model()  # verifies the checksums written at conversion
+        meta = assets.read_meta(folder, "model") or {}
+        files = json.dumps(meta.get("files", {}), sort_keys=True).encode()
+        info = dict(source=meta.get("description", "default model"), caveat=meta.get("caveat"), path=str(folder),
+                    content_fingerprint=hashlib.sha256(files).hexdigest()[:16])
+        s = _Source(str(folder), folder, assets.REPAIR, info)
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise QuantbenchError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
+        s = _Source(str(path), path, "re-download or re-save the model", {"source": f"local folder {path}"})
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise QuantbenchError(f"model file not found: {path}")
+        s = _Source(str(path.parent), path.parent, "re-download or re-export the GGUF file",
+                    {"source": f"local GGUF {path}", "caveat": "weights were dequantized from GGUF"}, path.name)
+    elif _looks_like_path(spec) or path.exists():
+        raise QuantbenchError(f"model path not found or not a model: {spec}")
+    else:
+        return _Source(spec, None, "", {"source": f"hub id {spec}"})
+    if s.gguf_file:
+        check_gguf(s.local / s.gguf_file, s.repair)
+    else:
+        check_model_files(s.local, s.repair)
+    s.info.setdefault("content_fingerprint", files_fingerprint(s.local, s.gguf_file))
+    return s
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedModel:
@@ -60,42 +191,23 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
 
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
-    kwargs: dict = {"dtype": tdtype, "attn_implementation": attn_implementation}
-    info: dict = {"spec": spec}
-    path = Path(spec).expanduser()
-    if spec == "default":
-        folder = assets.ensure_default_model()
-        src, tok_src = str(folder), str(folder)
-        meta = json.loads((folder / "quantbench_asset.json").read_text())
-        info.update(source=meta["description"], caveat=meta["caveat"], path=str(folder))
-    elif path.is_dir():
-        if not (path / "config.json").exists():
-            raise QuantbenchError(f"model folder {path} has no config.json (not a Hugging Face model folder)")
-        src, tok_src = str(path), str(path)
-        info.update(source=f"local folder {path}")
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise QuantbenchError(f"model file not found: {path}")
-        src, tok_src = str(path.parent), str(path.parent)
-        kwargs["gguf_file"] = path.name
-        info.update(source=f"local GGUF {path}", caveat="weights were dequantized from GGUF")
-    elif _looks_like_path(spec) or path.exists():
-        raise QuantbenchError(f"model path not found or not a model: {spec}")
-    else:
-        src, tok_src = spec, spec
-        info.update(source=f"hub id {spec}")
-    pq, extra = prequant.before_load(spec, src, path if "gguf_file" in kwargs else None)  # already quantized? (prequant.py)
-    kwargs.update(extra)
+    s = _resolve(spec)
+    info: dict = {"spec": spec, **s.info}
+    gguf = {"gguf_file": s.gguf_file} if s.gguf_file else {}
+    pq, extra = prequant.before_load(spec, s.src, s.local / s.gguf_file if s.gguf_file else None)  # prequant.py
     try:
-        tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
-        tokenizer = AutoTokenizer.from_pretrained(tok_src, **tok_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        if info["source"].startswith("hub id"):
-            first = str(e).strip().splitlines()[0][:160]
-            raise QuantbenchError(f"cannot load model '{spec}' from the Hugging Face hub ({first}); {OFFLINE_HINT}") from None
-        raise QuantbenchError(f"cannot load model '{spec}': {str(e).strip().splitlines()[0][:200]}") from None
-    prequant.after_load(model, pq, info)  # marks the model; one line in info["caveat"] (prequant.py)
+        tokenizer = AutoTokenizer.from_pretrained(s.src, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(s.src, dtype=tdtype, attn_implementation=attn_implementation,
+                                                     **gguf, **extra)
+    except Exception as e:  # noqa: BLE001 - hub failures, and local files the libraries cannot parse
+        if s.local is None and isinstance(e, (OSError, ValueError)):
+            raise QuantbenchError(f"cannot load model '{spec}' from the Hugging Face hub ({_first(e)}); {OFFLINE_HINT}") from None
+        if s.local is None:
+            raise
+        raise QuantbenchError(f"cannot load model '{spec}': {_first(e)} (a file there may be damaged; {s.repair})") from None
+    if s.local is None:
+        info["content_fingerprint"] = getattr(model.config, "_commit_hash", None)  # the hub revision
+    prequant.after_load(model, pq, info)  # marks an already-quantized model; one line in info["caveat"] (prequant.py)
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     model.to(dev).eval()

@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .arch import ArchSpec, LayerTopo, PairSpec
+from .archspec import ArchSpec, LayerTopo, PairSpec
 from .errors import UnsupportedArchitecture
-from .moe import ExpertList
+from .moe import ExpertList, fused_expert_modules, unfuse_experts
 from .surgery import in_features, out_features
-from .topology import LayerGraph, RawLayer, Tracer, _layer_list, _module_name, analyse_layer, trace_graph
+from .topology import (LayerGraph, RawLayer, Tracer, _expand_experts, _layer_list, _module_name, analyse_layer,
+                       trace_graph)
 from .trace import is_norm
 
 EXPERT = re.compile(r"\.\d+\.")
@@ -329,8 +330,6 @@ def _exists(b: Builder, i: int, p: PairSpec) -> bool:
 
 
 def _expand(names: list[str], model: nn.Module, layer_path: str) -> list[str]:
-    from .topology import _expand_experts
-
     return _expand_experts(names, model, layer_path)
 
 
@@ -381,3 +380,20 @@ def build_spec(model: nn.Module) -> ArchSpec:
                     layer_topos=tuple(topos), tied=hw is not None and hw is getattr(emb, "weight", None),
                     embed_scale=_embed_scale(model, emb, ids, x0), head_dim=b.hd, n_heads=b.h,
                     n_kv_heads=b.kv_heads, norm_kinds=tuple(kinds.items()), notes=tuple(notes))
+
+
+def trace_architecture(model: nn.Module) -> ArchSpec:
+    """Unfuse MoE experts (in place, function unchanged), trace, verify: the model's ArchSpec, or one line."""
+    fam = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    try:
+        unfuse_experts(model)
+        fused = fused_expert_modules(model)
+        if fused:
+            raise UnsupportedArchitecture(f"experts stored as fused 3-D tensors of an unknown layout in {fused[0]}")
+        return build_spec(model)
+    except UnsupportedArchitecture as e:
+        raise UnsupportedArchitecture(f"cannot map architecture '{fam}': {e}") from None
+    except Exception as e:  # noqa: BLE001 - a model the tracer cannot run: one line, never a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UnsupportedArchitecture(f"cannot map architecture '{fam}': tracing failed ({type(e).__name__}: "
+                                      f"{first})") from None

@@ -13,18 +13,19 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, fileio, rundir
 from .census import run_census, write_census
 from .config import RunConfig, dump_config
-from .data import calibration_batches, eval_windows, load_corpus
-from .errors import QuantbenchError
+from .data import Windows, calibration_batches, eval_windows, load_corpus
+from .errors import ConfigError, QuantbenchError
 from .eval.suite import EvalSuite
-from .manifest import build_manifest
-from .models import load_model
+from .manifest import build_manifest, changed_inputs, inputs_key, run_inputs
+from .models import LoadedModel, load_model
 from .arch import arch_or_none
 from .census.quick import outlier_note
 from .log import log
-from .quant.apply import mitigate, prepare, quantize
+from .quant.apply import mitigate, quantize
+from .quant.apply import prepare as plan_recipe
 from .quant.calibration import Calibration
 from .quant.effects import Effects
 from .quant.plugin import BackendUnavailable, QuantContext
@@ -40,42 +41,40 @@ def run_dir_for(cfg: RunConfig, config_name: str = "run") -> Path:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    fileio.atomic_write_json(path, obj)
 
 
 def load_rows(path: Path) -> dict[str, dict]:
-    rows: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by an interruption
-            rows[r["recipe"]] = r
-    return rows
-
-
-def _append_row(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, default=str) + "\n")
-        f.flush()
+    """The last row of each recipe in a rows.jsonl (read only; a cut last line is ignored)."""
+    return fileio.latest_by_recipe(fileio.read_rows(path))
 
 
 def _recipe_key(recipe) -> str:
     return json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
 
 
-def run(cfg: RunConfig, config_name: str = "run") -> Path:
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = run_dir_for(cfg, config_name)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    log(f"run directory: {out}")
+@dataclass
+class Prepared:
+    """What a run needs, built and checked before the run directory is created."""
 
+    lm: LoadedModel
+    windows: Windows
+    calib: Calibration
+    census_batches: torch.Tensor | None
+    suite: EvalSuite
+    manifest: dict
+    inputs: dict
+    rows_key: str
+    census_key: str
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load and check everything a bad input could break (config paths, model, corpus lengths,
+    recipes, tasks) -- before anything is written, so a failed run leaves no directory behind."""
+    inc = cfg.tasks.include_path
+    if inc and not Path(inc).expanduser().is_dir():
+        raise ConfigError(f"config: tasks.include_path: no such folder: {inc}")
+    corpus = load_corpus(cfg.corpus.name)  # cheap checks first: a bad corpus fails before the model loads
     t0 = time.perf_counter()
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     model, tok, device = lm.model, lm.tokenizer, next(lm.model.parameters()).device
@@ -84,41 +83,129 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
     if lm.info.get("caveat"):
         log(f"note: {lm.info['caveat']}")
     for r in cfg.recipes:  # every recipe checked before any work
-        prepare(model, r)
-    n_params = sum(p.numel() for p in model.parameters())
+        plan_recipe(model, r)
 
-    corpus = load_corpus(cfg.corpus.name)
-    e = cfg.eval
+    e, c = cfg.eval, cfg.census
     windows = eval_windows(tok, corpus.eval_text, e.seq_len, e.effective_stride, e.max_windows, e.bos)
     calib_ids = calibration_batches(tok, corpus.calib_text, cfg.corpus.calib_samples, cfg.corpus.calib_seq_len, cfg.seed)
     calib = Calibration(calib_ids, e.batch_size, device, base_key=lm.info["fingerprint"])
+    cb = calibration_batches(tok, corpus.eval_text, c.samples, c.seq_len, cfg.seed,
+                             setting="census.seq_len", what="census") if c.enabled else None
     protocol = {**windows.protocol, "perplexity": "exp(mean token NLL over scored positions)",
                 "kl": "mean KL(P_fp || P_q) over scored positions, nats", "calibration": {
                     "split": "calib", "samples": len(calib_ids), "seq_len": calib_ids.shape[1], "seed": cfg.seed}}
     suite = EvalSuite.prepare(cfg, tok, windows, device)
     protocol.update(suite.protocol())
     corpus_info = {"name": corpus.name, "source": corpus.source, "fingerprint": corpus.fingerprint(),
-                   "split": "calibration and evaluation texts are disjoint"}
-    _write_json(out / "manifest.json", {**build_manifest(cfg, lm.info, corpus_info, protocol),
-                                         "config_name": config_name})
+                   "split": corpus.split}
+    inputs = run_inputs(cfg, lm.info, corpus.fingerprint())
+    rows_key = inputs_key(inputs)
+    census_key = inputs_key(inputs, cfg.census.model_dump(mode="json"))
+    manifest = {**build_manifest(cfg, lm.info, corpus_info, protocol), "inputs_key": rows_key}
+    return Prepared(lm, windows, calib, cb, suite, manifest, inputs, rows_key, census_key)
 
-    if cfg.census.enabled and not (out / "census.json").exists():
-        c = cfg.census
-        t1 = time.perf_counter()
-        cb = calibration_batches(tok, corpus.eval_text, c.samples, c.seq_len, cfg.seed)
-        census = run_census(model, cb, tok, c, e.batch_size)
-        write_census(census, out, c.plots)
-        s = census["summary"]
-        log(f"census ({time.perf_counter() - t1:.1f}s): max |x| {s['max_abs']:.0f} ({s['max_ratio']:.0f}x median), "
-            f"outlier layers {len(s['outlier_layers'])}, dims {s['outlier_dims']}, "
-            f"first-token attention {s['mean_first_token_attn'] or 0:.2f}")
 
-    rows_path = out / "rows.jsonl"
-    done = {k: v for k, v in load_rows(rows_path).items() if v.get("status") == "ok"}
-    keys = {r.name: _recipe_key(r) for r in cfg.recipes}
-    done = {k: v for k, v in done.items() if k in keys and v.get("recipe_key") == keys[k]}
+def run(cfg: RunConfig, config_name: str = "run") -> Path:
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = run_dir_for(cfg, config_name)
+    rundir.check_output_dir(out)
+    lock = rundir.RunLock(out)
+    try:
+        if out.is_dir():  # an existing run directory: say at once when another process writes it
+            lock.acquire()
+        p = prepare(cfg)
+        rundir.make_dir(out)
+        lock.acquire()
+        _run_in(out, cfg, config_name, p)
+    finally:
+        lock.release()
+    log(f"results: {out / 'results.md'}")
+    return out
+
+
+def _run_in(out: Path, cfg: RunConfig, config_name: str, p: Prepared) -> None:
+    """The locked part of a run: resume, census, sweep, tables and report."""
+    log(f"run directory: {out}")
+    store = fileio.RowStore(out / "rows.jsonl")
+    done = _resume(out, store, p, cfg)
+    fileio.atomic_write_text(out / "config.yaml", dump_config(cfg))
+    _write_json(out / "manifest.json", {**p.manifest, "config_name": config_name})
+    _write_json(out / STATE, {"rows_key": p.rows_key, "census_key": p.census_key, "inputs": p.inputs})
+    try:
+        if cfg.census.enabled and not (out / "census.json").exists():
+            _census(cfg, p, out)
+        _sweep(cfg, p, store, done)
+    except KeyboardInterrupt:
+        _stopped(cfg, out, done)
+        raise
+    rows = [done[r.name] for r in cfg.recipes if r.name in done]
+    df = to_frame(rows)
+    write_tables(df, out)
+    print(markdown(df))
+    finish_report(out, df, cfg)
+
+
+STATE = "inputs.json"  # the keys of what the rows and the census in this directory were computed from
+CENSUS_FILES = ("census.json", "census.md")
+TABLE_FILES = ("results.csv", "results.md", "layers.csv", "recommendation.txt", "report.html")
+
+
+def _resume(out: Path, store: fileio.RowStore, p: Prepared, cfg: RunConfig) -> dict[str, dict]:
+    """Finished rows of the same recipe and inputs. Rows from other inputs are moved to
+    rows.stale.jsonl (never mixed with new ones) and the tables made from them deleted; a stale
+    or damaged census is deleted."""
+    state = fileio.read_json_or_none(out / STATE) or {}
+    rows = store.load()
+    keep = [r for r in rows if r.get("inputs_key") == p.rows_key]
+    stale = [r for r in rows if r.get("inputs_key") != p.rows_key]
+    if stale:
+        what = changed_inputs(state.get("inputs", {}), p.inputs) if state.get("inputs") else []
+        fileio.RowStore(out / fileio.STALE_ROWS).append_many(stale)
+        store.rewrite(keep)
+        log(f"inputs changed since {len(stale)} row(s) were computed ({', '.join(what[:4]) or 'unknown inputs'}): "
+            f"they were moved to {fileio.STALE_ROWS} and are recomputed")
+        for name in TABLE_FILES:
+            (out / name).unlink(missing_ok=True)
+    census_ok = fileio.read_json_or_none(out / "census.json") is not None and state.get("census_key") == p.census_key
+    if not census_ok and (out / "census.json").exists():
+        log("census.json is damaged or from other inputs: discarded" + (", recomputed" if p.census_batches is not None else ""))
+    if not census_ok:  # census.md and the plots belong to the census.json they were made with
+        for f in [out / name for name in CENSUS_FILES] + sorted(out.glob("census_*.png")):
+            f.unlink(missing_ok=True)
+    keys = {r.name: _recipe_key(r) for r in cfg.recipes}  # a changed recipe is recomputed
+    done = {k: v for k, v in fileio.latest_by_recipe(keep).items()
+            if v.get("status") == "ok" and v.get("recipe_key") == keys.get(k)}
     if done:
         log(f"resuming: {len(done)} finished row(s) kept ({', '.join(done)})")
+    return done
+
+
+def _census(cfg: RunConfig, p: Prepared, out: Path) -> None:
+    t1 = time.perf_counter()
+    census = run_census(p.lm.model, p.census_batches, p.lm.tokenizer, cfg.census, cfg.eval.batch_size)
+    write_census(census, out, cfg.census.plots)
+    s = census["summary"]
+    log(f"census ({time.perf_counter() - t1:.1f}s): max |x| {s['max_abs']:.0f} ({s['max_ratio']:.0f}x median), "
+        f"outlier layers {len(s['outlier_layers'])}, dims {s['outlier_dims']}, "
+        f"first-token attention {s['mean_first_token_attn'] or 0:.2f}")
+
+
+def _stopped(cfg: RunConfig, out: Path, done: dict[str, dict]) -> None:
+    """Ctrl-C / SIGTERM: the tables for the finished rows, and what was kept."""
+    rows = [done[r.name] for r in cfg.recipes if r.name in done]
+    if rows:
+        write_tables(to_frame(rows), out)
+    log(f"stopped: {len(rows)} of {len(cfg.recipes)} recipe(s) finished; their rows are kept in "
+        f"{out / 'rows.jsonl'}" + (f" and tabled in {out / 'results.md'}" if rows else ""))
+
+
+def _sweep(cfg: RunConfig, p: Prepared, store: fileio.RowStore, done: dict[str, dict]) -> None:
+    """Every recipe not finished yet: apply, evaluate, append its row (`done` is updated in place)."""
+    model, suite, calib, e = p.lm.model, p.suite, p.calib, cfg.eval
+    n_params, out = sum(t.numel() for t in model.parameters()), store.path.parent
+    keys = {r.name: _recipe_key(r) for r in cfg.recipes}
     ref, fp_ppl, fp_eval = None, None, None
     fp_notes: dict = {}  # the FP model's outlier note, computed once for the rows of mitigated recipes
     for recipe in cfg.recipes:
@@ -133,7 +220,7 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
             if e.expected_fp_ppl and abs(fp_ppl / e.expected_fp_ppl - 1) > 0.10:
                 log(f"warning: FP perplexity {fp_ppl:.2f} differs from the expected {e.expected_fp_ppl} by more than 10%")
         if recipe.is_fp:  # the reference pass already measured it
-            size = measure_size(model, prepare(model, recipe), Effects(), n_params)
+            size = measure_size(model, plan_recipe(model, recipe), Effects(), n_params)
             row = {"recipe": recipe.name, "status": "ok", "mode": "fp", "bits_per_weight": size.bits_per_weight,
                    "size_mb": round(size.mb, 2), "ppl": fp_eval.ppl, "delta_ppl_pct": 0.0, "kl": 0.0,
                    "top1": 1.0, "eval_tok_s": round(fp_eval.tok_per_s, 1), "calib_s": 0.0,
@@ -142,17 +229,11 @@ def run(cfg: RunConfig, config_name: str = "run") -> Path:
         else:
             row = _run_recipe(model, recipe, RecipeEnv(calib, suite, fp_ppl, n_params, out, fp_notes))
         row["recipe_key"] = keys[recipe.name]
-        _append_row(rows_path, row)
+        row["inputs_key"] = p.rows_key
+        store.append(row)
         done[recipe.name] = row
         log(f"{recipe.name}: {row['status']}" + (f", ppl {row['ppl']:.3f} ({row['delta_ppl_pct']:+.1f}%), "
                                                   f"KL {row['kl']:.4f}, top-1 {row['top1']:.3f}" if row["status"] == "ok" else ""))
-    rows = [done[r.name] for r in cfg.recipes if r.name in done]
-    df = to_frame(rows)
-    write_tables(df, out)
-    print(markdown(df))
-    finish_report(out, df, cfg)
-    log(f"results: {out / 'results.md'}")
-    return out
 
 
 @dataclass
@@ -188,7 +269,7 @@ def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
     t0, ledger0 = time.perf_counter(), len(env.calib.ledger)
     try:
         qmodel = copy.deepcopy(model)
-        plan = prepare(qmodel, recipe)
+        plan = plan_recipe(qmodel, recipe)
         ctx = QuantContext(plan=plan, calib=env.calib, arch=arch_or_none(qmodel))
         notes: dict = {}
         if recipe.mitigations:
@@ -228,12 +309,14 @@ def profile(model_spec: str, corpus_name: str, out: Path, cfg: RunConfig) -> Pat
     """The census alone (the `profile` command)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    rundir.check_output_dir(out)
     lm = load_model(model_spec, cfg.device, cfg.dtype)
     corpus = load_corpus(corpus_name)
     c = cfg.census
-    batches = calibration_batches(lm.tokenizer, corpus.eval_text, c.samples, c.seq_len, cfg.seed)
+    batches = calibration_batches(lm.tokenizer, corpus.eval_text, c.samples, c.seq_len, cfg.seed,
+                                  setting="census.seq_len", what="census")
     census = run_census(lm.model, batches, lm.tokenizer, c, cfg.eval.batch_size)
-    out.mkdir(parents=True, exist_ok=True)
+    rundir.make_dir(out)
     write_census(census, out, c.plots)
     s = census["summary"]
     log(f"census ({census['seconds']:.1f}s): max |x| {s['max_abs']:.0f} ({s['max_ratio']:.0f}x median), "

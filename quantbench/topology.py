@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .arch import ArchSpec, LayerTopo
 from .errors import UnsupportedArchitecture
 from .hooks import eager_attention
-from .moe import ExpertList, fused_expert_modules, unfuse_experts
+from .moe import ExpertList
 from .trace import ADD, PASS_THROUGH, Graph, Span, is_norm, owns_matrix, record
 
 HEAD_OPS = {"matmul", "__matmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention", "softmax"}
@@ -365,25 +364,7 @@ def _residual_issue(model, post: list[str], blocked: list[str], res_bad: list[st
     return None
 
 
-__all__ = ["Tracer", "LayerGraph", "analyse_layer", "lca", "trace_architecture"]
-
-
-def trace_architecture(model: nn.Module) -> ArchSpec:
-    from .pairs import build_spec  # verification passes live there
-
-    fam = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-    try:
-        unfuse_experts(model)
-        fused = fused_expert_modules(model)
-        if fused:
-            raise UnsupportedArchitecture(f"experts stored as fused 3-D tensors of an unknown layout in {fused[0]}")
-        return build_spec(model)
-    except UnsupportedArchitecture as e:
-        raise UnsupportedArchitecture(f"cannot map architecture '{fam}': {e}") from None
-    except Exception as e:  # a model the tracer cannot run: one line, never a traceback
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UnsupportedArchitecture(f"cannot map architecture '{fam}': tracing failed ({type(e).__name__}: "
-                                      f"{first})") from None
+__all__ = ["Tracer", "LayerGraph", "analyse_layer", "lca", "trace_graph"]
 
 
 def trace_graph(model: nn.Module, n_tokens: int = 16, seed: int = 0) -> tuple[Graph, object, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Offline assets: pinned, verified, cached."""
 import pytest
 
-from quantbench import assets
+from quantbench import assets, offline
 from quantbench.errors import AssetError
 
 
@@ -35,7 +35,7 @@ def test_cached_assets_are_reused_without_download(monkeypatch):
     monkeypatch.setattr(assets.subprocess, "run", no_download)
     assert (assets.ensure_default_model() / "config.json").exists()
     assert assets.ensure_corpus("wiki")["eval"].stat().st_size > 1_000_000
-    assert {r["name"] for r in assets.list_assets() if r["cached"] == "True"} >= {"default", "wiki"}
+    assert {r["name"] for r in offline.list_assets() if r["cached"] == "True"} >= {"default", "wiki"}
 
 
 def test_wiki_markup_is_removed():

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from quantbench.errors import QuantbenchError
 from quantbench.eval.downstream import TaskSettings, evaluate_tasks, load_tasks, task_columns
-from quantbench.eval.taskpack import BIGBENCH_TASKS, PACK_TASKS, convert_bigbench, convert_mmlu, pack_dir
+from quantbench.taskpack import BIGBENCH_TASKS, PACK_TASKS, convert_bigbench, convert_mmlu, pack_dir
 
 DOCS = [{"question": f"Q: is {a} plus {b} equal to {a + b}?\nA:", "choices": ["yes", "no", "maybe"], "label": i % 3}
         for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1)])]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -59,6 +60,12 @@ def test_report_files_hold_the_runs_numbers(tiny_run: Path):
         assert csv.loc[name, "compression_x"] == pytest.approx(16 / r["bits_per_weight"], rel=1e-3)
         assert r["weight_bytes"] > 0 and r["word_ppl"] > 0
     assert csv.loc["w8a8-token", "layer_err_max"] > 0 and csv.loc["fp", "layer_err_max"] == 0
+    for name, r in rows.items():  # per-unit data for the intervals in every row, FP included
+        assert sum(r["unit_tokens"]) == r["n_tokens"] and len(r["unit_nll"]) == len(r["unit_kl"]) == 2
+        assert sum(r["unit_nll"]) / r["n_tokens"] == pytest.approx(math.log(r["ppl"]), rel=1e-9)
+        assert len(r["doc_acc:qb_test_local"]) == 4
+        assert csv.loc[name, "delta_ppl_lo"] <= csv.loc[name, "delta_ppl_pct"] <= csv.loc[name, "delta_ppl_hi"]
+        assert not [c for c in csv.columns if c.startswith(("unit_", "doc_"))]  # lists stay in rows.jsonl
     md = (tiny_run / "results.md").read_text()
     assert f"{rows['w4a16-g64']['ppl']:.4g}" in md
     layers = pd.read_csv(tiny_run / "layers.csv")
@@ -108,15 +115,28 @@ def test_cli_compare_and_recommend(tiny_run: Path, tmp_path: Path):
     r = CliRunner().invoke(app, ["compare", str(tiny_run), str(other), "--csv", str(tmp_path / "c.csv")])
     assert r.exit_code == 0, r.output
     assert "ppl [tiny]" in r.output and "ppl [other]" in r.output and (tmp_path / "c.csv").exists()
-    rows = sorted((json.loads(ln) for ln in (tiny_run / "rows.jsonl").read_text().splitlines()),
-                  key=lambda x: x["bits_per_weight"])
-    tol = round(max(sorted(r["delta_ppl_pct"] for r in rows)[1], 0.0) + 1e-4, 6)  # at least one recipe passes
-    expected = next(r for r in rows if r["delta_ppl_pct"] <= tol)
+    rows = pd.read_csv(tiny_run / "results.csv").sort_values("bits_per_weight").to_dict("records")
+    # the rule: the smallest recipe whose perplexity change is within tolerance at its 95% upper bound
+    tol = round(max(sorted(r["delta_ppl_hi"] for r in rows)[1], 0.0) + 1e-4, 6)  # at least one recipe passes
+    expected = next(r for r in rows if r["delta_ppl_hi"] <= tol)
     r = CliRunner().invoke(app, ["recommend", str(tiny_run), "--max-ppl-increase", f"{tol}%"])
     assert r.exit_code == 0, r.output
     assert f"-> {expected['recipe']}" in r.output and f"name: {expected['recipe']}" in r.output
     for smaller in rows[: rows.index(expected)]:
         assert f"x {smaller['recipe']}" in r.output
+    assert "uncertainty:" in r.output and "paired 95% intervals over" in r.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-ppl-increase", "nan"], "--max-ppl-increase: must be"),
+    (["--min-task-retention", "150%"], "--min-task-retention: must be between 0 and 100%")])
+def test_cli_recommend_rejects_impossible_tolerances_in_one_line(tiny_run: Path, args, words):
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "quantbench.cli", "recommend", str(tiny_run), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and words in r.stderr
 
 
 def _chromium() -> str | None:

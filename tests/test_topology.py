@@ -223,7 +223,7 @@ def test_post_norm_block_is_one_line_and_plain_quantization_still_runs():
 
 
 def test_the_traced_map_travels_with_deepcopy_and_is_traced_once(monkeypatch):
-    import quantbench.topology as topo
+    import quantbench.pairs as topo
 
     m = tiny_model("llama")
     arch = arch_of(m)

@@ -112,7 +112,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("over, msg", [
     ({"optim": {"stepz": 3}}, "optim.stepz: unknown key"),
-    ({"variants": ["softmax", "nope"]}, "unknown variant(s) nope"),
+    ({"variants": ["softmax", "sigmod"]}, "unknown attention variant 'sigmod' (did you mean 'sigmoid'?)"),
     ({"sweep": {"eval_seq_len": 32}}, "must not exceed model.context"),
     ({"model": {"hidden": 30, "heads": 4}}, "even head size"),
 ])

@@ -72,10 +72,15 @@ def _classes(c: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PLOTS = ("census_activations.png", "census_sinks.png", "census_weights.png", "census_token_classes.png")
+
+
+
 def write_plots(c: dict, out: Path) -> list[Path]:
-    from .report import PLOTS
+    from ..fileio import atomic_path
 
     paths = [out / name for name in PLOTS]
     for fn, p in zip((_activations, _sinks, _weights, _classes), paths):
-        fn(c, p)
+        with atomic_path(p) as tmp:  # a full disk never leaves half a PNG
+            fn(c, tmp)
     return paths

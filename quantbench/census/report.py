@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PLOTS = ("census_activations.png", "census_sinks.png", "census_weights.png", "census_token_classes.png")
+from .plots import PLOTS, write_plots
 
 
 def _f(x, fmt: str = ".3g") -> str:
@@ -97,14 +97,12 @@ def markdown(c: dict) -> str:
 
 def write_census(census: dict, out: Path, plots: bool = True) -> list[Path]:
     """Write census.json, census.md and (optionally) the plots into `out`; return the paths."""
+    from ..fileio import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "census.json", out / "census.md"]
-    tmp = paths[0].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(census, indent=1, default=str))
-    tmp.replace(paths[0])
-    paths[1].write_text(markdown(census))
+    atomic_write_text(paths[1], markdown(census))
     if plots:
-        from .plots import write_plots
-
         paths += write_plots(census, out)
+    atomic_write_text(paths[0], json.dumps(census, indent=1, default=str))  # last: it marks the census done
     return paths

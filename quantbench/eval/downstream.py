@@ -3,6 +3,8 @@
 Tasks are loaded once per run (the offline task pack is on lm-eval's include path; any other
 name is an lm-eval task, which needs the hub) and evaluated on each model variant with the
 same documents (`limit` takes the first N of the fixed, pre-shuffled order) and few-shot seed.
+lm-eval's per-sample log (`log_samples=True`) gives each document's correctness, ordered by
+doc_id, so two variants can be compared document by document (paired intervals, quantbench.stats).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import QuantbenchError
-from .taskpack import PACK_TASKS, ensure_task_pack
+from ..taskpack import PACK_TASKS, ensure_task_pack
 
 
 @dataclass(frozen=True)
@@ -102,16 +104,31 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: LoadedTasks, device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.batch_size, device=str(device))
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
-    out = evaluate(lm=lm, task_dict=tasks.task_dict, limit=s.limit, bootstrap_iters=100, log_samples=False)
+    out = evaluate(lm=lm, task_dict=tasks.task_dict, limit=s.limit, bootstrap_iters=100, log_samples=True)
     secs = time.perf_counter() - t0
-    res, n_samples = out["results"], out.get("n-samples", {})
-    return {t: {**_metrics(res, n_samples, t), "seconds": round(secs / len(res), 2)}
+    res, n_samples, samples = out["results"], out.get("n-samples", {}), out.get("samples") or {}
+    return {t: {**_metrics(res, n_samples, t), **per_document(samples.get(t, [])), "seconds": round(secs / len(res), 2)}
             for t in tasks.task_dict["tasks"]}
+
+
+def per_document(samples: list[dict]) -> dict[str, list[int]]:
+    """lm-eval's logged samples of one task -> {"docs_acc": [0/1 per document], "docs_acc_norm": [...]},
+    ordered by doc_id (the first filter's result when a task has several)."""
+    by_doc: dict = {}
+    for smp in samples:
+        by_doc.setdefault(smp.get("doc_id"), smp)
+    out: dict[str, list[int]] = {}
+    for metric in ("acc", "acc_norm"):
+        vals = [by_doc[k].get(metric) for k in sorted(by_doc)]
+        if vals and all(isinstance(v, (int, float)) for v in vals):
+            out[f"docs_{metric}"] = [int(round(float(v))) for v in vals]
+    return out
 
 
 def task_columns(results: dict[str, dict], metric: str = "acc") -> dict[str, float | int | None]:
     """Flatten per-task results into row columns: acc:<task>, acc_norm:<task>, acc_se:<task> (stderr of
-    acc), n:<task> (documents scored), and task_acc_mean (mean of `metric` over tasks)."""
+    acc), n:<task> (documents scored), task_acc_mean (mean of `metric` over tasks), and the per-document
+    lists doc_acc:<task> / doc_acc_norm:<task> (0/1 by doc_id, for paired intervals; kept out of CSV)."""
     row: dict[str, float | int | None] = {}
     vals = []
     for task, m in results.items():
@@ -119,6 +136,9 @@ def task_columns(results: dict[str, dict], metric: str = "acc") -> dict[str, flo
         row[f"acc_norm:{task}"] = m["acc_norm"]
         row[f"acc_se:{task}"] = m["acc_stderr"]
         row[f"n:{task}"] = m["n"]
+        for name in ("acc", "acc_norm"):
+            if m.get(f"docs_{name}") is not None:
+                row[f"doc_{name}:{task}"] = m[f"docs_{name}"]
         if m.get(metric) is not None:
             vals.append(m[metric])
     row["task_acc_mean"] = sum(vals) / len(vals) if vals else None

@@ -1,9 +1,11 @@
 """Everything measured on one model variant, prepared once per run.
 
 `EvalSuite.reference(model)` scores the FP model and keeps what the variants are compared
-with (its log-probs, its per-layer probe outputs, its task accuracies); `score(model)` scores a
-variant. Both return an LMEval and a dict of extra row columns (word perplexity, per-layer
-error, attention drift, task accuracy, peak memory).
+with (its fp32 logits in a temporary file, its per-layer probe outputs, its task accuracies);
+`score(model)` scores a variant. Both return an LMEval and a dict of extra row columns (word
+perplexity, per-layer error, attention drift, task accuracy, peak memory, and the per-unit data
+that paired intervals need: unit_nll, unit_tokens, unit_kl, unit_top1 per block of `ci_block`
+scored tokens, doc_acc:<task> / doc_acc_norm:<task> per document).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from ..log import log
 from .cost import peak_memory
 from .downstream import LoadedTasks, TaskSettings, evaluate_tasks, load_tasks, task_columns
 from .fidelity import LayerProbe, capture_probe, compare_to_probe
-from .lm import LMEval, RefBatch, count_words, evaluate_lm
+from .lm import DEFAULT_BLOCK, FPReference, LMEval, count_words, evaluate_lm
 
 
 @dataclass
@@ -30,8 +32,10 @@ class EvalSuite:
     probe_windows: int = 1
     tasks: LoadedTasks | None = None
     probe: LayerProbe | None = None
-    reference_logp: list[RefBatch] | None = None  # FP reference per batch (quantbench.eval.lm)
+    reference_logp: FPReference | None = None  # FP logits on the scored positions (quantbench.eval.lm)
     task_metric: str = "acc"
+    ci_block: int = DEFAULT_BLOCK  # scored tokens per bootstrap unit
+    spill_dir: str | None = None  # where the FP reference file goes (None: $TMPDIR)
 
     @classmethod
     def prepare(cls, cfg, tokenizer, windows: Windows, device: torch.device) -> "EvalSuite":
@@ -42,14 +46,23 @@ class EvalSuite:
             log(f"tasks: {', '.join(t.names)} (lm-eval {tasks.lm_eval_version}, limit {t.limit}, "
                  f"{t.num_fewshot}-shot)")
         n_words = count_words(tokenizer, windows) if e.word_ppl else None
-        return cls(windows, e.batch_size, device, tokenizer, n_words, e.probe_windows, tasks, task_metric=t.metric)
+        block = e.ci_block
+        return cls(windows, e.batch_size, device, tokenizer, n_words, e.probe_windows, tasks, task_metric=t.metric,
+                   ci_block=block)
 
     def protocol(self) -> dict:
         p: dict = {"word_perplexity": "exp(total NLL / whitespace words of the scored text)",
                    "scored_words": self.n_words,
                    "layer_error": f"per-token relative squared error of each decoder layer output vs FP, "
                                   f"first {self.probe_windows} window(s)" if self.probe_windows else None,
-                   "attention_drift": "mean over layers of the change in attention mass on the first key"}
+                   "attention_drift": "mean over layers of the change in attention mass on the first key",
+                   "kl_reference": "FP fp32 logits on every scored position (temporary file); "
+                                   "KL = log1p(E_p[expm1(-u) + u]), u = centred logit difference",
+                   "interval_units": f"blocks of {self.ci_block} consecutive scored tokens within a window; "
+                                     "documents for tasks",
+                   "intervals": "95%; paired percentile bootstrap over blocks (2000 resamples, seed 0) for "
+                                "delta_ppl and kl; Jeffreys-Dirichlet over the paired 2x2 document table for "
+                                "task accuracy deltas (quantbench.stats)"}
         if self.tasks is not None:
             s = self.tasks.settings
             p["tasks"] = {"names": list(s.names), "limit": s.limit, "num_fewshot": s.num_fewshot,
@@ -62,7 +75,7 @@ class EvalSuite:
         cols = task_columns(evaluate_tasks(model, self.tokenizer, self.tasks, self.device), self.task_metric)
         accs = ", ".join(f"{k[4:]} {v:.3f}" for k, v in cols.items() if k.startswith("acc:") and v is not None)
         log(f"  tasks ({time.perf_counter() - t0:.1f}s): {accs}")
-        return {**cols, "tasks_s": round(time.perf_counter() - t0, 2)}
+        return {**cols, "task_metric": self.task_metric, "tasks_s": round(time.perf_counter() - t0, 2)}
 
     def _extras(self, model: torch.nn.Module, res: LMEval, basis: torch.Tensor | None) -> dict:
         row: dict = {"word_ppl": res.word_ppl}
@@ -73,13 +86,30 @@ class EvalSuite:
             row.update(self._tasks(model))
         return row
 
+    @staticmethod
+    def _units(res: LMEval, fp: bool) -> dict:
+        """Per-unit sums for paired intervals; the FP row's KL is 0 and its top-1 agreement total."""
+        u = res.units
+        if u is None:
+            return {}
+        return {"ci_block": u.block, "unit_tokens": u.tokens, "unit_nll": u.nll,
+                "unit_kl": [0.0] * len(u.tokens) if fp else u.kl, "unit_top1": list(u.tokens) if fp else u.top1}
+
+    def close(self) -> None:
+        """Delete the FP reference file (it is also removed when the process exits)."""
+        if self.reference_logp is not None:
+            self.reference_logp.close()
+            self.reference_logp = None
+
     def reference(self, model: torch.nn.Module) -> tuple[LMEval, dict]:
+        self.close()
         with peak_memory(self.device) as mem:
             res, self.reference_logp = evaluate_lm(model, self.windows, self.batch_size, self.device,
-                                                   keep_reference=True, n_words=self.n_words)
+                                                   keep_reference=True, n_words=self.n_words,
+                                                   block=self.ci_block, spill_dir=self.spill_dir)
         if self.probe_windows:
             self.probe = capture_probe(model, self.windows.input_ids[: self.probe_windows], self.device)
-        row: dict = {"word_ppl": res.word_ppl, "peak_mem_mb": mem["peak_mem_mb"]}
+        row: dict = {"word_ppl": res.word_ppl, "peak_mem_mb": mem["peak_mem_mb"], **self._units(res, fp=True)}
         if self.probe is not None:
             n = len(self.probe.outputs)
             row.update(layer_err_max=0.0, layer_err_worst=None, layer_err_last=0.0, sink_drift=0.0,
@@ -92,6 +122,7 @@ class EvalSuite:
         """Score a variant; `effects` (quant.effects.Effects) tells in which basis its residual lives."""
         with peak_memory(self.device) as mem:
             res, _ = evaluate_lm(model, self.windows, self.batch_size, self.device,
-                                 reference=self.reference_logp, n_words=self.n_words)
+                                 reference=self.reference_logp, n_words=self.n_words, block=self.ci_block)
         basis = getattr(effects, "residual_basis", None)
-        return res, {**self._extras(model, res, basis), "peak_mem_mb": mem["peak_mem_mb"]}
+        return res, {**self._extras(model, res, basis), "peak_mem_mb": mem["peak_mem_mb"],
+                     **self._units(res, fp=False)}

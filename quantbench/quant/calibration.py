@@ -92,9 +92,11 @@ class Calibration:
 
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, mods: dict[str, nn.Module], batches: torch.Tensor, batch_size: int,
-                        device: torch.device, req: StatsRequest) -> dict[str, InputStats]:
+                        device: torch.device, req: StatsRequest,
+                        forward: Callable[[], None] | None = None) -> dict[str, InputStats]:
     """One pass over `batches` with input hooks on `mods` (inputs shared by several modules, e.g.
-    q/k/v, are accumulated once and reported under each name)."""
+    q/k/v, are accumulated once and reported under each name). forward: runs the pass instead of
+    the model over `batches` (e.g. one decoder layer on its captured inputs, quant/sequential.py)."""
     acc: dict[str, dict] = {}
     step = max(1, -(-batches.numel() // req.sample_tokens)) if req.sample_tokens else 0
 
@@ -114,7 +116,7 @@ def collect_input_stats(model: nn.Module, mods: dict[str, nn.Module], batches: t
             s["rows"].append(xc[::step].clone())  # [N / step, D]
 
     with input_hooks(mods, add, req.skip_first) as aliases:
-        run_batches(model, batches, batch_size, device)
+        forward() if forward is not None else run_batches(model, batches, batch_size, device)
     out = {}
     for name, s in acc.items():
         rows = s["rows"]

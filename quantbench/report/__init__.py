@@ -39,12 +39,35 @@ def run_recipes(run_dir: Path) -> dict[str, dict]:
 
 
 def read_census(run_dir: Path) -> dict | None:
-    p = run_dir / "census.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    """The run's census, or None when it is missing or damaged (`quantbench run` recomputes it)."""
+    from ..fileio import read_json_or_none
+
+    return read_json_or_none(run_dir / "census.json")
+
+
+def with_unit_data(run_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """Add the per-unit / per-document lists of rows.jsonl to a table read from results.csv (they are
+    what pairwise intervals between recipes need); unchanged when already there or not available."""
+    rows_path = run_dir / "rows.jsonl"
+    if "unit_nll" in df.columns or not rows_path.exists() or "recipe" not in df.columns:
+        return df
+    rows: dict[str, dict] = {}
+    for line in rows_path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by an interruption
+        if isinstance(r, dict) and "recipe" in r:
+            rows[r["recipe"]] = {k: v for k, v in r.items() if k == "recipe" or isinstance(v, list)}
+    if not rows:
+        return df
+    lists = pd.DataFrame(list(rows.values()))
+    return df.merge(lists[["recipe"] + [c for c in lists.columns if c != "recipe" and c not in df.columns]],
+                    on="recipe", how="left")
 
 
 def recommend_run(run_dir: Path, df: pd.DataFrame, tol: Tolerance) -> Recommendation:
-    return recommend(df, tol, read_census(run_dir), run_recipes(run_dir))
+    return recommend(with_unit_data(run_dir, df), tol, read_census(run_dir), run_recipes(run_dir))
 
 
 def finish_report(out: Path, df: pd.DataFrame, cfg) -> Recommendation:
@@ -53,7 +76,9 @@ def finish_report(out: Path, df: pd.DataFrame, cfg) -> Recommendation:
     tol = Tolerance(r.max_ppl_increase_pct, r.min_task_retention_pct, cfg.tasks.metric)
     rec = recommend_run(out, df, tol)
     text = rec.text()
-    (out / "recommendation.txt").write_text(text + "\n")
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(out / "recommendation.txt", text + "\n")
     path = write_html(df, out, text, cfg.tasks.metric)
     print("\n" + text)
     log(f"report: {path}")

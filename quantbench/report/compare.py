@@ -1,25 +1,66 @@
 """`quantbench compare RUN_DIR...`: one table across runs, aligned by recipe name."""
 from __future__ import annotations
 
-import json
+import csv
+import io
 from pathlib import Path
 
 import pandas as pd
 
 from ..errors import QuantbenchError
+from ..fileio import latest_by_recipe, read_json_or_none, read_rows
 from .tables import to_frame
 
 METRICS = ("bits_per_weight", "ppl", "delta_ppl_pct", "kl", "top1", "task_acc_mean")
 
 
+REWRITE = "rerun the same `quantbench run` command to rewrite it from rows.jsonl"
+
+
+def read_results_csv(path: Path) -> pd.DataFrame:
+    """results.csv, checked line by line: damage is an error naming the file and line, never an
+    empty or shortened table read as if it were whole."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise QuantbenchError(f"cannot read {path}: [Errno {e.errno}] {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise QuantbenchError(f"{path} line {line} is not UTF-8 text (damaged); "
+                              f"{REWRITE}") from None
+    if not text.strip():
+        raise QuantbenchError(f"{path} is empty; {REWRITE}")
+    if not text.endswith("\n"):
+        line = text.count("\n") + 1
+        raise QuantbenchError(f"{path} line {line} is cut short (the file is truncated); {REWRITE}")
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+        if "recipe" not in header:
+            raise QuantbenchError(f"{path} line 1 is not a results header (no 'recipe' column); {REWRITE}")
+        for rec in reader:
+            if rec and len(rec) != len(header):
+                raise QuantbenchError(f"{path} line {reader.line_num} has {len(rec)} fields, the header "
+                                      f"{len(header)}; {REWRITE}")
+    except csv.Error as e:
+        raise QuantbenchError(f"{path} line {reader.line_num} is not valid CSV ({e}); {REWRITE}") from None
+    return pd.read_csv(io.StringIO(text))
+
+
 def load_run(run_dir: Path) -> pd.DataFrame:
-    """A run's results table (results.csv, else rows.jsonl)."""
-    csv, rows = run_dir / "results.csv", run_dir / "rows.jsonl"
-    if csv.exists():
-        return pd.read_csv(csv)
+    """A run's results table (results.csv, else rows.jsonl); damage names the file and line."""
+    csv_path, rows = run_dir / "results.csv", run_dir / "rows.jsonl"
+    if not run_dir.is_dir():
+        raise QuantbenchError(f"{run_dir}: no such run directory")
+    if csv_path.exists():
+        return read_results_csv(csv_path)
     if rows.exists():
-        recs = [json.loads(ln) for ln in rows.read_text().splitlines() if ln.strip().startswith("{")]
-        return to_frame(list({r["recipe"]: r for r in recs}.values()))
+        recs = read_rows(rows)
+        if not recs:
+            raise QuantbenchError(f"{rows} holds no rows yet (the run finished no recipe); rerun it")
+        return to_frame(list(latest_by_recipe(recs).values()))
     raise QuantbenchError(f"{run_dir}: not a run directory (no results.csv or rows.jsonl)")
 
 
@@ -50,11 +91,10 @@ def run_context(run_dirs: list[Path]) -> list[str]:
     """One line per run: model, corpus and protocol, so a reader sees what differs."""
     lines = []
     for d, label in zip(run_dirs, _labels(run_dirs)):
-        m = d / "manifest.json"
-        if not m.exists():
-            lines.append(f"{label}: no manifest")
+        man = read_json_or_none(d / "manifest.json")
+        if man is None:
+            lines.append(f"{label}: no readable manifest.json")
             continue
-        man = json.loads(m.read_text())
         p = man.get("eval_protocol", {})
         lines.append(f"{label}: model {man.get('model', {}).get('source')}, corpus {man.get('corpus', {}).get('name')}, "
                      f"{p.get('windows')}x{p.get('seq_len')} tokens, dtype {man.get('dtype')}")

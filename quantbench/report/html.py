@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .plots import layer_error_plot, pareto_plot
-from .tables import COLUMNS, scalar_frame, task_names
+from .plots import layer_error_plot, pareto_plot, with_error_bounds
+from .tables import COLUMNS, scalar_frame, task_columns, task_names
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
@@ -27,15 +27,23 @@ def _table(df: pd.DataFrame, cls: str) -> str:
     return f'<div class="wide">{table}</div>'
 
 
+_INTERVALS = """<p>Intervals: <code>delta_ppl_lo/hi</code>, <code>kl_lo/hi</code>, <code>acc_delta_lo/hi:&lt;task&gt;</code>
+and <code>task_delta_lo/hi</code> are 95% intervals paired with the FP model on the same units: a bootstrap over
+blocks of scored tokens (<code>ci_units</code> of them) for perplexity and KL, a Jeffreys-Dirichlet interval over the
+paired documents for task accuracy (see docs/evaluation.md). The plots draw them as error bars.</p>"""
+
+
 def _plots(df: pd.DataFrame, task_metric: str) -> list[str]:
     out = []
-    png = pareto_plot(df, "ppl", "perplexity", higher_is_better=False, log_y=True)
+    df = with_error_bounds(df)
+    png = pareto_plot(df, "ppl", "perplexity", higher_is_better=False, log_y=True, bounds=("ppl_lo", "ppl_hi"))
     if png:
-        out.append(_img(png, "Pareto: bits per weight vs perplexity"))
+        out.append(_img(png, "Pareto: bits per weight vs perplexity (error bars: paired 95% interval vs FP)"))
     if "task_acc_mean" in df.columns:
-        png = pareto_plot(df, "task_acc_mean", f"mean task accuracy ({task_metric})", higher_is_better=True)
+        png = pareto_plot(df, "task_acc_mean", f"mean task accuracy ({task_metric})", higher_is_better=True,
+                          bounds=("task_lo", "task_hi"))
         if png:
-            out.append(_img(png, "Pareto: bits per weight vs task accuracy"))
+            out.append(_img(png, "Pareto: bits per weight vs task accuracy (error bars: paired 95% interval vs FP)"))
     png = layer_error_plot(df)
     if png:
         out.append(_img(png, "Per-layer output error and attention sink"))
@@ -47,11 +55,9 @@ def build_html(df: pd.DataFrame, run_dir: Path, recommendation: str | None = Non
     flat = scalar_frame(df)
     main = [c for c in COLUMNS if c in flat.columns]
     parts = [f"<h1>quantbench report: {html.escape(run_dir.name)}</h1>", "<h2>Results</h2>",
-             _table(flat[main], "results")]
-    tasks = task_names(flat)
-    if tasks:
-        cols = ["recipe"] + [c for t in tasks for c in (f"acc:{t}", f"acc_norm:{t}", f"acc_se:{t}", f"n:{t}") if c in flat.columns]
-        parts += ["<h2>Downstream tasks (lm-eval)</h2>", _table(flat[cols], "tasks")]
+             _table(flat[main], "results"), _INTERVALS]
+    if task_names(flat):
+        parts += ["<h2>Downstream tasks (lm-eval)</h2>", _table(flat[["recipe"] + task_columns(flat)], "tasks")]
     if recommendation:
         parts += ["<h2>Recommendation</h2>", f"<pre>{html.escape(recommendation)}</pre>"]
     parts += ["<h2>Plots</h2>", *_plots(df, task_metric)]
@@ -71,6 +77,8 @@ def build_html(df: pd.DataFrame, run_dir: Path, recommendation: str | None = Non
 
 
 def write_html(df: pd.DataFrame, run_dir: Path, recommendation: str | None = None, task_metric: str = "acc") -> Path:
+    from ..fileio import atomic_write_text
+
     path = run_dir / "report.html"
-    path.write_text(build_html(df, run_dir, recommendation, task_metric))
+    atomic_write_text(path, build_html(df, run_dir, recommendation, task_metric))
     return path

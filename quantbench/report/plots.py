@@ -1,4 +1,5 @@
-"""Report plots (matplotlib, Agg): size-vs-quality Pareto fronts and per-layer error curves."""
+"""Report plots (matplotlib, Agg): size-vs-quality Pareto fronts (with the paired 95% intervals as
+error bars) and per-layer error curves."""
 from __future__ import annotations
 
 import io
@@ -34,7 +35,25 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def pareto_plot(df: pd.DataFrame, y: str, label: str, higher_is_better: bool, log_y: bool = False) -> bytes | None:
+def with_error_bounds(df: pd.DataFrame) -> pd.DataFrame:
+    """Absolute y bounds of the paired 95% intervals vs FP: ppl_lo/ppl_hi = FP ppl x (1 + delta_ppl_lo/hi
+    / 100), task_lo/task_hi = FP task_acc_mean + task_delta_lo/hi (empty where a row has no interval)."""
+    fp = df[df["mode"] == "fp"] if "mode" in df.columns else df.iloc[0:0]
+    out = df.copy()
+
+    def num(c: str) -> pd.Series:
+        return pd.to_numeric(df[c], errors="coerce") if c in df.columns else pd.Series(math.nan, index=df.index)
+
+    fp_ppl = float(num("ppl")[fp.index[0]]) if len(fp) else math.nan
+    fp_task = float(num("task_acc_mean")[fp.index[0]]) if len(fp) else math.nan
+    out["ppl_lo"], out["ppl_hi"] = fp_ppl * (1 + num("delta_ppl_lo") / 100), fp_ppl * (1 + num("delta_ppl_hi") / 100)
+    out["task_lo"], out["task_hi"] = fp_task + num("task_delta_lo"), fp_task + num("task_delta_hi")
+    return out
+
+
+def pareto_plot(df: pd.DataFrame, y: str, label: str, higher_is_better: bool, log_y: bool = False,
+                bounds: tuple[str, str] | None = None) -> bytes | None:
+    """bounds: columns with each point's absolute lower/upper y bound, drawn as error bars."""
     ok = df[df["status"] == "ok"] if "status" in df.columns else df
     if y not in ok.columns or pd.to_numeric(ok[y], errors="coerce").notna().sum() == 0:
         return None
@@ -43,6 +62,13 @@ def pareto_plot(df: pd.DataFrame, y: str, label: str, higher_is_better: bool, lo
     front = pareto_front(d.rename(columns={"_x": "x_", "_y": "y_"}), "x_", "y_", higher_is_better)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.scatter(d["_x"], d["_y"], color="#9aa5b1", zorder=2, label="recipe")
+    if bounds and all(c in d.columns for c in bounds):
+        e = d.assign(_lo=pd.to_numeric(d[bounds[0]], errors="coerce"), _hi=pd.to_numeric(d[bounds[1]], errors="coerce"))
+        e = e.dropna(subset=["_lo", "_hi"])
+        if len(e):
+            yerr = [(e["_y"] - e["_lo"]).clip(lower=0), (e["_hi"] - e["_y"]).clip(lower=0)]
+            ax.errorbar(e["_x"], e["_y"], yerr=yerr, fmt="none", ecolor="#52606d", elinewidth=1, capsize=3,
+                        zorder=2, label="95% paired interval vs FP")
     ax.plot(front["x_"], front["y_"], "-o", color="#d1495b", zorder=3, label="Pareto frontier")
     for _, r in d.iterrows():
         ax.annotate(r["recipe"], (r["_x"], r["_y"]), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -1,11 +1,15 @@
 """Pick the smallest recipe that stays within tolerance of the FP model, and say why smaller ones fail.
 
-Rule (MLPerf's "99% of FP" spirit): a recipe passes when its perplexity increase over FP is at
-most `max_ppl_increase_pct` and, if `min_task_retention_pct` is set, its accuracy on every task
-is at least that share of FP's. Candidates are ordered by bits per weight (smallest first); ties
-go to the lower perplexity increase, then the lower KL, then the name. A recipe with a metric
-the tolerance needs but the table lacks fails ("not measured"): it cannot be vouched for. FP
-always passes, so when no quantized recipe does, the answer is FP (16 bits).
+Rule (MLPerf's "99% of FP" spirit), applied at the 95% interval's bound: a recipe passes when the
+upper bound of its perplexity increase over FP is at most `max_ppl_increase_pct` and, if
+`min_task_retention_pct` is set, on every task the lower bound of its accuracy change vs FP is at
+least -(1 - retention) x FP's accuracy (it keeps that share of FP's score on these documents).
+Without intervals (old runs) the point estimates decide, and the text says so. Candidates are
+ordered by bits per weight (smallest first); ties go to the lower perplexity increase, then the
+lower KL, then the name. A recipe with a metric the tolerance needs but the table lacks fails
+("not measured"). FP always passes, so when no quantized recipe does, the answer is FP (16 bits).
+The uncertainty notes (quantbench.report.uncertainty) say which recipes cannot be told apart at
+this sample size and what the task documents can show.
 """
 from __future__ import annotations
 
@@ -15,7 +19,12 @@ from dataclasses import dataclass, field
 import pandas as pd
 import yaml
 
+from ..errors import QuantbenchError
+from ..stats import n_to_resolve
 from .tables import task_names
+from .uncertainty import uncertainty_notes
+
+Z95 = 1.96
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,15 @@ class Tolerance:
     max_ppl_increase_pct: float = 2.0
     min_task_retention_pct: float | None = None
     task_metric: str = "acc"
+
+    def __post_init__(self) -> None:
+        m, r = self.max_ppl_increase_pct, self.min_task_retention_pct
+        if not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+            raise QuantbenchError(f"max perplexity increase must be a finite percentage >= 0, got {m}")
+        if r is not None and (not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 100):
+            raise QuantbenchError(f"min task retention must be a percentage in (0, 100], got {r}")
+        if self.task_metric not in ("acc", "acc_norm"):
+            raise QuantbenchError(f"task metric must be acc or acc_norm, got {self.task_metric!r}")
 
 
 @dataclass
@@ -41,6 +59,7 @@ class Recommendation:
     verdicts: list[Verdict]
     snippet: str | None
     note: str = ""
+    notes: list[str] = field(default_factory=list)  # uncertainty: what this sample size can and cannot show
 
     def text(self) -> str:
         return render(self)
@@ -59,30 +78,66 @@ def _fp_row(df: pd.DataFrame) -> pd.Series | None:
     return fp.iloc[0] if len(fp) else None
 
 
-def _check(row: pd.Series, fp: pd.Series | None, tol: Tolerance, tasks: list[str]) -> list[str]:
-    reasons = []
-    d = _num(row.get("delta_ppl_pct"))
+def se_of(lo: float, hi: float) -> float:
+    """Standard error implied by a 95% interval's width (what the sample-size estimates use)."""
+    return (hi - lo) / (2 * Z95)
+
+
+def _units_phrase(row: pd.Series) -> tuple[int | None, str]:
+    n, block = _num(row.get("ci_units")), _num(row.get("ci_block"))
+    return (int(n) if n else None), (f"blocks of {int(block)} tokens" if block else "blocks of tokens")
+
+
+def _ppl_reason(row: pd.Series, tol: Tolerance) -> str | None:
+    d, lo, hi = (_num(row.get(c)) for c in ("delta_ppl_pct", "delta_ppl_lo", "delta_ppl_hi"))
     if d is None:
-        reasons.append("perplexity not measured")
-    elif d > tol.max_ppl_increase_pct:
-        reasons.append(f"perplexity +{d:.2f}% > +{tol.max_ppl_increase_pct:g}% allowed "
-                       f"(over by {d - tol.max_ppl_increase_pct:.2f} points; ppl {_num(row.get('ppl')) or float('nan'):.3f})")
+        return "perplexity not measured"
+    t = tol.max_ppl_increase_pct
+    if (hi if hi is not None else d) <= t:
+        return None
+    iv = (f"; 95% interval {lo:+.2f}..{hi:+.2f}%" if lo is not None and hi is not None
+          else "; no interval: point estimate")
+    if d > t:
+        return (f"perplexity +{d:.2f}% > +{t:g}% allowed (over by {d - t:.2f} points; "
+                f"ppl {_num(row.get('ppl')) or float('nan'):.3f}{iv})")
+    n, what = _units_phrase(row)
+    need = n_to_resolve(n, se_of(lo, hi), t - d) if n else None
+    return (f"perplexity +{d:.2f}% is within +{t:g}% but its 95% upper bound +{hi:.2f}% is not: not shown at "
+            f"this sample size" + (f" (~{need} {what} would show it if the true change is +{d:.2f}%)" if need else ""))
+
+
+def _task_reason(row: pd.Series, fp: pd.Series | None, tol: Tolerance, t: str) -> str | None:
+    col = f"{tol.task_metric}:{t}"
+    q, ref = _num(row.get(col)), _num(fp.get(col)) if fp is not None else None
+    if q is None or ref is None or ref <= 0:
+        return f"{t}: accuracy not measured" + (" for FP" if q is not None else "")
+    r = tol.min_task_retention_pct
+    kept, allowed = 100 * q / ref, (1 - r / 100) * ref  # allowed: largest loss in accuracy points
+    lo, hi = _num(row.get(f"acc_delta_lo:{t}")), _num(row.get(f"acc_delta_hi:{t}"))
+    if isinstance(row.get("task_metric"), str) and row.get("task_metric") != tol.task_metric:
+        lo = hi = None  # the intervals are of the run's metric, not this one
+    head = f"{t}: accuracy {q:.3f} = {kept:.1f}% of FP {ref:.3f}"
+    if kept < r:
+        se = _num(row.get(f"acc_se:{t}"))
+        iv = f"; change 95% interval {lo:+.3f}..{hi:+.3f}" if lo is not None and hi is not None else (
+            f"; stderr {se:.3f}" if se else "")
+        return f"{head} < {r:g}% (short by {r - kept:.1f} points{iv})"
+    if lo is None or hi is None or lo >= -allowed:
+        return None
+    n = _num(row.get(f"n:{t}"))
+    need = n_to_resolve(int(n), se_of(lo, hi), allowed + (q - ref)) if n else None
+    return (f"{head}, but the 95% lower bound of its change, {lo:+.3f}, allows a loss beyond the {allowed:.3f} that "
+            f"{r:g}% retention permits: not shown with {int(n or 0)} documents"
+            + (f" (~{need} would show it if the true change is {q - ref:+.3f})" if need else ""))
+
+
+def _check(row: pd.Series, fp: pd.Series | None, tol: Tolerance, tasks: list[str]) -> list[str]:
+    reasons = [r for r in [_ppl_reason(row, tol)] if r]
     if tol.min_task_retention_pct is None:
         return reasons
     if not tasks:
         return reasons + ["task accuracy not measured (no tasks in this run)"]
-    for t in tasks:
-        col = f"{tol.task_metric}:{t}"
-        q, ref = _num(row.get(col)), _num(fp.get(col)) if fp is not None else None
-        if q is None or ref is None or ref <= 0:
-            reasons.append(f"{t}: accuracy not measured" + (" for FP" if q is not None else ""))
-            continue
-        kept = 100 * q / ref
-        if kept < tol.min_task_retention_pct:
-            se = _num(row.get(f"acc_se:{t}"))
-            reasons.append(f"{t}: accuracy {q:.3f} = {kept:.1f}% of FP {ref:.3f} < {tol.min_task_retention_pct:g}% "
-                           f"(short by {tol.min_task_retention_pct - kept:.1f} points" + (f"; stderr {se:.3f})" if se else ")"))
-    return reasons
+    return reasons + [r for t in tasks if (r := _task_reason(row, fp, tol, t))]
 
 
 def explain_causes(recipe: dict | None, row: pd.Series, census: dict | None) -> list[str]:
@@ -168,12 +223,13 @@ def recommend(df: pd.DataFrame, tol: Tolerance, census: dict | None = None,
     spec = (recipes or {}).get(chosen) if chosen else None
     snippet = yaml.safe_dump({"recipes": [spec]}, sort_keys=False) if spec else (
         f"recipes:\n  - {chosen}\n" if chosen else None)
-    return Recommendation(chosen, tol, verdicts, snippet, note)
+    notes = uncertainty_notes(_order(ok), fp, chosen, tol, tasks)
+    return Recommendation(chosen, tol, verdicts, snippet, note, notes)
 
 
 def render(rec: Recommendation) -> str:
     t = rec.tolerance
-    head = f"tolerance: perplexity +{t.max_ppl_increase_pct:g}% of FP" + (
+    head = f"tolerance (at the 95% interval's bound): perplexity +{t.max_ppl_increase_pct:g}% of FP" + (
         f", task {t.task_metric} >= {t.min_task_retention_pct:g}% of FP" if t.min_task_retention_pct else "")
     lines = ["Recommendation", head]
     if rec.chosen is None:
@@ -191,6 +247,8 @@ def render(rec: Recommendation) -> str:
         lines += [f"      why: {c}" for c in v.causes]
     if rec.note:
         lines.append(f"  ({rec.note})")
+    if rec.notes:
+        lines += ["uncertainty:", *(f"  {n}" for n in rec.notes)]
     if rec.snippet:
         lines += ["config to reproduce it:", *("  " + ln for ln in rec.snippet.rstrip().splitlines())]
     return "\n".join(lines)

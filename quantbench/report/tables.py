@@ -1,16 +1,28 @@
-"""Result rows -> pandas table -> CSV / Markdown (+ the per-layer table in long format)."""
+"""Result rows -> pandas table (+ paired 95% intervals) -> CSV / Markdown (+ the per-layer table in long format).
+
+Intervals (quantbench.stats) are computed here from the per-unit lists every row carries
+(unit_nll, unit_tokens, unit_kl per block of ci_block tokens; doc_<metric>:<task> per document),
+paired with the FP row: delta_ppl_lo/hi (percent), kl_lo/hi (nats/token), acc_delta_lo/hi:<task>
+(change of the run's task metric vs FP, in accuracy units), task_delta_lo/hi (the same for the mean
+over tasks) and ci_units (number of blocks). The lists themselves stay in rows.jsonl only.
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 
+from .. import stats
+
 COLUMNS = ["recipe", "status", "mode", "bits_per_weight", "size_mb", "compression_x", "ppl", "delta_ppl_pct",
-           "word_ppl", "kl", "top1", "layer_err_max", "layer_err_jumps", "sink_drift", "task_acc_mean", "eval_tok_s", "peak_mem_mb",
-           "calib_s", "wall_s"]
-TERMINAL = ["recipe", "status", "bits_per_weight", "ppl", "delta_ppl_pct", "kl", "top1", "task_acc_mean",
-            "eval_tok_s"]
-LIST_COLUMNS = ("layer_rel_error", "layer_sink")
+           "delta_ppl_lo", "delta_ppl_hi", "word_ppl", "kl", "kl_lo", "kl_hi", "top1", "layer_err_max",
+           "layer_err_jumps", "sink_drift", "task_acc_mean", "task_delta_lo", "task_delta_hi", "ci_units",
+           "eval_tok_s", "peak_mem_mb", "calib_s", "wall_s"]
+TERMINAL = ["recipe", "status", "bits_per_weight", "ppl", "delta_ppl_pct", "delta_ppl_lo", "delta_ppl_hi", "kl",
+            "top1", "task_acc_mean", "eval_tok_s"]
+LIST_COLUMNS = ("layer_rel_error", "layer_sink", "unit_nll", "unit_tokens", "unit_kl", "unit_top1")
+TASK_PREFIXES = ("acc:", "acc_norm:", "acc_se:", "n:", "acc_delta_lo:", "acc_delta_hi:")
 
 
 def task_names(df: pd.DataFrame) -> list[str]:
@@ -18,22 +30,74 @@ def task_names(df: pd.DataFrame) -> list[str]:
     return [c.split(":", 1)[1] for c in df.columns if c.startswith("acc:")]
 
 
+def task_columns(df: pd.DataFrame) -> list[str]:
+    """Per-task columns of the table, grouped by task."""
+    return [c for t in task_names(df) for c in (p + t for p in TASK_PREFIXES) if c in df.columns]
+
+
+def as_list(v) -> list | None:
+    return v if isinstance(v, list) and v else None
+
+
+def fp_row(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r.get("mode") == "fp" and r.get("status") == "ok"), None)
+
+
+def row_intervals(row: dict, fp: dict | None, tasks: list[str]) -> dict:
+    """Paired 95% intervals of one row against the FP row, from their per-unit lists (empty if absent)."""
+    if fp is None or row.get("status") != "ok":
+        return {}
+    is_fp = row is fp
+    out: dict = {}
+    tok, nll, ref_nll = as_list(row.get("unit_tokens")), as_list(row.get("unit_nll")), as_list(fp.get("unit_nll"))
+    if tok and nll and ref_nll and tok == as_list(fp.get("unit_tokens")):
+        iv = stats.ppl_change(nll, ref_nll, tok)
+        out.update(delta_ppl_lo=iv.lo, delta_ppl_hi=iv.hi, ci_units=len(tok))
+        kl = as_list(row.get("unit_kl"))
+        if kl:
+            k = stats.ratio_of_sums(kl, tok)
+            out.update(kl_lo=k.lo, kl_hi=k.hi)
+    metric = row.get("task_metric") if isinstance(row.get("task_metric"), str) else "acc"
+    pairs = []
+    for t in tasks:
+        c, r = as_list(row.get(f"doc_{metric}:{t}")), as_list(fp.get(f"doc_{metric}:{t}"))
+        if c and r and len(c) == len(r):
+            iv = stats.accuracy_delta(c, r)
+            out[f"acc_delta_lo:{t}"], out[f"acc_delta_hi:{t}"] = (0.0, 0.0) if is_fp else (iv.lo, iv.hi)
+            pairs.append((c, r))
+    if pairs and len(pairs) == len(tasks):
+        iv = stats.mean_accuracy_delta(pairs)
+        out["task_delta_lo"], out["task_delta_hi"] = (0.0, 0.0) if is_fp else (iv.lo, iv.hi)
+    return out
+
+
+def _clean(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
 def to_frame(rows: list[dict]) -> pd.DataFrame:
-    """One row per recipe; the fixed columns first (missing ones empty), then task columns, then the rest."""
+    """One row per recipe; the fixed columns first (missing ones empty), then task columns, then the rest.
+    Interval columns are computed from the rows' per-unit lists when the FP row has them too."""
+    rows = [{k: _clean(v) for k, v in r.items()} for r in rows]
+    fp = fp_row(rows)
+    tasks = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("acc:")})
+    rows = [{**r, **row_intervals(r, fp, tasks)} for r in rows]
     df = pd.DataFrame(rows)
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
     bpw = pd.to_numeric(df["bits_per_weight"], errors="coerce")
     df["compression_x"] = (16.0 / bpw).round(3)  # vs every parameter stored in 16 bits
-    tasks = [c for t in task_names(df) for c in (f"acc:{t}", f"acc_norm:{t}", f"acc_se:{t}", f"n:{t}") if c in df.columns]
-    extra = [c for c in df.columns if c not in COLUMNS and c not in tasks]
-    return df[COLUMNS + tasks + extra]
+    tcols = task_columns(df)
+    extra = [c for c in df.columns if c not in COLUMNS and c not in tcols]
+    return df[COLUMNS + tcols + extra]
 
 
 def scalar_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """The table without per-layer list columns (what CSV/Markdown hold)."""
-    return df.drop(columns=[c for c in LIST_COLUMNS if c in df.columns])
+    """The table without list columns (per-layer curves, per-unit and per-document data): what CSV/Markdown hold."""
+    lists = [c for c in df.columns if c in LIST_COLUMNS or c.startswith("doc_")
+             or df[c].map(lambda v: isinstance(v, list)).any()]
+    return df.drop(columns=lists)
 
 
 def layer_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -55,10 +119,11 @@ def markdown(df: pd.DataFrame, columns: list[str] | None = None) -> str:
 
 
 def write_tables(df: pd.DataFrame, out: Path) -> None:
+    from ..fileio import atomic_write_text  # every output: temporary file, then rename
+
     flat = scalar_frame(df)
-    flat.to_csv(out / "results.csv", index=False)
-    tasks = [c for c in flat.columns if c.startswith(("acc:", "acc_norm:", "acc_se:", "n:"))]
-    (out / "results.md").write_text(markdown(flat, COLUMNS + tasks) + "\n")
+    atomic_write_text(out / "results.csv", flat.to_csv(index=False))
+    atomic_write_text(out / "results.md", markdown(flat, COLUMNS + task_columns(flat)) + "\n")
     layers = layer_frame(df)
     if len(layers):
-        layers.to_csv(out / "layers.csv", index=False)
+        atomic_write_text(out / "layers.csv", layers.to_csv(index=False))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ...arch import ArchSpec, PairSpec, get_module
-from ...surgery import get_weight, is_linear, scale_in, scale_out
+from ...surgery import get_weight, is_linear, scale_in, set_weight
 
 
 @dataclass
@@ -58,7 +58,9 @@ class Pair:
 
     @torch.no_grad()
     def fold(self, s: torch.Tensor) -> None:
-        """prev's output channel c divided by s_c, every target's input columns carrying c multiplied by it."""
+        """prev's output channel c divided by s_c, every target's input columns carrying c multiplied by it
+        (a true division, as SmoothQuant's smooth_ln_fcs and llm-awq's scale_ln_fcs / scale_fc_fc:
+        multiplying by 1/s rounds twice)."""
         fold_out(self.prev, s, self.norm_kind, self.rows)
         for _, mod in self.targets:
             scale_in(mod, self.expand(s))
@@ -66,17 +68,28 @@ class Pair:
 
 @torch.no_grad()
 def fold_out(prev: nn.Module, s: torch.Tensor, norm_kind: str | None, rows: torch.Tensor | None = None) -> None:
-    """Divide prev's output channels by s (see the module docstring for each kind)."""
+    """Divide prev's output channels by s (see the module docstring for each kind); rows: a fused
+    linear's rows carrying the channels (the others are left alone)."""
     if norm_kind == "rms+1":
         w = prev.weight.data
         w.copy_(((1.0 + w.float()) / s.to(w.device) - 1.0).to(w.dtype))
         return
-    inv = 1.0 / s
     if rows is not None:
-        full = torch.ones(get_weight(prev).shape[0], dtype=inv.dtype)
-        full[rows] = inv
-        inv = full
-    scale_out(prev, inv)
+        full = torch.ones(get_weight(prev).shape[0], dtype=s.dtype)
+        full[rows] = s
+        s = full
+    divide_out(prev, s)
+
+
+def divide_out(mod: nn.Module, s: torch.Tensor) -> None:
+    """Output channel i of mod (a norm's weight [D] or a linear's row) and its bias divided by s[i]."""
+    if mod.weight.dim() == 1:
+        mod.weight.data.div_(s.to(mod.weight))
+    else:
+        w = get_weight(mod)  # [out, in]
+        set_weight(mod, w / s.to(w)[:, None])
+    if getattr(mod, "bias", None) is not None:
+        mod.bias.data.div_(s.to(mod.bias))
 
 
 def find_pairs(model: nn.Module, arch: ArchSpec, kinds: tuple[str, ...] = ("qkv", "up", "down", "o"),

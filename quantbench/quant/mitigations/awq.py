@@ -33,7 +33,8 @@ from ._util import Pair, find_pairs, pair_inputs, with_stats
 
 
 def awq_scales(absmean: torch.Tensor, alpha: float) -> torch.Tensor:
-    s = absmean.clamp_min(1e-4).pow(alpha)
+    """llm-awq: s = mean|X|^alpha clamped at 1e-4 (after the power), normalised by sqrt(max(s) min(s))."""
+    s = absmean.pow(alpha).clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
 
 

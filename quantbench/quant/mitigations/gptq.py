@@ -1,42 +1,77 @@
 """GPTQ (Frantar et al. 2023): quantize weights column by column, pushing each column's rounding
 error onto the not-yet-quantized columns through the inverse Hessian H = XᵀX of the layer input.
 
-Hessians are accumulated in one pass over the FP model for every target linear at once (inputs
-shared by q/k/v or gate/up are accumulated once). This is the "parallel" variant: reference GPTQ
-feeds each layer the outputs of the already-quantized previous layers; here every layer sees FP
-inputs. The result is a QTensor (codes, scales, zero points) declared as final in the Effects, so
-no backend rounds it again (re-running RTN on GPTQ output would pick a different scale whenever an
-extreme column value was moved by the updates); the dequantized weight is written back too.
+`gptq_quantize` is the reference loop (IST-DASLab gptq `GPTQ.fasterquant`; AutoGPTQ's
+`static_groups` variant with act_order), checked output channel by output channel with torch.equal
+against a transcription in tests/test_gptq_reference.py:
+  - dead inputs (diag H == 0): H[j, j] = 1 and W[:, j] = 0; damping percdamp * mean(diag H);
+    H^-1 as Cholesky -> cholesky_inverse -> upper Cholesky factor U; column i's error / U[i, i];
+  - lazy batches of `block` columns: in-block updates on a copy of the block, the block's error
+    pushed onto the later columns at its end (groups may straddle blocks, as in the reference);
+  - per-channel / per-tensor scales from the weights before dead columns are zeroed;
+  - groups: a group's scale is fitted when its first column is reached, on the weight matrix as
+    updated through the previous blocks (the reference reads W there, not the block copy W1, so a
+    group starting inside a block does not see that block's earlier updates);
+  - act_order: columns by descending diag H with static groups (every group fitted up front on the
+    weights with dead columns zeroed, groups stay contiguous in the original order: no g_idx);
+    `static_groups: true` does the same without act_order.
+Intended differences from the reference:
+  - H is accumulated as XᵀX in float64 (reference: 2/n XᵀX as a running mean in float32) and
+    factored in float64; the column loop runs in float32 like the reference. In exact arithmetic
+    GPTQ does not depend on a constant factor in H (damping is relative); in float32 the
+    reference's factorisation moves a few codes (0-0.1 % of per-channel weights on the test layers).
+  - token_norm (default true): each token's input row is scaled to unit RMS before H is accumulated
+    (below). token_norm: false gives the reference Hessian.
+  - the quantizer is ours (compressed-tensors' grid, quantbench.quant.primitives): signed codes,
+    scale absmax / 7.5 at 4 bits, where the reference uses unsigned codes and (max - min) / 15.
+  - llm-compressor (what ships to vLLM) fits every group's scale up front on the original weights
+    (before dead columns are zeroed), with or without act_order ("weight" actorder is our act_order);
+    `static_groups: true` is the closest setting (it fits after dead columns are zeroed).
 
-Grid: per-channel and per-tensor scales come from the original weights; group scales are chosen
-when the group's first column is reached (from the updated weights, as in reference GPTQ), or
-from the original weights up front with act_order ("static groups", which keeps groups contiguous).
+Calibration modes (option `sequential`):
+  - parallel (sequential: false): every layer's Hessians from one pass over the model as it is
+    before GPTQ (FP, or after the earlier mitigations), shared by q/k/v and gate/up, cached by the
+    calibration stage across recipes.
+  - sequential (true): layer by layer (quantbench.quant.sequential): each decoder layer's Hessians
+    from inputs produced by the already-quantized layers before it, as reference GPTQ's llama.py
+    and llm-compressor's sequential pipeline (without `true_sequential`: within a layer every linear
+    sees that layer's FP weights); linears outside the decoder layers last, from one pass over the
+    quantized model. Activation quantizers of the recipe are not applied while calibrating.
+  The default is the one measured better on the default model (docs/quantization.md, "GPTQ").
 
-Hessian: by default each token's input row is scaled to unit RMS before H = XᵀX is accumulated
-(token_norm: true, a deliberate departure from reference GPTQ). On the default model the BOS
-token's massive activations (~10^4x the median) otherwise dominate H, and GPTQ's error feedback
-then serves that one token at the expense of all others: measured on 4 x 512 tokens, W4
-per-channel ppl 43.2 (RTN) -> 56.2 (plain H) -> 44.3 (token_norm, KL 0.78 vs RTN's 0.86), and
-W4 g64 37.3 (RTN) -> 36.3 (plain) -> 31.4 (token_norm). More damping does not fix the plain H
-(damp 1.0: 60.9; damp 1e-4: 79.4). token_norm: false gives reference GPTQ.
+Hessian: with token_norm each token's input row is scaled to unit RMS before H = XᵀX is accumulated
+(a deliberate departure from reference GPTQ). On the default model the BOS token's massive
+activations (~10^4x the median) otherwise dominate H, and GPTQ's error feedback then serves that
+one token at the expense of all others (numbers in docs/quantization.md). More damping does not fix
+the plain H; leaving the BOS token out of H (skip_first: 1) is worse still: its output must stay
+accurate.
 
-Options: damp (0.01, fraction of mean diag(H)), block (128), act_order (false), calib_samples (8), token_norm (true),
-skip_first (0: positions left out of H; measured on the default model, leaving out the BOS token
-makes W4 per-channel perplexity explode, 44 -> 288: its output must stay accurate).
+The result is a QTensor (codes, scales, zero points) declared as final in the Effects, so no backend
+rounds it again (re-running RTN on GPTQ output would pick a different scale whenever an extreme
+column value was moved by the updates); the dequantized weight is written back too.
+
+Options: damp (0.01, fraction of mean diag H), block (128), act_order (false), static_groups (false),
+calib_samples (8), token_norm (true), skip_first (0), sequential (see SEQUENTIAL_DEFAULT).
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn as nn
 from pydantic import Field
 
+from ...errors import QuantbenchError
 from ...surgery import get_weight, set_weight
-from ..calibration import StatsRequest
+from ..calibration import StatsRequest, collect_input_stats
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
 from ..primitives import QTensor, dequantize, quantize, quantize_weight
+from ..sequential import LayerStep, decoder_layers, run_sequential
 from ..spec import MITIGATIONS, QuantSpec
 from .clip import block_qparams
+
+SEQUENTIAL_DEFAULT = True  # decided by measurement on the default model: docs/quantization.md, "GPTQ"
 
 
 def _fq_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -57,45 +92,55 @@ def _channel_spec(spec: QuantSpec) -> QuantSpec:
     return spec.model_copy(update={"granularity": "channel", "group_size": None})
 
 
+def _fit(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of w [out, cols] on spec's grid: [out, G] (group), [out, 1] (channel), [1, 1] (tensor)."""
+    return block_qparams(w, spec)
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False) -> QTensor:
+                  act_order: bool = False, static_groups: bool = False) -> QTensor:
     """w [out, in], h = XᵀX [in, in] -> the quantized weight (codes, scales, zeros) on spec's grid.
 
-    Scales: channel/tensor, and groups with act_order ("static groups"), from the original weights;
-    groups without act_order from the updated weights when the group's first column is reached."""
+    The reference loop (IST-DASLab GPTQ.fasterquant; AutoGPTQ's static_groups with act_order), see the
+    module doc. tests/test_gptq_reference.py checks it against a transcription, output channel by
+    output channel, with torch.equal."""
     w = w.float().clone()
     h = h.double().clone()
+    n_out, n = w.shape
+    g = spec.group_size if spec.granularity == "group" else None
+    static = g is not None and (act_order or static_groups)
+    sc, ze = _fit(w, spec if g is None else _channel_spec(spec))  # before dead columns are zeroed, as the reference
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    n_out, n = w.shape
-    grouped = spec.granularity == "group"
-    if not grouped or act_order:
-        sc, ze = block_qparams(w, spec)  # [out, G] (group), [out, 1] (channel) or [1, 1] (tensor)
-    else:
-        sc, ze = torch.zeros(n_out, n // spec.group_size), torch.zeros(n_out, n // spec.group_size)  # filled per group
+    if static:
+        sc, ze = _fit(w, spec)  # every group up front, from the weights with dead columns zeroed  [out, G]
+    elif g is not None:
+        sc, ze = torch.zeros(n_out, n // g), torch.zeros(n_out, n // g)  # filled when each group starts
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_hessian_factor(h, damp).float()
-    if grouped:
-        block = spec.group_size * max(1, block // spec.group_size)  # groups never straddle blocks
+    wq = torch.zeros_like(w)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
+        w1 = w[:, i1:i2].clone()  # this block, with the in-block updates
         err = torch.zeros(n_out, i2 - i1)
         for i in range(i1, i2):
-            j = int(perm[i]) // spec.group_size if grouped else 0  # the column's scale index
-            if grouped and not act_order and i % spec.group_size == 0:
-                s_new, z_new = block_qparams(w[:, i: i + spec.group_size], _channel_spec(spec))  # [out, 1]
-                sc[:, j], ze[:, j] = s_new[:, 0], z_new[:, 0]
+            if g is not None and not static and i % g == 0:
+                # fitted on w: updated through the previous blocks only, as the reference reads it
+                s_new, z_new = _fit(w[:, i: i + g], _channel_spec(spec))  # [out, 1]
+                sc[:, i // g], ze[:, i // g] = s_new[:, 0], z_new[:, 0]
+            j = (int(perm[i]) if static else i) // g if g is not None else 0  # the column's scale index
             s, z = sc.expand(n_out, -1)[:, j], ze.expand(n_out, -1)[:, j]  # [out]
-            q = _fq_col(w[:, i], s, z, spec)
-            e = (w[:, i] - q) / u[i, i]
-            w[:, i] = q
-            w[:, i + 1: i2] -= e[:, None] * u[i, i + 1: i2][None, :]
+            col = w1[:, i - i1]
+            q = _fq_col(col, s, z, spec)
+            e = (col - q) / u[i, i]
+            wq[:, i] = q
+            w1[:, i - i1:] -= e[:, None] * u[i, i:i2][None, :]
             err[:, i - i1] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]
-    wq = w[:, torch.argsort(perm)]  # [out, in] on the grid, original column order
+    wq = wq[:, torch.argsort(perm)]  # [out, in] on the grid, original column order
     return quantize_weight(wq, spec, sc, ze)
 
 
@@ -109,24 +154,69 @@ class GPTQ(Mitigation):
         damp: float = Field(0.01, gt=0)
         block: int = Field(128, ge=1)
         act_order: bool = False
+        static_groups: bool = False
         calib_samples: int = Field(8, ge=1)
         token_norm: bool = True
         skip_first: int = Field(0, ge=0)
+        sequential: bool = SEQUENTIAL_DEFAULT
 
-    def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> dict[str, torch.Tensor]:
+    def check(self, model: nn.Module, plan, opts: Options) -> None:
+        super().check(model, plan, opts)
+        if opts.sequential:
+            try:
+                decoder_layers(model)
+            except QuantbenchError as e:
+                raise QuantbenchError(f"recipe '{plan.recipe.name}': gptq: {e}; or set sequential: false "
+                                      "(Hessians from one pass over the model)") from None
+
+    def _request(self, opts: Options) -> StatsRequest:
+        return StatsRequest(samples=opts.calib_samples, gram=True, token_norm=opts.token_norm,
+                            skip_first=opts.skip_first)
+
+    def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> dict[str, torch.Tensor] | None:
+        if opts.sequential:
+            return None  # Hessians come from the layer-by-layer run in apply (they depend on this recipe)
         mods = {n: model.get_submodule(n) for n in ctx.plan.weight_specs()}
-        req = StatsRequest(samples=opts.calib_samples, gram=True, token_norm=opts.token_norm, skip_first=opts.skip_first)
-        stats = ctx.calib.input_stats(model, mods, ctx.upstream, req)
+        stats = ctx.calib.input_stats(model, mods, ctx.upstream, self._request(opts))
         return {k: v.gram for k, v in stats.items()}
 
     @torch.no_grad()
-    def apply(self, model: nn.Module, stats: dict[str, torch.Tensor], ctx: QuantContext, opts: Options) -> Effects:
-        final = {}
-        for name, spec in ctx.plan.weight_specs().items():
-            if name not in stats:
-                continue  # never called on the calibration data: left to the backend's RTN
-            mod = model.get_submodule(name)
-            qt = gptq_quantize(get_weight(mod), stats[name], spec, opts.damp, opts.block, opts.act_order)
-            set_weight(mod, qt.dequantize())
-            final[name] = qt
-        return Effects(final_weights=final, notes={"gptq_layers": len(final)})
+    def apply(self, model: nn.Module, stats: dict[str, torch.Tensor] | None, ctx: QuantContext,
+              opts: Options) -> Effects:
+        specs = ctx.plan.weight_specs()
+        if opts.sequential:
+            final = self._sequential(model, ctx, opts)
+        else:
+            final = {name: self._quantize(model.get_submodule(name), stats[name], spec, opts)
+                     for name, spec in specs.items() if name in stats}  # never called: left to the backend's RTN
+        return Effects(final_weights=final, notes={"gptq_layers": len(final), "gptq_sequential": opts.sequential})
+
+    def _quantize(self, mod: nn.Module, h: torch.Tensor, spec: QuantSpec, opts: Options) -> QTensor:
+        qt = gptq_quantize(get_weight(mod), h, spec, opts.damp, opts.block, opts.act_order, opts.static_groups)
+        set_weight(mod, qt.dequantize())
+        return qt
+
+    def _sequential(self, model: nn.Module, ctx: QuantContext, opts: Options) -> dict[str, QTensor]:
+        """Layer by layer: Hessians of a layer's linears from inputs made by the already-quantized
+        layers before it; linears outside the decoder layers (e.g. an lm_head left in the plan) last,
+        from one pass over the quantized model."""
+        specs, final, req = ctx.plan.weight_specs(), {}, self._request(opts)
+        batches = ctx.calib.subset(opts.calib_samples)
+        stats_s = [0.0]
+
+        def on_layer(step: LayerStep) -> None:
+            mods = {n: model.get_submodule(n) for n in specs if step.owns(n)}
+            t0 = time.perf_counter()
+            grams = step.input_stats(mods, req) if mods else {}
+            stats_s[0] += time.perf_counter() - t0
+            for name, g in grams.items():
+                final[name] = self._quantize(mods[name], g.gram, specs[name], opts)
+
+        run_sequential(model, batches, ctx.batch_size, ctx.device, on_layer)
+        ctx.calib.ledger.append((f"sequential Hessians ({len(final)} linears)", stats_s[0], False))
+        path, _ = decoder_layers(model)
+        rest = {n: model.get_submodule(n) for n in specs if not n.startswith(path + ".")}
+        if rest:
+            for name, g in collect_input_stats(model, rest, batches, ctx.batch_size, ctx.device, req).items():
+                final[name] = self._quantize(rest[name], g.gram, specs[name], opts)
+        return final

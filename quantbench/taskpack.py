@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import assets
-from ..errors import AssetError
+from . import assets
+from .errors import AssetError
 
 PACK_VERSION = 2
 FEWSHOT_POOL = 16

@@ -1,0 +1,129 @@
+"""Measured tables in README/docs are produced, not typed.
+
+`make results` reruns the reference runs into results/reference/<name>/ (committed with their
+manifests); `quantbench tables` then rewrites every block
+
+    <!-- reference: <name> columns=recipe,bits,ppl,dppl,kl,top1 -->
+    ...generated table...
+    <!-- /reference -->
+
+in README.md and docs/*.md from results/reference/<name>/results.csv (and config.yaml, for the
+"gap closed" column). `quantbench tables --check` (and a test) fails when a block differs from
+what the committed files give.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import yaml
+
+from ..errors import QuantbenchError
+
+BLOCK = re.compile(r"(<!-- reference: (?P<name>[\w.-]+)(?: columns=(?P<cols>[\w,]+))? -->\n)(?P<body>.*?)(<!-- /reference -->)",
+                   re.S)
+DEFAULT_COLUMNS = "recipe,bits,ppl,dppl,kl,top1"
+
+
+def _num(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _interval(row: pd.Series, col: str, fmt: str, sign: bool = False) -> str:
+    v = _num(row.get(col))
+    if v is None:
+        return "—"
+    txt = f"{v:+{fmt}}" if sign else f"{v:{fmt}}"
+    lo, hi = _num(row.get(f"{col}_lo")), _num(row.get(f"{col}_hi"))
+    return txt + (f" [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None and hi is not None else "")
+
+
+def _naive_of(run_dir: Path) -> dict[str, str]:
+    """recipe -> the recipe of the same run with the same quantizers and no mitigations."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    recipes = [r for r in cfg.get("recipes", []) if isinstance(r, dict)]
+
+    def key(r: dict) -> str:
+        return repr({k: r.get(k) for k in ("weights", "activations", "kv", "backend", "overrides", "exclude")})
+
+    plain = {key(r): r["name"] for r in recipes if not r.get("mitigations")}
+    return {r["name"]: plain[key(r)] for r in recipes if r.get("mitigations") and key(r) in plain}
+
+
+def _gap(df: pd.DataFrame, naive: dict[str, str]) -> Callable[[pd.Series], str]:
+    ppl = dict(zip(df["recipe"], pd.to_numeric(df["ppl"], errors="coerce")))
+    fp = next((ppl[r] for r, m in zip(df["recipe"], df.get("mode", df["recipe"])) if m == "fp"), None)
+
+    def cell(row: pd.Series) -> str:
+        base = naive.get(row["recipe"])
+        if base is None or fp is None or base not in ppl or not _num(row.get("ppl")):
+            return ""
+        gap = ppl[base] - fp
+        return f"{100 * (ppl[base] - float(row['ppl'])) / gap:.0f} %" if gap > 0 else ""
+    return cell
+
+
+COLUMNS: dict[str, tuple[str, Callable]] = {
+    "recipe": ("recipe", lambda r: str(r["recipe"])),
+    "mitigations": ("mitigations", lambda r: str(r.get("mitigations") or "none")),
+    "status": ("status", lambda r: str(r.get("status"))),
+    "bits": ("bits/weight", lambda r: f"{_num(r.get('bits_per_weight')):.2f}" if _num(r.get("bits_per_weight")) else "—"),
+    "ppl": ("ppl", lambda r: f"{_num(r.get('ppl')):.2f}" if _num(r.get("ppl")) else "—"),
+    "dppl": ("Δppl % [95% CI]", lambda r: _interval(r, "delta_ppl_pct", ".1f", sign=True)),
+    "kl": ("KL [95% CI]", lambda r: _interval(r, "kl", ".3f")),
+    "top1": ("top-1", lambda r: f"{_num(r.get('top1')):.3f}" if _num(r.get("top1")) is not None else "—"),
+    "acc": ("task acc", lambda r: f"{_num(r.get('task_acc_mean')):.2f}" if _num(r.get("task_acc_mean")) is not None else "—"),
+    "tok_s": ("eval tok/s", lambda r: f"{_num(r.get('eval_tok_s')):.0f}" if _num(r.get("eval_tok_s")) else "—"),
+}
+
+
+def render(run_dir: Path, columns: str = DEFAULT_COLUMNS) -> str:
+    """The markdown table of a reference run (columns: keys of COLUMNS, plus 'gap')."""
+    csv = run_dir / "results.csv"
+    if not csv.exists():
+        raise QuantbenchError(f"reference run {run_dir} has no results.csv (run `make results`)")
+    df = pd.read_csv(csv)
+    cols = columns.split(",")
+    fns = {}
+    for c in cols:
+        if c == "gap":
+            fns[c] = ("gap closed", _gap(df, _naive_of(run_dir)))
+        elif c in COLUMNS:
+            fns[c] = COLUMNS[c]
+        else:
+            raise QuantbenchError(f"reference table: unknown column '{c}' (known: gap, {', '.join(COLUMNS)})")
+    head = [fns[c][0] for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(fns[c][1](row).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sync(files: list[Path], reference_root: Path, check: bool = False) -> list[str]:
+    """Rewrite (or with check, compare) every reference block in `files`; returns the files that
+    differ (changed, or would change)."""
+    differ = []
+    for f in files:
+        text = f.read_text()
+
+        def fill(m: re.Match) -> str:
+            body = render(reference_root / m["name"], m["cols"] or DEFAULT_COLUMNS)
+            return m.group(1) + body + m.group(5)
+
+        new = BLOCK.sub(fill, text)
+        if new != text:
+            differ.append(str(f))
+            if not check:
+                f.write_text(new)
+    return differ
+
+
+def doc_files(root: Path) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
