@@ -14,4 +14,4 @@ class AssetError(QuantbenchError):
 
 
 class UnsupportedArchitecture(QuantbenchError):
-    """The model's architecture is not described in quantbench.arch."""
+    """The tracer (quantbench.topology) cannot map the model's architecture; the message says what it did not find."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import assets
+from . import assets, prequant
 from .errors import QuantbenchError
 
 OFFLINE_HINT = ("offline alternatives: model 'default' (SmolLM2-135M-Instruct shipped on PyPI), "
@@ -194,9 +194,11 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
     s = _resolve(spec)
     info: dict = {"spec": spec, **s.info}
     gguf = {"gguf_file": s.gguf_file} if s.gguf_file else {}
+    pq, extra = prequant.before_load(spec, s.src, s.local / s.gguf_file if s.gguf_file else None)  # prequant.py
     try:
         tokenizer = AutoTokenizer.from_pretrained(s.src, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(s.src, dtype=tdtype, attn_implementation=attn_implementation, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(s.src, dtype=tdtype, attn_implementation=attn_implementation,
+                                                     **gguf, **extra)
     except Exception as e:  # noqa: BLE001 - hub failures, and local files the libraries cannot parse
         if s.local is None and isinstance(e, (OSError, ValueError)):
             raise QuantbenchError(f"cannot load model '{spec}' from the Hugging Face hub ({_first(e)}); {OFFLINE_HINT}") from None
@@ -205,6 +207,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
         raise QuantbenchError(f"cannot load model '{spec}': {_first(e)} (a file there may be damaged; {s.repair})") from None
     if s.local is None:
         info["content_fingerprint"] = getattr(model.config, "_commit_hash", None)  # the hub revision
+    prequant.after_load(model, pq, info)  # marks an already-quantized model; one line in info["caveat"] (prequant.py)
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     model.to(dev).eval()

@@ -13,9 +13,16 @@ import torch
 
 def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 128,
                attn_implementation: str = "eager") -> torch.nn.Module:
-    """A tiny random causal LM of family `kind` (llama | gpt2 | opt), fp32, eval mode."""
+    """A tiny random causal LM of family `kind`, fp32, eval mode: llama | gpt2 | opt as below, or any
+    family of quantbench.families.FAMILIES (gemma, phi3, mixtral, ...; norm weights and biases moved off
+    their initial values)."""
     import transformers as tf
 
+    if kind not in ("llama", "gpt2", "opt"):
+        from quantbench.families import tiny_family
+
+        return tiny_family(kind, seed=seed, layers=layers, hidden=hidden, vocab=vocab,
+                           attn_implementation=attn_implementation)
     torch.manual_seed(seed)
     if kind == "llama":
         cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -29,8 +36,6 @@ def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, hidden: int 
         cfg = tf.OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
                            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden)
         cls = tf.OPTForCausalLM
-    else:
-        raise ValueError(kind)
     cfg._attn_implementation = attn_implementation
     model = cls(cfg).eval()
     return model

@@ -63,10 +63,9 @@ def _mha_llama(seed: int = 0) -> torch.nn.Module:
 def _pairs(model) -> list[tuple[str, str, list[str]]]:
     """(kind, prev path, target paths) per layer, in the order our mitigations fold them."""
     a, out = arch_of(model), []
-    kind_of = {a.attn_norm: "qkv", a.mlp_norm: "up", a.up[-1]: "down", a.qkv[-1]: "o"}
-    for i in range(len(model.get_submodule(a.layers))):
+    for i in range(a.n_layers):  # the traced, verified pairs (quantbench.topology), layer by layer
         base = f"{a.layers}.{i}."
-        out += [(kind_of[p], base + p, [base + t for t in ts]) for p, ts in a.smooth_pairs]
+        out += [(p.kind, base + p.prev, [base + t for t in p.targets]) for p in a.layer(i).pairs]
     return out
 
 

@@ -164,10 +164,26 @@ def test_hooks_removed_on_error():
 
 def test_unsupported_architecture_names_what_is_missing():
     class Odd(torch.nn.Module):
-        config = type("Cfg", (), {"model_type": "mamba"})()
+        """An LM without decoder layers: embedding -> head."""
 
-    with pytest.raises(UnsupportedArchitecture, match="mamba.*decoder layers"):
-        run_census(Odd(), _ids(1, 8))
+        config = type("Cfg", (), {"model_type": "mamba", "vocab_size": 16})()
+
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, input_ids, **_):
+            return type("Out", (), {"logits": self.head(self.embed(input_ids))})()
+
+    with pytest.raises(UnsupportedArchitecture, match="mamba.*no decoder layer list") as e:
+        run_census(Odd(), torch.randint(0, 16, (1, 8)))
+    assert "\n" not in str(e.value)
 
 
 def test_token_class_rules():

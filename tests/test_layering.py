@@ -14,11 +14,11 @@ LAYERS = {
     "errors": 0, "log": 0, "registry": 0, "surgery": 0, "hooks": 0, "__init__": 0,
     "fileio": 0, "stats": 0,
     "arch": 1, "models": 1, "assets": 1, "taskpack": 1, "offline": 1, "data": 1, "config": 1, "manifest": 1,
-    "topology": 1, "prequant": 1,
+    "topology": 1, "prequant": 1, "archspec": 1, "trace": 1, "pairs": 1, "moe": 1, "families": 1,
     "train.modeling": 1, "train.attention": 1,  # model definitions (loadable checkpoints), not orchestration
     "quant": 2,
     "census": 3, "eval": 3,
-    "report": 4, "export": 4,
+    "report": 4, "export": 4, "coverage": 4, "coverage_doc": 4,
     "rundir": 5, "pipeline": 5, "executor": 5, "train": 5, "cli": 6,
 }
 # a lower layer may still reach these (data classes every layer shares)

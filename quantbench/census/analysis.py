@@ -72,7 +72,7 @@ def _writer(st: LayerStats, d: int, paths: tuple[str, str]) -> dict:
     a = float(st.attn_out.extreme[d]) if st.attn_out.extreme is not None else 0.0
     m = float(st.mlp_out.extreme[d]) if st.mlp_out.extreme is not None else 0.0
     if abs(m) >= abs(a):
-        return {"module": "mlp", "path": paths[1], "output": m, "other_output": a,
+        return {"module": "mlp", "path": st.mlp_out.writer_of(d) or paths[1], "output": m, "other_output": a,
                 "column": int(st.mlp_out.column[d]), "column_share": float(st.mlp_out.share[d])}
     return {"module": "attention", "path": paths[0], "output": a, "other_output": m,
             "column": int(st.attn_out.column[d]), "column_share": float(st.attn_out.share[d])}

@@ -11,7 +11,8 @@ import torch.nn as nn
 from ..arch import arch_of, decoder_layers
 from ..config import CensusConfig
 from ..errors import UnsupportedArchitecture
-from .activations import Collector, LayerStats, linear_input_sites
+from .activations import Collector, LayerStats
+from .experts import expert_rows, topology_summary
 from .analysis import Thresholds, class_shares, lifecycle, linkage, outlier_positions
 from ..hooks import eager_attention, forward_hooks
 from .stats import Record, SiteStats, finite
@@ -90,29 +91,30 @@ def run_census(model: nn.Module, batches: torch.Tensor, tokenizer=None, cfg: Cen
     text_of = _text_fn(batches, tokenizer)
     rows = [{"layer": i, **_site_row(st.residual, th, text_of), **_attn_row(st)} for i, st in enumerate(col.layers)]
     medians = [r["median_abs"] for r in rows]
-    sites = linear_input_sites(arch) if cfg.linear_inputs else {}
-    inputs = [{p: {"reads": list(sites[p]), **_site_row(s, th, text_of)} for p, s in st.inputs.items()}
-              for st in col.layers]
+    inputs = [{p: {"reads": list(col.sites[i][p]), **_site_row(s, th, text_of)} for p, s in st.inputs.items() if s.n}
+              for i, st in enumerate(col.layers)]
     n = len(col.layers)
     layer_paths = [f"{arch.layers}.{i}" for i in range(n)]
     weights = weight_census(model, layer_paths, cfg.weight_ratio, cfg.prequant_block, cfg.prequant_max_levels)
     positions = outlier_positions(col.layers, medians, th)
     dims = sorted({d for e in positions.values() for d in e["dims"]})
-    life = lifecycle(col.layers, medians, dims, th, (arch.o, arch.down))
-    down_in = [[c["dim"] for c in L[arch.down]["outlier_dims"]] if arch.down in L else [] for L in inputs]
+    down = arch.down or (arch.layer(0).mlp or "mlp")
+    life = lifecycle(col.layers, medians, dims, th, (arch.o, down))
+    down_in = [[c["dim"] for c in L[down]["outlier_dims"]] if down in L else [] for L in inputs]
     sinks = sum((st.attn.sinks for st in col.layers), start=type(col.layers[0].attn.sinks)())
     census = {
         "thresholds": {"abs": cfg.abs_threshold, "ratio": cfg.ratio_threshold, "weight_ratio": cfg.weight_ratio,
                        "sink": cfg.sink_threshold, "prequant_block": cfg.prequant_block,
                        "prequant_max_levels": cfg.prequant_max_levels, "top_k": cfg.top_k},
         "model": {"model_type": model.config.model_type, "layers": n, "hidden": _hidden_size(model),
-                  "down_proj": arch.down, "o_proj": arch.o},
+                  "down_proj": arch.down, "o_proj": arch.o, "topology": topology_summary(arch)},
         "tokens": int(batches.numel()), "sequences": int(batches.shape[0]), "seq_len": int(batches.shape[1]),
         "layers": rows, "linear_inputs": inputs, "weights": {k: v for k, v in weights.items() if k != "prequantized"},
         "prequantized": weights["prequantized"],
         "token_classes": class_shares(positions, text_of),
         "lifecycle": life,
-        "linkage": linkage(life, weights, down_in, arch.down, positions, sinks),
+        "linkage": linkage(life, weights, down_in, down, positions, sinks),
+        "experts": expert_rows(arch, col, inputs, weights),
     }
     census["summary"] = _summary(census, dims)
     census["seconds"] = time.perf_counter() - t0

@@ -41,6 +41,20 @@ def _lifecycle_lines(c: dict) -> list[str]:
     return lines or ["- no activation-outlier dimension"]
 
 
+def _expert_lines(c: dict) -> list[str]:
+    """Mixture-of-experts layers: tokens routed to each expert and its input / weight outliers."""
+    rows = c.get("experts") or []
+    if not rows:
+        return []
+    topo = c["model"].get("topology", {})
+    lines = ["## Experts", f"Routers kept in high precision: {', '.join(topo.get('routers', [])) or 'none'}.", "",
+             "| layer | expert | tokens routed | share | gate/up input max/median | down input max/median | "
+             "weight max/mean (largest) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['layer']} | {r['expert']} | {r['tokens']} | {_pct(r['share'])} | {_f(r['input_ratio'])} | "
+              f"{_f(r['down_input_ratio'])} | {_f(r['weight_max_over_mean'])} |" for r in rows]
+    return lines + [""]
+
+
 def markdown(c: dict) -> str:
     s, th, lk, tc = c["summary"], c["thresholds"], c["linkage"], c["token_classes"]
     wmax, lmax = s["max_weight_ratio"], s["max_linear_input"]
@@ -76,6 +90,7 @@ def markdown(c: dict) -> str:
         "## Outlier tokens", *(f"- seq {t['seq']} pos {t['pos']} {json.dumps(t['token'])}: {t['class']}, dims {t['dims']}, "
                                f"max {t['max_abs']:.4g}" for t in tc["tokens"][:20]), "",
         "## Residual stream per layer", *_layer_table(c), "",
+        *_expert_lines(c),
         "Plots: " + ", ".join(PLOTS) + ". Every number: census.json (fields in docs/census.md).", ""]
     return "\n".join(lines)
 

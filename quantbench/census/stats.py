@@ -43,30 +43,36 @@ class SiteStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, seq0: int) -> None:
-        """x [B, T, D] (any float dtype); seq0: census index of x's first sequence. Fused reductions
-        only (no |x| copy of the whole tensor): min/max per dim and two dot products."""
-        h = x.detach().float()
-        b, t, d = h.shape
-        rows = h.reshape(-1, d)  # [B*T, D]
+        """x [B, T, D] (any float dtype); seq0: census index of x's first sequence."""
+        b, t, d = x.shape
+        self.update_rows(x.reshape(-1, d), t, seq0)
+
+    @torch.no_grad()
+    def update_rows(self, x: torch.Tensor, t: int, seq0: int, flat: torch.Tensor | None = None) -> None:
+        """x [N, D] rows; row r is token flat[r] of the batch (flat index b * T + pos; default r), T = t.
+        Fused reductions only (no |x| copy of the whole tensor): min/max per dim and two dot products."""
+        rows = x.detach().float()  # [N, D]
+        d = rows.shape[-1]
         self.n += rows.numel()
-        flat = rows.reshape(-1)  # [B*T*D]
-        sq = flat.square()  # [B*T*D]; dot products are the fastest reductions on CPU
-        self.sum2 += float(torch.dot(flat, flat))
+        flat_x = rows.reshape(-1)  # [N*D]
+        sq = flat_x.square()  # [N*D]; dot products are the fastest reductions on CPU
+        self.sum2 += float(torch.dot(flat_x, flat_x))
         self.sum4 += float(torch.dot(sq, sq))
-        sample = flat[:: _stride(flat.numel(), d)].abs()
+        sample = flat_x[:: _stride(flat_x.numel(), d)].abs()
         logs = sample[sample > 0].clamp_min(10 ** LOG_LO).log10()  # exact zeros (ReLU) do not set the median
         self.hist += torch.histc(logs, N_BINS, LOG_LO, LOG_HI).double()
         lo, hi = rows.amin(0), rows.amax(0)  # [D], [D] (two reductions beat aminmax(dim) on CPU)
         signed = torch.where(hi >= -lo, hi, lo)  # [D] value of the largest |x| per dim
         self.extreme = signed if self.extreme is None else torch.where(
             signed.abs() > self.extreme.abs(), signed, self.extreme)
-        self.top = _merge(self.top, _top_elements(rows, signed.abs(), self.top_k, t, seq0), self.top_k)
+        tok_of = (lambda r: r) if flat is None else (lambda r, f=flat.tolist(): f[r])  # noqa: E731
+        self.top = _merge(self.top, _top_elements(rows, signed.abs(), self.top_k, t, seq0, tok_of), self.top_k)
         if self.keep_records:
             dims = (signed.abs() > self.floor).nonzero().squeeze(1)  # only dims that reach the floor
             if dims.numel():
-                sub = rows[:, dims].abs()  # [B*T, n_dims]
+                sub = rows[:, dims].abs()  # [N, n_dims]
                 tok, j = (sub > self.floor).nonzero().unbind(1)
-                recs = [Record(v, dd, seq0 + tt // t, tt % t)
+                recs = [Record(v, dd, seq0 + tok_of(tt) // t, tok_of(tt) % t)
                         for v, tt, dd in zip(sub[tok, j].tolist(), tok.tolist(), dims[j].tolist())]
                 self.records = _merge(self.records, recs, self.max_records)
 
@@ -98,14 +104,16 @@ def _stride(numel: int, d: int) -> int:
     return step
 
 
-def _top_elements(rows: torch.Tensor, extreme: torch.Tensor, k: int, t: int, seq0: int) -> list[Record]:
-    """Top-k |x| elements of rows [B*T, D], given this batch's max |x| per dim extreme [D]: the k dims
-    with the largest max hold all of them, so only those k columns are searched."""
+def _top_elements(rows: torch.Tensor, extreme: torch.Tensor, k: int, t: int, seq0: int,
+                  tok_of=lambda r: r) -> list[Record]:
+    """Top-k |x| elements of rows [N, D], given this batch's max |x| per dim extreme [D]: the k dims
+    with the largest max hold all of them, so only those k columns are searched. tok_of: row -> flat token."""
     dims = extreme.topk(min(k, extreme.numel())).indices  # [k]
     sub = rows[:, dims].abs()  # [B*T, k]
     vals, idx = sub.reshape(-1).topk(min(k, sub.numel()))
     tok, dim = idx // dims.numel(), dims[idx % dims.numel()]
-    return [Record(v, dd, seq0 + tt // t, tt % t) for v, tt, dd in zip(vals.tolist(), tok.tolist(), dim.tolist())]
+    return [Record(v, dd, seq0 + tok_of(tt) // t, tok_of(tt) % t)
+            for v, tt, dd in zip(vals.tolist(), tok.tolist(), dim.tolist())]
 
 
 def _merge(old: list[Record], new: list[Record], cap: int) -> list[Record]:

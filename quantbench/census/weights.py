@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..prequant import dequantized_weight
 from ..surgery import is_linear, weight_view
 
 MAX_LISTED = 8  # rows/columns listed with their scores per module
@@ -82,7 +83,8 @@ def weight_census(model: nn.Module, layer_paths: list[str], ratio: float, block:
     for name, mod in model.named_modules():
         if not is_linear(mod):
             continue
-        w = weight_view(mod)
+        w = dequantized_weight(mod)  # bitsandbytes modules hold packed codes: look at the weights they stand for
+        w = weight_view(mod) if w is None else w
         nd = distinct_per_block(w, block)
         grid[name] = None if nd is None else {"mean_distinct": float(nd.float().mean()), "max_distinct": int(nd.max())}
         for p, i in prefix.items():

@@ -66,7 +66,7 @@ def _attn_pairs(model: nn.Module, sink: list[float | None]) -> list:
             sink[i] = _sink_of(out)
         return fn
 
-    return [(get_module(layer, arch.attn), hook(i)) for i, layer in enumerate(decoder_layers(model))]
+    return [(get_module(layer, arch.layer(i).attn), hook(i)) for i, layer in enumerate(decoder_layers(model))]
 
 
 @torch.no_grad()

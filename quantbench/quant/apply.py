@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .. import prequant
 from ..arch import arch_or_none
+from ..moe import check_experts
 from ..errors import QuantbenchError
 from ..surgery import model_device
 from .calibration import Calibration
@@ -34,6 +36,8 @@ def _options(plugin_cls, options: dict):
 def prepare(model: nn.Module, recipe: Recipe) -> Plan:
     """The recipe's plan for this model; raises a one-line QuantbenchError before any work when a
     mitigation, a backend or the plan cannot serve this model."""
+    prequant.check_recipe(model, recipe)  # an already-quantized checkpoint is not quantized again
+    check_experts(model, recipe)  # MoE experts become one linear each, or the recipe is refused
     plan = resolve_plan(model, recipe)
     check_plan(model, plan)
     finalized_by = None

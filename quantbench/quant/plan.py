@@ -80,18 +80,22 @@ class Plan:
 
 
 def kv_linears(model: nn.Module, arch: ArchSpec) -> list[str]:
-    """Names of every layer's k and v projections (their outputs are what the KV cache stores)."""
-    n = len(model.get_submodule(arch.layers))
-    return [f"{arch.layers}.{i}.{p}" for i in range(n) for p in arch.qkv[1:3]]
+    """Names of every layer's k and v projections: the linears the traced KV cache tensors come from
+    (a layer whose k and v come out of one fused projection has none)."""
+    return [arch.layer_path(i, p) for i, t in enumerate(arch.layer_topos) if len(t.kv) == 2 for p in t.kv]
 
 
 def resolve_plan(model: nn.Module, recipe: Recipe) -> Plan:
-    """The recipe's per-linear plan for this model (no checks beyond name matching; see check_plan)."""
+    """The recipe's per-linear plan for this model (no checks beyond name matching; see check_plan).
+    MoE routers (and gates such as Qwen2-MoE's shared_expert_gate) stay in high precision and are
+    listed as excluded, unless an override names them."""
     arch = arch_or_none(model)
     kv_names = set(kv_linears(model, arch)) if (arch is not None and not arch.fused_qkv) else set()
+    routers = set(arch.names("routers")) if arch is not None else set()
     linears, excluded = {}, []
     for name, _mod in linear_modules(model):
-        if any(matches(name, p) for p in recipe.exclude):
+        router = name in routers and not any(matches(name, o.match) for o in recipe.overrides)
+        if router or any(matches(name, p) for p in recipe.exclude):
             excluded.append(name)
             continue
         cur = {"weights": recipe.weights, "activations": recipe.activations,
@@ -135,7 +139,11 @@ def _check_kv(model: nn.Module, plan: Plan) -> None:
     if arch.fused_qkv:
         raise QuantbenchError(f"recipe '{r.name}': kv quantization needs separate k/v projections; "
                               f"{model.config.model_type} fuses q/k/v")
-    for name in kv_linears(model, arch):
+    names = kv_linears(model, arch)
+    if not names:
+        raise QuantbenchError(f"recipe '{r.name}': kv quantization needs the k/v projections, and the traced "
+                              f"{arch.family} has none that are separate linears")
+    for name in names:
         lp = plan.linears.get(name)
         if lp is None or lp.kv is None:
             continue

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
-from ..arch import ArchSpec, arch_or_none
-from ..errors import QuantbenchError
+from ..arch import ArchSpec, arch_of
+from ..errors import QuantbenchError, UnsupportedArchitecture
 from .calibration import Calibration
 from .effects import Effects
 from .plan import Plan
@@ -72,10 +72,10 @@ class Mitigation(ABC):
         r = plan.recipe
         for what in self.needs:
             if what == "arch":
-                if arch_or_none(model) is None:
-                    mt = getattr(getattr(model, "config", None), "model_type", None)
-                    raise QuantbenchError(f"recipe '{r.name}': {self.name} needs architecture knowledge, and "
-                                          f"'{mt}' is not described in quantbench.arch")
+                try:
+                    arch_of(model)
+                except UnsupportedArchitecture as e:
+                    raise QuantbenchError(f"recipe '{r.name}': {self.name} needs the model's topology: {e}") from None
             elif not any(getattr(lp, what) is not None for lp in plan.linears.values()):
                 raise QuantbenchError(f"recipe '{r.name}': {self.name} needs {what} quantization ({what}: ...)")
 

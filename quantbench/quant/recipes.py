@@ -35,6 +35,7 @@ def _m(name: str, **options) -> MitigationSpec:
 PRESETS: Registry[Recipe] = Registry("preset")
 for _recipe in [
     _r("fp"),
+    _r("as-loaded"),  # an already-quantized checkpoint, evaluated as it was loaded (quantbench/prequant.py)
     _r("w8a16", W8_CH),
     _r("w8a8-token", W8_CH, A8_TOK),
     _r("w8a8-tensor-dynamic", W8_CH, A8_TENSOR_DYN),

@@ -85,10 +85,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     try:
         path = arch_of(model).layers
         return path, model.get_submodule(path)
-    except (UnsupportedArchitecture, AttributeError):
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        raise QuantbenchError(f"sequential calibration needs the decoder layers, and architecture '{mt}' is not "
-                              "described in quantbench.arch (add a row naming its layer list)") from None
+    except (UnsupportedArchitecture, AttributeError) as e:
+        raise QuantbenchError(f"sequential calibration needs the decoder layers ({e})") from None
 
 
 def _kinds(model: nn.Module, layers: nn.ModuleList) -> list[Any]:

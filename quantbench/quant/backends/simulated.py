@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ...moe import borrow_static_ranges
 from ...surgery import replace_module, run_batches
 from ..plan import Plan
 from ..plugin import Backend, QuantContext
@@ -32,6 +33,9 @@ class Simulated(Backend):
             for q in static:
                 q.calibrating = True
             run_batches(model, ctx.calib.batches, ctx.batch_size, ctx.device)
+            borrowed = borrow_static_ranges({q.name: q for q in static})  # MoE experts no token reached
+            if borrowed:
+                ctx.effects.notes["static_ranges_borrowed"] = len(borrowed)
         for q in qlinears:
             q.freeze()
         return model

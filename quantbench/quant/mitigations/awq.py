@@ -29,7 +29,7 @@ from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
 from ..primitives import fake_quant
 from ..spec import MITIGATIONS, QuantSpec
-from ._util import Pair, find_pairs, pair_inputs
+from ._util import Pair, find_pairs, pair_inputs, with_stats
 
 
 def awq_scales(absmean: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -84,6 +84,7 @@ class AWQ(Mitigation):
         pairs = find_pairs(model, ctx.arch, opts.pairs)
         req = StatsRequest(samples=opts.calib_samples, sample_tokens=opts.search_tokens)
         stats = ctx.calib.input_stats(model, pair_inputs(pairs), ctx.upstream, req)
+        pairs = with_stats(pairs, stats)
         return Stats(pairs, {p.key: stats[p.key].sample for p in pairs},
                      {p.key: p.reduce(stats[p.key].absmean, "mean") for p in pairs})
 

@@ -3,15 +3,19 @@
 Steps (each leaves the FP function unchanged up to float rounding; declared in the Effects:
 untied lm_head as an added parameter, the residual basis Q, the online transforms):
 1. Untie lm_head from the embeddings (the default model ties them) so each can be rotated alone.
-2. Fuse RMSNorm weights into the linears they feed (q/k/v, gate/up, lm_head); norms become
-   weightless. RMSNorm commutes with an orthogonal Q because ||hQ|| = ||h||. LayerNorm families
-   (mean subtraction, bias) are rejected with a clear error.
-3. Residual rotation h' = h Q: embeddings E <- E Q; residual readers W <- W Q;
-   residual writers (o, down) W <- Q^T W, b <- Q^T b.
-4. Online rotation of down_proj's input: W <- W H and x -> x H before down_proj, declared in the
-   Effects as an online transform (a forward pre-hook; backends re-attach it to the module they
+2. Fuse RMSNorm gains into the matrices they feed (q/k/v, gate/up, MoE routers and experts,
+   lm_head; Gemma's (1 + w) norms likewise, then w = 0); norms become the identity scale. RMSNorm
+   commutes with an orthogonal Q because ||hQ|| = ||h||. Families where that does not hold are
+   refused in one line: LayerNorm (mean subtraction, bias), or a residual stream written through
+   weighted post-norms (Gemma2/3, OLMo2: RMSNorm(y)·w Q is not RMSNorm(y Q)·w').
+3. Residual rotation h' = h Q: embeddings E <- E Q (a scale such as Gemma's sqrt(d) commutes);
+   residual readers W <- W Q (every reader the topology found, routers included);
+   residual writers (o, down, every expert's down) W <- Q^T W, b <- Q^T b.
+4. Online rotation of each down projection's input: W <- W H and x -> x H before it, declared in
+   the Effects as an online transform (a forward pre-hook; backends re-attach it to the module they
    create). H is applied as a Kronecker product of small factors (cheap).
-5. Per-head rotation of V and of o_proj's input (offline, exact: attention mixes V linearly per head).
+5. Per-head rotation of V (the v rows of a fused qkv projection) and of o's input (offline, exact:
+   attention mixes V linearly per head), wherever the topology verified v -> o.
 
 Options:
   kind: "hadamard" (default; randomized Hadamard, exact order via Sylvester x Paley factors, e.g.
@@ -21,7 +25,7 @@ Options:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -30,7 +34,7 @@ from pydantic import Field
 
 from ...arch import arch_of, get_module
 from ...errors import QuantbenchError
-from ...surgery import attach_online, get_weight, is_linear, scale_in, set_weight
+from ...surgery import attach_online, get_weight, scale_in, set_weight
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
 from ..spec import MITIGATIONS
@@ -86,21 +90,51 @@ def untie(model: nn.Module, arch) -> bool:
     return True
 
 
+def rotation_issue(model: nn.Module, arch) -> str | None:
+    """Why the residual stream of this family cannot be rotated exactly (one line), or None."""
+    fam = arch.family
+    if arch.norm_kind not in ("rms", "rms+1"):
+        return (f"{fam} uses LayerNorm (mean subtraction, bias), which does not commute with a rotation of "
+                "the residual stream; rotation supports RMSNorm families")
+    issue = next((t.residual_issue for t in arch.layer_topos if t.residual_issue), None)
+    if issue:
+        return issue
+    norms = [arch.layer_path(i, n) for i, t in enumerate(arch.layer_topos) for n in (t.attn_norm, t.mlp_norm) if n]
+    if arch.final_norm is None or any(getattr(get_module(model, n), "bias", None) is not None for n in norms):
+        return f"{fam}: a residual norm is missing or has a bias"
+    for i, t in enumerate(arch.layer_topos):
+        folded = {p.prev for p in t.pairs_of(("qkv", "up"))}
+        for n in (t.attn_norm, t.mlp_norm):
+            if n and n not in folded:
+                return f"{fam}: the output of {n} (layer {i}) feeds more than matrices, so its gain cannot be folded"
+    return None
+
+
+def _identity_weight(norm: nn.Module, kind: str) -> None:
+    norm.weight.data.fill_(0.0 if kind == "rms+1" else 1.0)  # Gemma's (1 + w): w = 0 is the identity scale
+
+
+def _gain(norm: nn.Module, kind: str) -> torch.Tensor:
+    w = norm.weight.data.float()
+    return 1.0 + w if kind == "rms+1" else w
+
+
 @torch.no_grad()
 def fuse_norms(model: nn.Module, arch) -> None:
-    """RMSNorm weight g folded into the following linears' input columns; g <- 1."""
-    if arch.norm_kind != "rms":
-        raise QuantbenchError(f"rotate: {model.config.model_type} uses LayerNorm (mean subtraction, bias); "
-                              "norm fusing and rotation support RMSNorm families (llama, mistral, qwen2/3) only")
-    for layer in get_module(model, arch.layers):
-        for norm_path, readers in ((arch.attn_norm, arch.qkv), (arch.mlp_norm, arch.up)):
-            norm = get_module(layer, norm_path)
-            for r in readers:
-                scale_in(get_module(layer, r), norm.weight.data.float())
-            norm.weight.data.fill_(1.0)
-    norm = get_module(model, arch.final_norm)
-    scale_in(get_module(model, arch.lm_head), norm.weight.data.float())
-    norm.weight.data.fill_(1.0)
+    """RMSNorm gains (w, or Gemma's 1 + w) folded into the matrices reading them (routers too); the
+    norms become the identity scale."""
+    issue = rotation_issue(model, arch)
+    if issue:
+        raise QuantbenchError(f"rotate: {issue}")
+    groups = [(arch.layer_path(i, p.prev), [arch.layer_path(i, r) for r in p.targets])
+              for i, t in enumerate(arch.layer_topos) for p in t.pairs_of(("qkv", "up")) if p.prev in (t.attn_norm, t.mlp_norm)]
+    groups.append((arch.final_norm, [arch.lm_head]))
+    for norm_path, readers in groups:
+        norm, kind = get_module(model, norm_path), arch.norm_kind_of(norm_path) or arch.norm_kind
+        g = _gain(norm, kind)
+        for r in readers:
+            scale_in(get_module(model, r), g)
+        _identity_weight(norm, kind)
 
 
 def _rot_in(mod: nn.Module, q: torch.Tensor) -> None:
@@ -114,14 +148,20 @@ def _rot_out(mod: nn.Module, q: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _rotate_heads(layer: nn.Module, arch, hq: torch.Tensor, hd: int) -> None:
-    """V rows and o_proj input columns rotated per head by the same hq [hd, hd]."""
-    v, o = get_module(layer, arch.qkv[-1]), get_module(layer, arch.o)
-    nv, no = v.weight.shape[0] // hd, o.weight.shape[1] // hd
-    set_weight(v, (torch.block_diag(*[hq] * nv).T @ get_weight(v).double()).float())
-    if v.bias is not None:
-        v.bias.data.copy_((torch.block_diag(*[hq] * nv).T @ v.bias.data.double()).to(v.bias.dtype))
-    set_weight(o, (get_weight(o).double() @ torch.block_diag(*[hq] * no)).float())
+def _rotate_heads(layer: nn.Module, pair, hq: torch.Tensor, hd: int) -> None:
+    """V rows (the v rows of a fused qkv projection) and o's input columns rotated per head by hq [hd, hd]."""
+    v, o = get_module(layer, pair.prev), get_module(layer, pair.targets[0])
+    rows = list(pair.rows) if pair.rows is not None else list(range(get_weight(v).shape[0]))
+    nv, no = len(rows) // hd, get_weight(o).shape[1] // hd
+    bv, bo = torch.block_diag(*[hq] * nv), torch.block_diag(*[hq] * no)
+    w = get_weight(v).double()  # [out, in]
+    w[rows] = bv.T @ w[rows]
+    set_weight(v, w.float())
+    if getattr(v, "bias", None) is not None:
+        b = v.bias.data.double()
+        b[rows] = bv.T @ b[rows]
+        v.bias.data.copy_(b.to(v.bias.dtype))
+    set_weight(o, (get_weight(o).double() @ bo).float())
 
 
 @dataclass
@@ -130,7 +170,7 @@ class Stats:
     kind: str
     head: KronRotation
     head_dim: int
-    down: KronRotation | None = None
+    down: dict[int, KronRotation] = field(default_factory=dict)  # online rotation per down input size
 
 
 @MITIGATIONS.register("rotate")
@@ -146,20 +186,22 @@ class Rotate(Mitigation):
 
     def check(self, model: nn.Module, plan, opts) -> None:
         super().check(model, plan, opts)
-        if arch_of(model).norm_kind != "rms":
-            raise QuantbenchError(f"rotate: {model.config.model_type} uses LayerNorm (mean subtraction, bias); "
-                                  "norm fusing and rotation support RMSNorm families (llama, mistral, qwen2/3) only")
+        issue = rotation_issue(model, arch_of(model))
+        if issue:
+            raise QuantbenchError(f"recipe '{plan.recipe.name}': rotate: {issue}")
 
     def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> Stats:
         """Rotations are data-free: build the matrices (seeded) only."""
         gen = torch.Generator().manual_seed(opts.seed)
-        cfg = model.config
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        res, res_kind = make_rotation(cfg.hidden_size, opts.kind, gen)
-        out = Stats(res, res_kind, make_rotation(hd, opts.kind, gen)[0], hd)
-        down_in = get_module(get_module(model, ctx.arch.layers)[0], ctx.arch.down)
-        if opts.down and is_linear(down_in):
-            out.down = make_rotation(down_in.weight.shape[1], opts.kind, gen)[0]
+        arch = ctx.arch
+        d = get_weight(get_module(model, arch.lm_head)).shape[1]
+        res, res_kind = make_rotation(d, opts.kind, gen)
+        out = Stats(res, res_kind, make_rotation(arch.head_dim, opts.kind, gen)[0], arch.head_dim)
+        if opts.down:
+            for name in arch.names("downs"):
+                n = get_weight(get_module(model, name)).shape[1]
+                if n not in out.down:
+                    out.down[n] = make_rotation(n, opts.kind, gen)[0]
         return out
 
     @torch.no_grad()
@@ -175,17 +217,24 @@ class Rotate(Mitigation):
         emb, head = get_module(model, arch.embed), get_module(model, arch.lm_head)
         emb.weight.data.copy_((emb.weight.data.float() @ q.float()).to(emb.weight.dtype))  # [V, D]: fp32 is enough
         head.weight.data.copy_((head.weight.data.float() @ q.float()).to(head.weight.dtype))
+        skipped_heads = 0
         for i, layer in enumerate(get_module(model, arch.layers)):
-            for p in (*arch.qkv, *arch.up):
+            t = arch.layer(i)
+            for p in t.stream_readers:  # routers included: their logits must not change
                 _rot_in(get_module(layer, p), q)
-            for p in (arch.o, arch.down):
+            for p in (t.o, *t.downs):
                 _rot_out(get_module(layer, p), q)
-            if opts.heads:
-                _rotate_heads(layer, arch, stats.head.matrix(), stats.head_dim)
-            if stats.down is not None:
-                down = get_module(layer, arch.down)
-                _rot_in(down, stats.down.matrix())
-                attach_online(down, stats.down)
-                eff.online[f"{arch.layers}.{i}.{arch.down}"] = stats.down
+            o_pairs = t.pairs_of(("o",))
+            if opts.heads and o_pairs:
+                _rotate_heads(layer, o_pairs[0], stats.head.matrix(), stats.head_dim)
+            skipped_heads += int(opts.heads and not o_pairs)
+            for p in t.downs if stats.down else ():
+                down = get_module(layer, p)
+                rot = stats.down[get_weight(down).shape[1]]
+                _rot_in(down, rot.matrix())
+                attach_online(down, rot)
+                eff.online[arch.layer_path(i, p)] = rot
+        if skipped_heads:
+            eff.notes["rotate_heads_skipped_layers"] = skipped_heads  # v -> o not exact there (see the topology)
         eff.residual_basis = q.float()  # residual now lives in h @ Q; fidelity probes undo it
         return eff

@@ -1,13 +1,14 @@
 """SmoothQuant (Xiao et al. 2023): move activation outliers into the weights.
 
-For each smoothable pair prev -> targets (norm -> q/k/v, norm -> gate/up, up -> down, v -> o), per
-input channel j
+For each smoothable pair prev -> targets (the traced, verified pairs of quant/mitigations/_util.py:
+norm -> q/k/v, norm -> gate/up (every expert and the router of an MoE block), up -> down, v -> o),
+per input channel j
 
     s_j = max|X_j|^alpha / max_t max|W_t[:, j]|^(1 - alpha)
 
-prev's output channel j is divided by s_j (norm weight/bias, or a linear's row and bias) and
-every target's input column j multiplied by s_j: the FP function is unchanged (up -> down is
-exact because down's input is act(gate) * up; v -> o because attention mixes V linearly per head).
+prev's output channel j is divided by s_j (norm weight/bias, Gemma's (1 + w), or a linear's row and
+bias) and every target's input column j multiplied by s_j: the FP function is unchanged (up -> down
+is exact because down's input is act(gate) * up; v -> o because attention mixes V linearly per head).
 Under grouped-query attention one v channel feeds `rep` query heads, so o's scales are v's
 scales repeated per head group (statistics reduced by max over the group first).
 
@@ -36,7 +37,7 @@ from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
 from ..primitives import fake_quant
 from ..spec import MITIGATIONS, QuantSpec
-from ._util import Pair, find_pairs, pair_inputs
+from ._util import Pair, find_pairs, pair_inputs, with_stats
 
 PairKind = Literal["qkv", "up", "down", "o"]
 
@@ -94,6 +95,7 @@ class SmoothQuant(Mitigation):
         notes: list[str] = []
         pairs = find_pairs(model, ctx.arch, opts.pairs, notes)
         stats = ctx.calib.input_stats(model, pair_inputs(pairs), ctx.upstream, StatsRequest(samples=opts.calib_samples))
+        pairs = with_stats(pairs, stats, notes)
         absmax = {p.key: p.reduce(stats[p.key].absmax, "max") for p in pairs}
         if opts.alpha == "search":
             alphas = _search(model, pairs, absmax, ctx, opts)
