@@ -10,6 +10,24 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 import torch
 
+# Tiny models run fastest on one thread (thread start-up and sync cost more than their matmuls, and
+# a second thread fights the other jobs of a 2-core CI machine); tests on the real default model
+# (marked `integration`) get every core back.
+_CORES = torch.get_num_threads()
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    if request.node.get_closest_marker("integration") is None:
+        yield
+        return
+    torch.set_num_threads(_CORES)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
 
 def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 128,
                attn_implementation: str = "eager") -> torch.nn.Module:

@@ -212,6 +212,7 @@ def test_cached_corpus_cut_in_half(capsys, env, news):
                  "quantbench assets fetch --force")
 
 
+@pytest.mark.integration  # converts the real default model again: all cores
 def test_fetch_force_repairs_model_and_corpus(capsys, env, news, monkeypatch):
     import quantbench.taskpack as taskpack
 
