@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-pytest.importorskip("compressed_tensors")
-gguf = pytest.importorskip("gguf")
+import compressed_tensors  # noqa: E402,F401  (dependencies: a missing one fails, never skips)
+import gguf  # noqa: E402
 
 from quantbench.errors import QuantbenchError  # noqa: E402
 from quantbench.export.context import load_run_context  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (a dependency: a missing one fails, never skips)
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf import quants  # noqa: E402
 

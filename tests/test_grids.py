@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-ct = pytest.importorskip("compressed_tensors.quantization.lifecycle.forward")
+import compressed_tensors.quantization.lifecycle.forward as ct  # noqa: E402  (a dependency: never skipped)
 from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams, compute_dynamic_scales_and_zp  # noqa: E402
 
@@ -224,7 +224,7 @@ def test_torchao_affine_matches_except_documented_differences(gran, symmetric):
     which moves near-ties only (a symmetric block's -absmax element sits at -(qmax + 0.5) up to the
     scale's rounding, so it is one), and (b) all-zero blocks: torchao clamps the scale to
     smallest_normal with zero point qmin, compressed-tensors sets eps with zero point 0."""
-    qp = pytest.importorskip("torchao.quantization.quant_primitives")
+    import torchao.quantization.quant_primitives as qp
     mapping = qp.MappingType.SYMMETRIC if symmetric else qp.MappingType.ASYMMETRIC
     for kind in ("random", "outliers"):
         t = _activation(kind, torch.float32) if gran == "token" else _weight(kind, torch.float32)
@@ -260,7 +260,7 @@ def test_torchao_affine_matches_except_documented_differences(gran, symmetric):
 def test_torchao_float8_matches_except_all_zero_blocks():
     """torchao's float8 primitives: same scales (absmax / 448) and the same e4m3 codes; an all-zero
     block gets scale 0 and NaN codes there, eps and 0 here."""
-    qp = pytest.importorskip("torchao.quantization.quant_primitives")
+    import torchao.quantization.quant_primitives as qp
     for gran in ("tensor", "channel", "group"):
         w = _weight("outliers", torch.float32)
         s_ao = qp._choose_scale_float8(w, list(_block_size(gran, tuple(w.shape))))

@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 
 
 def _quanto():
-    oq = pytest.importorskip("optimum.quanto")
+    import optimum.quanto as oq  # a dependency: missing means a broken install, not a skip
     from optimum.quanto.tensor.optimizers import AbsmaxOptimizer, MaxOptimizer
 
     return oq, AbsmaxOptimizer(), MaxOptimizer()
