@@ -29,12 +29,13 @@ DEFAULT_COLUMNS = "recipe,bits,ppl,dppl,kl,top1"
 
 
 
-def _interval(row: pd.Series, col: str, fmt: str, sign: bool = False) -> str:
+def _interval(row: pd.Series, col: str, fmt: str, sign: bool = False, bounds: str | None = None) -> str:
+    """`col` with its interval from the columns `<bounds>_lo`, `<bounds>_hi` (default: `<col>_lo/_hi`)."""
     v = _num(row.get(col))
     if v is None:
         return "—"
     txt = f"{v:+{fmt}}" if sign else f"{v:{fmt}}"
-    lo, hi = _num(row.get(f"{col}_lo")), _num(row.get(f"{col}_hi"))
+    lo, hi = _num(row.get(f"{bounds or col}_lo")), _num(row.get(f"{bounds or col}_hi"))
     return txt + (f" [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None and hi is not None else "")
 
 
@@ -69,7 +70,7 @@ COLUMNS: dict[str, tuple[str, Callable]] = {
     "status": ("status", lambda r: str(r.get("status"))),
     "bits": ("bits/weight", lambda r: f"{_num(r.get('bits_per_weight')):.2f}" if _num(r.get("bits_per_weight")) else "—"),
     "ppl": ("ppl", lambda r: f"{_num(r.get('ppl')):.2f}" if _num(r.get("ppl")) else "—"),
-    "dppl": ("Δppl % [95% CI]", lambda r: _interval(r, "delta_ppl_pct", ".1f", sign=True)),
+    "dppl": ("Δppl % [95% CI]", lambda r: _interval(r, "delta_ppl_pct", ".1f", sign=True, bounds="delta_ppl")),
     "kl": ("KL [95% CI]", lambda r: _interval(r, "kl", ".3f")),
     "top1": ("top-1", lambda r: f"{_num(r.get('top1')):.3f}" if _num(r.get("top1")) is not None else "—"),
     "acc": ("task acc", lambda r: f"{_num(r.get('task_acc_mean')):.2f}" if _num(r.get("task_acc_mean")) is not None else "—"),
