@@ -36,8 +36,8 @@ class EvalConfig(_Strict):
     batch_size: int = Field(4, ge=1)
     expected_fp_ppl: float | None = None  # sanity check: warn when FP ppl differs by > 10%
     word_ppl: bool = True  # also report word-level perplexity (exp(total NLL / words)), as lm-eval does
-    probe_windows: int = Field(1, ge=0)
-    ci_block: int = Field(128, ge=8)  # scored tokens per bootstrap unit of the paired intervals  # windows used for per-layer error / attention drift (0: off)
+    probe_windows: int = Field(1, ge=0)  # windows used for per-layer error / attention drift (0: off)
+    ci_block: int = Field(128, ge=8)  # scored tokens per bootstrap unit of the paired intervals
 
     @model_validator(mode="after")
     def _stride(self) -> "EvalConfig":
