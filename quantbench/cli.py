@@ -22,22 +22,34 @@ def _overrides(**kw) -> dict:
 @app.command()
 def run(
     config: Path = typer.Option(Path("configs/default.yaml"), "--config", "-c", help="run config (YAML)"),
-    model: Optional[str] = typer.Option(None, help="override: 'default', hub id, local folder or .gguf"),
+    model: Optional[list[str]] = typer.Option(None, help="override: 'default', hub id, local folder or .gguf; "
+                                              "repeat to sweep several checkpoints"),
     corpus: Optional[str] = typer.Option(None, help="override: wiki | news | wikitext2 | c4 | hf:<ds>:<split> | file"),
     out: Optional[str] = typer.Option(None, "--out", help="override the output root (default results/)"),
     run_id: Optional[str] = typer.Option(None, help="name of the run directory (default: derived from the config)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 | auto"),
+    executor: Optional[str] = typer.Option(None, help="serial | ray: where the (model, recipe) cells run"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster: auto | host:port | ray://host:port "
+                                              "(default: start a local Ray)"),
 ) -> None:
     """Census, quantize every recipe, evaluate, and write the results table."""
-    from .config import load_config
-    from .pipeline import run as run_pipeline
+    from .config import parse_config, read_yaml_mapping
+    from .pipeline import run_all
 
-    ov = _overrides(model=model, output_dir=out, run_id=run_id, device=device, dtype=dtype)
-    cfg = load_config(config, ov)
+    data = read_yaml_mapping(config, _overrides(output_dir=out, run_id=run_id, device=device, dtype=dtype))
+    if model:  # one --model replaces `model`/`models`; several sweep them
+        data.pop("models" if len(model) == 1 else "model", None)
+        data.update({"model": model[0]} if len(model) == 1 else {"models": list(model)})
+    if executor is not None or ray_address is not None:
+        ex = data.get("executor") or {}
+        ex = {"kind": ex} if isinstance(ex, str) else ex
+        if isinstance(ex, dict):
+            data["executor"] = {**ex, **_overrides(kind=executor, address=ray_address)}
+    cfg = parse_config(data)
     if corpus is not None:
         cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"name": corpus})})
-    run_pipeline(cfg, config_name=config.stem)
+    run_all(cfg, config_name=config.stem)
 
 
 @app.command()

@@ -267,11 +267,12 @@ def _sweep_all(ex: Executor, runs: list[_Run]) -> list[str]:
             states[cell.run] = CellState(runs[cell.run].cfg, runs[cell.run].p)
         return states[cell.run].compute(cell.recipe)
 
-    lost = ex.run(cells, local, worker_cell, lambda cell, res: _record(runs[cell.run], *res))
+    many = len(runs) > 1
+    lost = ex.run(cells, local, worker_cell, lambda cell, res: _record(runs[cell.run], *res, label=many))
     return [f"{_slug(runs[c.run].cfg.model)}/{c.recipe}" for c in lost]
 
 
-def _record(r: _Run, row: dict, plan: dict | None) -> None:
+def _record(r: _Run, row: dict, plan: dict | None, label: bool = False) -> None:
     """Append one finished cell's row (and write its plan record): always here, in the driver."""
     recipe = next(x for x in r.cfg.recipes if x.name == row["recipe"])
     if plan is not None:
@@ -281,7 +282,7 @@ def _record(r: _Run, row: dict, plan: dict | None) -> None:
     row["inputs_key"] = r.p.rows_key
     r.store.append(row)
     r.done[recipe.name] = row
-    who = f"[{_slug(r.cfg.model)}] " if r.cfg.model != "default" else ""
+    who = f"[{_slug(r.cfg.model)}] " if label else ""
     log(f"{who}{recipe.name}: {row['status']}" + (
         f", ppl {row['ppl']:.3f} ({row['delta_ppl_pct']:+.1f}%), KL {row['kl']:.4f}, top-1 {row['top1']:.3f}"
         if row["status"] == "ok" else ""))

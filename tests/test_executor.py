@@ -1,0 +1,153 @@
+"""Executors: a local Ray with two CPU workers gives the serial executor's rows exactly; a worker
+killed mid-task is retried, or its row stays missing and a rerun computes only it; bad executor
+settings are one line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantbench import pipeline
+from quantbench.config import parse_config
+from quantbench.errors import QuantbenchError
+from quantbench.fileio import read_rows
+
+ray = pytest.importorskip("ray")  # a declared dependency (pyproject); the import fails loudly in CI
+
+RECIPES = ["fp", "w8a8-token", "w8a8-tensor-static", "w4a16-g64"]
+# measured costs (seconds, throughput, process memory, cache reuse) differ between any two runs and
+# processes; every other column must be identical
+COSTS = {"wall_s", "eval_tok_s", "calib_s", "calib_stats_s", "census_s", "calib_stats_reused", "peak_mem_mb"}
+
+
+def _save_tiny(d, seed):
+    """A tiny random Llama saved as an HF folder with the real default tokenizer."""
+    import transformers as tf
+
+    from quantbench import assets
+
+    tok = tf.AutoTokenizer.from_pretrained(assets.ensure_default_model())
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny"), 0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    words = "the model reads a sentence . then another one , and a number 42 follows \n".split(" ")
+    p.write_text("\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(60)) for i in range(80)))
+    return p
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(model, corpus, out, run_id="t", executor="serial", **ex):
+    return parse_config({
+        "model": str(model), "output_dir": str(out), "run_id": run_id, "threads": 1,
+        "corpus": {"name": str(corpus), "calib_samples": 2, "calib_seq_len": 32},
+        "eval": {"seq_len": 64, "max_windows": 3, "batch_size": 2},
+        "census": {"samples": 2, "seq_len": 32, "plots": False}, "recipes": RECIPES,
+        "executor": {"kind": executor, **ex}})
+
+
+def _rows(out):
+    return {r["recipe"]: r for r in read_rows(out / "rows.jsonl")}
+
+
+def _same_rows(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        ka, kb = set(a[name]) - COSTS, set(b[name]) - COSTS
+        assert ka == kb, name
+        for k in ka:  # exact: floats compared bit for bit (through their JSON text)
+            assert json.dumps(a[name][k]) == json.dumps(b[name][k]), (name, k, a[name][k], b[name][k])
+
+
+def test_ray_two_workers_equal_serial_rows_exactly(tiny_dir, corpus, tmp_path, local_ray):
+    serial = pipeline.run(_cfg(tiny_dir, corpus, tmp_path / "s"))
+    remote = pipeline.run(_cfg(tiny_dir, corpus, tmp_path / "r", executor="ray"))
+    a, b = _rows(serial), _rows(remote)
+    assert all(r["status"] == "ok" for r in b.values())
+    _same_rows(a, b)
+    # the plan records come back from the workers and are written by the driver
+    assert sorted(p.name for p in (remote / "plans").iterdir()) == sorted(p.name for p in (serial / "plans").iterdir())
+    assert (remote / "results.md").exists() and (remote / "census.json").exists()
+    # two checkpoints x recipes in one sweep: one run directory each, each equal to its own serial run
+    other = _save_tiny(tmp_path / "other", 1)
+    sweep = _cfg(tiny_dir, corpus, tmp_path / "m", executor="ray").model_dump(mode="json", exclude={"model"})
+    outs = pipeline.run(parse_config({**sweep, "models": [str(tiny_dir), str(other)]}))
+    assert [o.name for o in outs] == [f"t-{pipeline._slug(str(tiny_dir))}", f"t-{pipeline._slug(str(other))}"]
+    _same_rows(_rows(outs[0]), a)
+    _same_rows(_rows(outs[1]), _rows(pipeline.run(_cfg(other, corpus, tmp_path / "s2"))))
+    assert _rows(outs[1])["w4a16-g64"]["ppl"] != a["w4a16-g64"]["ppl"]  # really another checkpoint
+
+
+def _flaky(marker: str, calls: str):
+    """A worker function that kills its own worker process on the first try of w8a8-token."""
+    real = pipeline.worker_cell
+
+    def cell(cfg_json, recipe, inputs):
+        with open(calls, "a") as f:
+            f.write(recipe + "\n")
+        if recipe == "w8a8-token" and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # the worker dies mid-task, as on a preempted node
+        return real(cfg_json, recipe, inputs)
+
+    return cell
+
+
+def test_a_killed_worker_is_retried(tiny_dir, corpus, tmp_path, local_ray, monkeypatch):
+    calls = tmp_path / "calls"
+    monkeypatch.setattr(pipeline, "worker_cell", _flaky(str(tmp_path / "killed"), str(calls)))
+    out = pipeline.run(_cfg(tiny_dir, corpus, tmp_path / "o", executor="ray", max_retries=1))
+    assert (tmp_path / "killed").exists() and calls.read_text().split().count("w8a8-token") == 2
+    rows = _rows(out)
+    assert set(rows) == set(RECIPES) and all(r["status"] == "ok" for r in rows.values())
+
+
+def test_a_lost_cell_stays_missing_and_a_rerun_computes_only_it(tiny_dir, corpus, tmp_path, local_ray, monkeypatch):
+    calls = tmp_path / "calls"
+    monkeypatch.setattr(pipeline, "worker_cell", _flaky(str(tmp_path / "killed"), str(calls)))
+    cfg = _cfg(tiny_dir, corpus, tmp_path / "o", executor="ray", max_retries=0)
+    with pytest.raises(QuantbenchError, match="1 cell\\(s\\) lost.*rerun the same command"):
+        pipeline.run(cfg)
+    out = tmp_path / "o" / "t"
+    assert set(_rows(out)) == set(RECIPES) - {"w8a8-token"}
+    calls.write_text("")
+    pipeline.run(cfg)
+    assert calls.read_text().split() == ["w8a8-token"]
+    assert set(_rows(out)) == set(RECIPES)
+
+
+def _cli(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", "from quantbench.cli import main; main()", "run", *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--executor", "spark"], "error: config: executor.kind: Input should be 'serial' or 'ray'"),
+    (["--executor", "ray", "--ray-address", "127.0.0.1:1"], "error: executor ray: cannot reach the Ray cluster at 127.0.0.1:1"),
+    (["--executor", "ray", "--ray-address", "nowhere"], "error: executor ray: address 'nowhere' is not"),
+])
+def test_bad_executor_settings_are_one_line(args, says):
+    res = _cli(*args)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()] and says in res.stderr
