@@ -333,10 +333,10 @@ def worker_cell(cfg_json: dict, recipe: str, inputs: dict) -> tuple[dict, dict |
     """One (model, recipe) cell in a worker process (the Ray task body). The first cell of a
     checkpoint in this process rebuilds its shared state (load, calibration batches, evaluation
     suite; the FP reference on first use); later cells reuse it. The inputs must equal the driver's."""
-    key = json.dumps(cfg_json, sort_keys=True)
+    cfg = validate(RunConfig, cfg_json)
+    key = cfg.fingerprint()  # everything that changes results (not the output folder)
     if key not in _WORKER:
         _WORKER.clear()  # one checkpoint's weights per worker
-        cfg = validate(RunConfig, cfg_json)
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(cfg.threads or max(1, int(cfg.executor.num_cpus)))
         p = prepare(cfg)
