@@ -179,6 +179,29 @@ def export(
     typer.echo(summary(recipe, cols))
 
 
+@app.command()
+def score(
+    checkpoint: Path = typer.Argument(..., help="checkpoint folder: an export (results/<run>/export/<recipe>) or HF model"),
+    task: list[str] = typer.Option(["qb_goal_step_wikihow"], "--task", help="task name (repeat); offline pack or lm-eval"),
+    limit: Optional[int] = typer.Option(30, help="documents per task (same fixed sample as a run)"),
+    num_fewshot: int = typer.Option(0, help="few-shot examples"),
+    backend: str = typer.Option("vllm", help="vllm (lm-eval's vLLM backend) | hf (HFLM with a device map)"),
+    tensor_parallel_size: int = typer.Option(1, help="vllm: GPUs to shard the model over"),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
+    include_path: Optional[str] = typer.Option(None, help="folder with your own lm-eval task YAMLs"),
+) -> None:
+    """Downstream accuracy of a checkpoint folder through lm-eval (vLLM backend, or HFLM)."""
+    from .eval.checkpoint import check_backend, score_checkpoint
+    from .eval.downstream import TaskSettings, load_tasks
+
+    check_backend(backend)
+    tasks = load_tasks(TaskSettings(tuple(task), limit=limit, num_fewshot=num_fewshot, include_path=include_path))
+    res = score_checkpoint(checkpoint, tasks, backend, dtype, tensor_parallel_size)
+    typer.echo("| task | acc | acc_norm | n |\n| --- | --- | --- | --- |")
+    for name, m in res.items():
+        typer.echo(f"| {name} | {m['acc']} | {m['acc_norm']} | {m['n']} |")
+
+
 @assets_app.command("fetch")
 def assets_fetch(
     force: bool = typer.Option(False, "--force", help="rebuild the converted model and corpora from the "

@@ -96,13 +96,20 @@ def _metrics(res: dict, n_samples: dict, task: str) -> dict[str, float | int | N
 @torch.no_grad()
 def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: LoadedTasks, device: torch.device) -> dict[str, dict]:
     """{task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n, seconds}} for one model variant."""
-    from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
     _quiet_lm_eval()
     s = tasks.settings
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.batch_size, device=str(device))
     lm._device = input_device(model, device)  # HFLM takes model.device: meta for an offloaded model
+    return score_lm(lm, tasks)
+
+
+def score_lm(lm, tasks: LoadedTasks) -> dict[str, dict]:
+    """Evaluate an lm-eval LM (HFLM, VLLM, ...) on the loaded tasks: {task: metrics + per-document}."""
+    from lm_eval.evaluator import evaluate
+
+    s = tasks.settings
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     out = evaluate(lm=lm, task_dict=tasks.task_dict, limit=s.limit, bootstrap_iters=100, log_samples=True)
