@@ -275,13 +275,13 @@ def _sweep_all(ex: Executor, runs: list[_Run]) -> list[str]:
 def _record(r: _Run, row: dict, plan: dict | None, label: bool = False) -> None:
     """Append one finished cell's row (and write its plan record): always here, in the driver."""
     recipe = next(x for x in r.cfg.recipes if x.name == row["recipe"])
-    if plan is not None:
-        rundir.make_dir(r.out / "plans")
-        _write_json(r.out / "plans" / f"{recipe.name}.json", plan)
     row["recipe_key"] = _recipe_key(recipe)
     row["inputs_key"] = r.p.rows_key
     r.store.append(row)
     r.done[recipe.name] = row
+    if plan is not None:
+        rundir.make_dir(r.out / "plans")
+        _write_json(r.out / "plans" / f"{recipe.name}.json", plan)
     who = f"[{_slug(r.cfg.model)}] " if label else ""
     log(f"{who}{recipe.name}: {row['status']}" + (
         f", ppl {row['ppl']:.3f} ({row['delta_ppl_pct']:+.1f}%), KL {row['kl']:.4f}, top-1 {row['top1']:.3f}"
