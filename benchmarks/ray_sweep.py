@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-COSTS = {"wall_s", "eval_tok_s", "calib_s", "calib_stats_s", "census_s", "calib_stats_reused", "peak_mem_mb"}
+COSTS = {"calib_stats_reused", "peak_mem_mb"}  # and every column in seconds (`*_s`)
 
 
 def _cfg(base, out: Path, name: str, executor: dict):
@@ -35,7 +35,8 @@ def _cfg(base, out: Path, name: str, executor: dict):
 def _rows(out: Path) -> dict[str, dict]:
     from quantbench.fileio import read_rows
 
-    return {r["recipe"]: {k: v for k, v in r.items() if k not in COSTS} for r in read_rows(out / "rows.jsonl")}
+    return {r["recipe"]: {k: v for k, v in r.items() if k not in COSTS and not k.endswith("_s")}
+            for r in read_rows(out / "rows.jsonl")}
 
 
 def _timed(cfg) -> tuple[float, Path]:

@@ -83,11 +83,11 @@ class RayExecutor:
     def start(self) -> None:
         import ray
 
-        if ray.is_initialized():  # the caller's Ray (a test, a notebook): use it, leave it running
-            return
         addr = self.cfg.address
         if addr and addr != "auto":
             _probe(addr)
+        if ray.is_initialized():  # the caller's Ray (a test, a notebook): use it, leave it running
+            return
         try:
             ray.init(address=addr, num_cpus=self.cfg.local_cpus if not addr else None,
                      include_dashboard=False, logging_level="ERROR")
