@@ -87,10 +87,30 @@ class RecommendConfig(_Strict):
     min_task_retention_pct: float | None = Field(None, gt=0, le=100)
 
 
+class ExecutorConfig(_Strict):
+    """Where the recipe cells run (docs: README "Sweeps on Ray"). `serial`: this process, one after
+    another. `ray`: one Ray task per (model, recipe) cell, with these resources per task; the driver
+    writes every row through the same rows.jsonl. Results do not depend on it (not in the fingerprint)."""
+
+    kind: Literal["serial", "ray"] = "serial"
+    address: str | None = None  # ray: 'auto', 'host:6379' or 'ray://host:10001'; None = start a local Ray
+    num_cpus: float = Field(1.0, gt=0)  # per cell (also the torch threads of a worker unless `threads` is set)
+    num_gpus: float = Field(0.0, ge=0)  # per cell; fractions share a GPU
+    max_retries: int = Field(2, ge=0)  # a cell whose worker died is rerun this often, then left missing
+    local_cpus: int | None = Field(None, ge=1)  # a local Ray (address None): CPUs it may use (None: all)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v  # `executor: ray`
+
+
 class RunConfig(_Strict):
     run_id: str | None = None
     seed: int = 0
     model: str = "default"
+    models: tuple[str, ...] = ()  # several checkpoints: one run directory each, cells = models x recipes
+    executor: ExecutorConfig = ExecutorConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     threads: int | None = Field(None, ge=1)
@@ -121,11 +141,23 @@ class RunConfig(_Strict):
                 from .registry import suggest
 
                 raise ValueError(f"export: '{name}' is not one of the recipes{suggest(name, names)}")
+        if self.models and "model" in self.model_fields_set:
+            raise ValueError("set either `model` or `models`, not both")
+        dup = {m for m in self.models if self.models.count(m) > 1}
+        if dup:
+            raise ValueError(f"models must be unique; repeated: {', '.join(sorted(dup))}")
         return self
+
+    def per_model(self) -> list["RunConfig"]:
+        """One config per checkpoint of `models` (or this one): each is an ordinary single-model run."""
+        if not self.models:
+            return [self]
+        return [self.model_copy(update={"model": m, "models": ()}) for m in self.models]
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes results (not run_id/output_dir)."""
-        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend", "export"})
+        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend", "export",
+                                                                  "models", "executor"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
