@@ -137,6 +137,9 @@ def _run_in(out: Path, cfg: RunConfig, config_name: str, p: Prepared) -> None:
         if cfg.census.enabled and not (out / "census.json").exists():
             _census(cfg, p, out)
         _sweep(cfg, p, store, done)
+        if cfg.mixed:  # census-guided mixed recipes (quantbench/mixed), searched after the uniform rows
+            cfg = _with_mixed(cfg, p, out, done)
+            _sweep(cfg, p, store, done)
     except KeyboardInterrupt:
         _stopped(cfg, out, done)
         raise
@@ -150,6 +153,14 @@ def _run_in(out: Path, cfg: RunConfig, config_name: str, p: Prepared) -> None:
         from .export.job import export_list
 
         export_list(RunContext(out, cfg, p.manifest, p.lm, p.windows, p.calib), cfg.export)
+
+
+def _with_mixed(cfg: RunConfig, p: Prepared, out: Path, done: dict[str, dict]) -> RunConfig:
+    from .mixed.stage import build_mixed
+
+    census = fileio.read_json_or_none(out / "census.json")
+    extra = build_mixed(p.lm.model, cfg, p.calib, p.windows.input_ids[:2, :256], census, done, out)
+    return cfg.model_copy(update={"recipes": (*cfg.recipes, *extra)})
 
 
 STATE = "inputs.json"  # the keys of what the rows and the census in this directory were computed from
