@@ -11,9 +11,14 @@ the calibration set's max |x|), g = d(sum of next-token NLL)/dy on the FP model 
 per sequence), N the scored tokens. It estimates the increase of the mean NLL (nats). Bits per
 option are measured like quant/size.py measures a simulated linear (QuantLinear.storage_bits, 16 bits
 per element for a linear left in full precision); `rest_bits` is every other tensor of the model.
+
+A base recipe with mitigations is measured on the mitigated model: its mitigations up to the first
+that finalizes weights (e.g. rotate, smoothquant; not gptq) are applied to a copy first, so the
+inputs, ranges and gradients are those the quantizers will see. Keep policies are not modelled.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from contextlib import contextmanager
@@ -23,14 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..arch import arch_or_none
 from ..errors import QuantbenchError
-from ..quant.apply import prepare
+from ..quant.apply import mitigate, prepare
 from ..quant.calibration import Calibration, StatsRequest
 from ..quant.effects import Effects
 from ..quant.plan import LinearPlan
+from ..quant.plugin import QuantContext
 from ..quant.qlinear import QuantLinear
 from ..quant.size import measure_size
-from ..quant.spec import Recipe
+from ..quant.spec import MITIGATIONS, Recipe
 from ..surgery import as_linear
 from .options import Option, options_for
 
@@ -114,15 +121,40 @@ def linear_names(model: nn.Module, base: Recipe) -> list[str]:
     return [n for n, lp in plan.linears.items() if lp.quantized]
 
 
+def mitigated(model: nn.Module, base: Recipe, calib: Calibration) -> tuple[nn.Module, str]:
+    """(model, calibration key of its state): a copy with the base's mitigations applied up to the first
+    that finalizes weights; the model itself when there are none."""
+    mits = []
+    for m in base.mitigations:
+        if MITIGATIONS.get(m.name).finalizes_weights:
+            break
+        mits.append(m)
+    if not mits:
+        return model, "fp"
+    model = copy.deepcopy(model)
+    r = base.model_copy(update={"mitigations": tuple(mits)})
+    ctx = QuantContext(plan=prepare(model, r), calib=calib, arch=arch_or_none(model))
+    mitigate(model, ctx)
+    return model, ctx.upstream
+
+
+def static_absmax(model: nn.Module, mods: dict[str, nn.Module], calib: Calibration, upstream: str,
+                  opts: list[Option]) -> dict[str, torch.Tensor]:
+    if not any(o.activations is not None and not o.activations.dynamic for o in opts):
+        return {}
+    stats = calib.input_stats(model, mods, upstream, StatsRequest(samples=len(calib.batches)))
+    return {n: s.absmax for n, s in stats.items()}
+
+
 def measure_sensitivity(model: nn.Module, base: Recipe, calib: Calibration, samples: int = 4) -> Sensitivity:
     """Scores and bits of every option of every linear the base recipe quantizes (see module doc)."""
     t0 = time.perf_counter()
+    n_params = sum(p.numel() for p in model.parameters())  # of the FP model as loaded
+    model, upstream = mitigated(model, base, calib)
     opts = options_for(base)
     names = linear_names(model, base)
     mods = {n: model.get_submodule(n) for n in names}
-    static = any(o.activations is not None and not o.activations.dynamic for o in opts)
-    stats = calib.input_stats(model, mods, "fp", StatsRequest(samples=len(calib.batches))) if static else {}
-    absmax = {n: s.absmax for n, s in stats.items()}
+    absmax = static_absmax(model, mods, calib, upstream, opts)
     ids = calib.subset(samples)
     score = {n: [0.0] * len(opts) for n in names}
     n_tok = 0
@@ -137,7 +169,8 @@ def measure_sensitivity(model: nn.Module, base: Recipe, calib: Calibration, samp
             with torch.no_grad():
                 for n in names:
                     x, g2 = xs[n], gs[n].float().pow(2)
-                    y = mods[n](x)
+                    lin = as_linear(mods[n])
+                    y = F.linear(x, lin.weight, lin.bias)  # x is already through any online transform
                     for k, o in enumerate(opts):
                         if o.weights is None and o.activations is None:
                             continue
@@ -145,7 +178,6 @@ def measure_sensitivity(model: nn.Module, base: Recipe, calib: Calibration, samp
                         score[n][k] += 0.5 * float((g2 * e.float().pow(2)).sum())
     score = {n: [s / max(n_tok, 1) for s in v] for n, v in score.items()}
     bits = {n: [option_bits(n, mods[n], o, absmax.get(n)) for o in opts] for n in names}
-    n_params = sum(p.numel() for p in model.parameters())
     fp_plan = prepare(model, Recipe(name="fp"))
     total_fp = measure_size(model, fp_plan, Effects(), n_params).total_bits
     rest = total_fp - sum(option_bits(n, mods[n], Option("fp", None, None), None) for n in names)

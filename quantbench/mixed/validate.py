@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant.calibration import Calibration, StatsRequest
+from ..quant.backends._common import reattach_online
+from ..quant.calibration import Calibration
 from ..quant.spec import Recipe
 from ..surgery import replace_module
 from .options import options_for
-from .sensitivity import Sensitivity, _qlinear
+from .sensitivity import Sensitivity, _qlinear, mitigated, static_absmax
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -42,15 +43,15 @@ def single_layer_kl(model: nn.Module, base: Recipe, names: list[str], ids: torch
                     option: int = 0) -> dict[str, float]:
     """name -> mean KL(P_fp || P_q) (nats per token) with only that linear quantized to `option`."""
     opt = options_for(base)[option]
+    model, upstream = mitigated(model, base, calib)
     mods = {n: model.get_submodule(n) for n in names}
-    absmax = {}
-    if opt.activations is not None and not opt.activations.dynamic:
-        absmax = {n: st.absmax for n, st in calib.input_stats(model, mods, "fp",
-                                                               StatsRequest(samples=len(calib.batches))).items()}
+    absmax = static_absmax(model, mods, calib, upstream, [opt])
     ref = _logp(model, ids)
     out = {}
     for n in names:
-        replace_module(model, n, _qlinear(n, mods[n], opt, absmax.get(n)))
+        q = _qlinear(n, mods[n], opt, absmax.get(n))
+        reattach_online(mods[n], q)
+        replace_module(model, n, q)
         try:
             lq = _logp(model, ids)
         finally:
