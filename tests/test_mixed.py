@@ -169,3 +169,34 @@ def test_recommend_mixed_from_a_run_dir(planted, tmp_path):
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[0].startswith("error: ") and "no such run directory" in proc.stderr
+
+
+def test_pipeline_evaluates_the_mixed_recipe_as_a_row(tmp_path):
+    """A `mixed:` entry becomes a row after the uniform ones, within its budget, with its plan explained."""
+    import transformers as tf
+
+    from quantbench import assets, pipeline
+
+    tok = tf.AutoTokenizer.from_pretrained(assets.ensure_default_model())
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    d = tmp_path / "tiny"
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"the model reads sentence {i} . then another one , and {i * 7} follows"
+                                  for i in range(400)))
+    run = parse_config({"model": str(d), "output_dir": str(tmp_path / "out"), "run_id": "t",
+                        "corpus": {"name": str(corpus), "calib_samples": 2, "calib_seq_len": 32},
+                        "eval": {"seq_len": 64, "max_windows": 2, "batch_size": 2},
+                        "census": {"samples": 1, "seq_len": 32}, "recipes": ["fp", "w4a16-g64"],
+                        "mixed": [{"base": "w4a16-g64", "budget_over_base": 0.05, "samples": 1}]})
+    out = pipeline.run(run)
+    rows = pipeline.load_rows(out / "rows.jsonl")
+    mixed = rows["mixed-w4a16-g64-b+0.05"]
+    assert mixed["status"] == "ok" and mixed["ppl"] > 1
+    assert rows["w4a16-g64"]["bits_per_weight"] < mixed["bits_per_weight"] <= rows["w4a16-g64"]["bits_per_weight"] + 0.05
+    assert "mixed-w4a16-g64-b+0.05" in (out / "results.csv").read_text()
+    assert "kept at" in (out / "mixed" / "mixed-w4a16-g64-b+0.05.txt").read_text()
