@@ -192,7 +192,9 @@ def test_pipeline_evaluates_the_mixed_recipe_as_a_row(tmp_path):
                         "corpus": {"name": str(corpus), "calib_samples": 2, "calib_seq_len": 32},
                         "eval": {"seq_len": 64, "max_windows": 2, "batch_size": 2},
                         "census": {"samples": 1, "seq_len": 32}, "recipes": ["fp", "w4a16-g64"],
-                        "mixed": [{"base": "w4a16-g64", "budget_over_base": 0.05, "samples": 1}]})
+                        "mixed": [{"base": "w4a16-g64", "budget_over_base": 0.05, "samples": 1},
+                                  {"base": "w4a16-g64-awq", "budget_over_base": 0.05, "samples": 1},
+                                  {"base": "w4a16-g64-gptq", "budget_over_base": 0.05, "samples": 1}]})
     out = pipeline.run(run)
     rows = pipeline.load_rows(out / "rows.jsonl")
     mixed = rows["mixed-w4a16-g64-b+0.05"]
@@ -200,3 +202,12 @@ def test_pipeline_evaluates_the_mixed_recipe_as_a_row(tmp_path):
     assert rows["w4a16-g64"]["bits_per_weight"] < mixed["bits_per_weight"] <= rows["w4a16-g64"]["bits_per_weight"] + 0.05
     assert "mixed-w4a16-g64-b+0.05" in (out / "results.csv").read_text()
     assert "kept at" in (out / "mixed" / "mixed-w4a16-g64-b+0.05.txt").read_text()
+    assert rows["mixed-w4a16-g64-awq-b+0.05"]["status"] == "ok" and rows["mixed-w4a16-g64-awq-b+0.05"]["bits_per_weight"] <= rows["w4a16-g64"]["bits_per_weight"] + 0.05
+    # awq changes the model before quantization, so its sensitivities are its own, not w4a16-g64's
+    a = json.loads((out / "mixed" / "sensitivity-w4a16-g64-awq.json").read_text())["sensitivity"]
+    b = json.loads((out / "mixed" / "sensitivity-w4a16-g64.json").read_text())["sensitivity"]
+    assert a["score"] != b["score"]
+    # gptq finalizes weights and changes nothing before: the sensitivities of w4a16-g64 are reused
+    g = json.loads((out / "mixed" / "sensitivity-w4a16-g64-gptq.json").read_text())["sensitivity"]
+    assert g["score"] == b["score"] and g["base"] == "w4a16-g64-gptq"
+    assert rows["mixed-w4a16-g64-gptq-b+0.05"]["status"] == "ok"

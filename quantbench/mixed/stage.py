@@ -3,6 +3,7 @@
 explained in the census's words (<run>/mixed/<name>.txt). The recipes are then evaluated as rows."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..quant.calibration import Calibration
 from ..quant.recipes import PRESETS
 from ..quant.spec import Recipe
 from .explain import census_linked, census_reasons
+from .options import options_for
 from .recipe import recipe_yaml, to_recipe
 from .search import Choice, by_budget, by_count, by_damage
 from .sensitivity import Sensitivity, measure_sensitivity
@@ -34,6 +36,20 @@ def base_recipe(base: str, recipes: tuple[Recipe, ...] = ()) -> Recipe:
 
 def sensitivity_path(out: Path, base: str) -> Path:
     return out / "mixed" / f"sensitivity-{base}.json"
+
+
+def state_key(base: Recipe) -> dict:
+    """What the sensitivities of a base depend on: its option ladder, the mitigations applied before the
+    sensitivity pass (those before the first that finalizes weights), and which linears it quantizes."""
+    from ..quant.spec import MITIGATIONS
+
+    pre = []
+    for mit in base.mitigations:
+        if MITIGATIONS.get(mit.name).finalizes_weights:
+            break
+        pre.append(mit.model_dump(mode="json"))
+    return {"options": [o.label for o in options_for(base)], "mitigations": pre, "exclude": list(base.exclude),
+            "overrides": [o.model_dump(mode="json") for o in base.overrides]}
 
 
 def load_sensitivity(out: Path, base: str) -> Sensitivity | None:
@@ -95,13 +111,21 @@ def explain_plan(c: Choice, recipe: Recipe, census: dict | None, base_row: dict 
 def build_mixed(model: nn.Module, cfg, calib: Calibration, probe_ids: torch.Tensor, census: dict | None,
                 rows: dict[str, dict], out: Path) -> list[Recipe]:
     """The recipes of cfg.mixed (see module doc)."""
-    recipes = []
+    recipes: list[Recipe] = []
+    same_state: dict[str, Sensitivity] = {}
     for m in cfg.mixed:
         base = base_recipe(m.base, cfg.recipes)
         s = load_sensitivity(out, base.name)
-        key = {"samples": m.samples, "validate_layers": m.validate_layers}
+        key = {"samples": m.samples, "validate_layers": m.validate_layers, "state": state_key(base)}
         cached = read_json_or_none(sensitivity_path(out, base.name)) or {}
-        if s is None or cached.get("key") != key:
+        state = json.dumps({"samples": m.samples, "state": key["state"]}, sort_keys=True)
+        twin = same_state.get(state)
+        if twin is not None and (s is None or cached.get("key") != key):  # e.g. w4a16-g64-gptq after w4a16-g64
+            s = dataclasses.replace(twin, base=base.name)
+            log(f"mixed: sensitivities of {base.name} are those of {twin.base} (same options, same model state)")
+            sensitivity_path(out, base.name).parent.mkdir(exist_ok=True)
+            atomic_write_text(sensitivity_path(out, base.name), json.dumps({"key": key, "sensitivity": s.to_json()}))
+        elif s is None or cached.get("key") != key:
             log(f"mixed: sensitivity of every linear under the options of {base.name} ({m.samples} sequences)")
             s = measure_sensitivity(model, base, calib, m.samples)
             log(f"mixed: sensitivity in {s.seconds:.1f}s")
@@ -111,6 +135,7 @@ def build_mixed(model: nn.Module, cfg, calib: Calibration, probe_ids: torch.Tens
                     f"Spearman {v['spearman']:.3f} ({v['seconds']:.0f}s)")
             sensitivity_path(out, base.name).parent.mkdir(exist_ok=True)
             atomic_write_text(sensitivity_path(out, base.name), json.dumps({"key": key, "sensitivity": s.to_json()}))
+        same_state.setdefault(state, s)
         base_row = rows.get(base.name)
         c = choose(s, m.budget, m.budget_over_base, m.max_ppl_increase, m.max_kept, base_row)
         r = to_recipe(base, c, m.label())
