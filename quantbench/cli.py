@@ -123,8 +123,22 @@ def recommend(
     max_ppl_increase: Optional[str] = typer.Option(None, help="largest perplexity increase over FP, e.g. 2% "
                                                    "(default: the run config's recommend section)"),
     min_task_retention: Optional[str] = typer.Option(None, help="smallest task accuracy as a share of FP, e.g. 99%"),
+    mixed: bool = typer.Option(False, "--mixed", help="a per-layer mixed recipe from the run's sensitivities "
+                               "(needs a `mixed:` section in the run's config)"),
+    budget: Optional[float] = typer.Option(None, help="with --mixed: bits/weight, e.g. 5.0"),
+    max_kept: Optional[float] = typer.Option(None, help="with --mixed: linears off the base format (count, or share < 1)"),
+    base: Optional[str] = typer.Option(None, help="with --mixed: the base recipe (default: the config's first mixed base)"),
 ) -> None:
-    """Smallest recipe within tolerance of FP; why each smaller one fails; the config to reproduce it."""
+    """Smallest recipe within tolerance of FP; why each smaller one fails; the config to reproduce it.
+    With --mixed: the per-layer plan under --budget / --max-ppl-increase / --max-kept, and why."""
+    if mixed or budget is not None or max_kept is not None or base is not None:
+        if not mixed:
+            raise QuantbenchError("--budget, --max-kept and --base go with --mixed")
+        from .mixed.stage import recommend_mixed
+
+        ppl = _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else None
+        typer.echo(recommend_mixed(run_dir, base, budget, ppl, max_kept))
+        return
     from .config import load_config
     from .report import recommend_run
     from .report.compare import load_run

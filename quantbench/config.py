@@ -105,6 +105,38 @@ class ExecutorConfig(_Strict):
         return {"kind": v} if isinstance(v, str) else v  # `executor: ray`
 
 
+class MixedConfig(_Strict):
+    """One census-guided mixed-precision recipe, searched after the uniform rows and evaluated like
+    them (quantbench/mixed; docs/mixed-precision.md). Exactly one constraint: budget (bits/weight),
+    budget_over_base (bits/weight added to the base recipe's measured size), max_ppl_increase (percent,
+    estimated) or max_kept (linears moved off the base format: a count, or a share when below 1)."""
+
+    name: str | None = None  # default: mixed-<base>-<constraint>
+    base: str = "w4a16-g64"  # a recipe of this config or a preset
+    budget: float | None = Field(None, gt=0, le=16)
+    budget_over_base: float | None = Field(None, ge=0, le=12)
+    max_ppl_increase: float | None = Field(None, gt=0)
+    max_kept: float | None = Field(None, gt=0)
+    samples: int = Field(4, ge=1)  # calibration sequences of the sensitivity pass (one backward each)
+    validate_layers: int = Field(0, ge=0)  # linears whose single-layer KL is measured against the estimate
+
+    @model_validator(mode="after")
+    def _one(self) -> "MixedConfig":
+        set_ = [k for k in ("budget", "budget_over_base", "max_ppl_increase", "max_kept") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError("give exactly one of budget, budget_over_base, max_ppl_increase, max_kept"
+                             + (f" (got {', '.join(set_)})" if set_ else ""))
+        return self
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        c = (f"b{self.budget:g}" if self.budget is not None else f"b+{self.budget_over_base:g}"
+             if self.budget_over_base is not None else f"p{self.max_ppl_increase:g}"
+             if self.max_ppl_increase is not None else f"k{self.max_kept:g}")
+        return f"mixed-{self.base}-{c}"
+
+
 class RunConfig(_Strict):
     run_id: str | None = None
     seed: int = 0
@@ -121,6 +153,7 @@ class RunConfig(_Strict):
     tasks: TasksConfig = TasksConfig()
     recommend: RecommendConfig = RecommendConfig()
     recipes: tuple[Recipe, ...] = Field(default_factory=lambda: (resolve_recipe("fp"),))
+    mixed: tuple[MixedConfig, ...] = ()  # census-guided mixed recipes, built and evaluated after `recipes`
     export: tuple[str, ...] = ()  # recipes to export after the sweep (quantbench/export): results/<run-id>/export/<name>/
 
     @field_validator("recipes", mode="before")
@@ -136,6 +169,16 @@ class RunConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"recipe names must be unique; repeated: {', '.join(sorted(dup))}")
+        for m in self.mixed:
+            from .quant.recipes import PRESETS
+            from .registry import suggest
+
+            if m.base not in names and m.base not in PRESETS.names():
+                raise ValueError(f"mixed: base '{m.base}' is neither a recipe of this config nor a preset"
+                                 f"{suggest(m.base, names + list(PRESETS.names()))}")
+            if m.label() in names:
+                raise ValueError(f"mixed: name '{m.label()}' repeats a recipe name")
+            names = names + [m.label()]
         for name in self.export:
             if name not in names:
                 from .registry import suggest

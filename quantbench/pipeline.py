@@ -135,8 +135,14 @@ def run_all(cfg: RunConfig, config_name: str = "run") -> list[Path]:
     try:
         ex.start()
         for r in runs:
-            _open_run(r, config_name, drop_model=ex.remote and not r.cfg.export)
-        lost = _sweep_all(ex, runs)
+            _open_run(r, config_name, drop_model=ex.remote and not r.cfg.export and not r.cfg.mixed)
+        states: dict[int, CellState] = {}
+        lost = _sweep_all(ex, runs, states)
+        if any(r.cfg.mixed for r in runs):  # census-guided mixed recipes (quantbench/mixed), after the uniform rows
+            for r in runs:
+                if r.cfg.mixed:
+                    _add_mixed(r)
+            lost += _sweep_all(ex, runs, states)
         for r in runs:
             _finish(r)
     except KeyboardInterrupt:
@@ -185,6 +191,21 @@ def _open_run(r: _Run, config_name: str, drop_model: bool) -> None:
         _census(r.cfg, r.p, r.out)
     if drop_model:  # the cells run in workers: this process keeps no copy of the weights
         r.p.lm = None
+
+
+def _add_mixed(r: _Run) -> None:
+    """Search the config's mixed recipes on this run's sensitivities and add them to its recipes; rows
+    of the same mixed recipe and inputs already in rows.jsonl are kept (resume)."""
+    from .mixed.stage import build_mixed
+
+    census = fileio.read_json_or_none(r.out / "census.json")
+    extra = build_mixed(r.p.lm.model, r.cfg, r.p.calib, r.p.windows.input_ids[:2, :256], census, r.done, r.out)
+    # the searched recipes become plain recipes (a worker re-validates this config: no `mixed:` left to re-search)
+    r.cfg = r.cfg.model_copy(update={"recipes": (*r.cfg.recipes, *extra), "mixed": ()})
+    keys = {x.name: _recipe_key(x) for x in extra}
+    r.done.update({k: v for k, v in fileio.latest_by_recipe(r.store.load()).items()
+                   if k in keys and v.get("status") == "ok" and v.get("recipe_key") == keys[k]
+                   and v.get("inputs_key") == r.p.rows_key})
 
 
 def _finish(r: _Run) -> None:
@@ -255,16 +276,16 @@ def _stopped(cfg: RunConfig, out: Path, done: dict[str, dict]) -> None:
         f"{out / 'rows.jsonl'}" + (f" and tabled in {out / 'results.md'}" if rows else ""))
 
 
-def _sweep_all(ex: Executor, runs: list[_Run]) -> list[str]:
+def _sweep_all(ex: Executor, runs: list[_Run], states: dict[int, "CellState"]) -> list[str]:
     """Every (model, recipe) cell not finished yet, on the executor; each row is appended to its run's
     rows.jsonl as it arrives (`done` updated in place). Returns the cells lost with their worker."""
     cells = [Cell(i, x.name, (r.cfg.model_dump(mode="json"), x.name, r.p.inputs))
              for i, r in enumerate(runs) for x in r.cfg.recipes if x.name not in r.done]
-    states: dict[int, CellState] = {}
 
     def local(cell: Cell) -> tuple[dict, dict | None]:  # serial: this process's model, loaded once
         if cell.run not in states:
             states[cell.run] = CellState(runs[cell.run].cfg, runs[cell.run].p)
+        states[cell.run].cfg = runs[cell.run].cfg  # mixed recipes are added after the first sweep
         return states[cell.run].compute(cell.recipe)
 
     many = len(runs) > 1
