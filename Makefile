@@ -37,6 +37,7 @@ results: install
 	$(VENV)/bin/quantbench run --config configs/default.yaml --out results/reference --run-id default
 	$(VENV)/bin/quantbench run --config configs/mitigations.yaml --out results/reference --run-id mitigations
 	$(VENV)/bin/quantbench run --config configs/export.yaml --out results/reference --run-id export
+	$(VENV)/bin/quantbench run --config configs/mixed.yaml --out results/reference --run-id mixed
 	$(VENV)/bin/quantbench tables
 
 clean-venv:
