@@ -21,6 +21,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     info: dict = field(default_factory=dict)
+    folder: Path | None = None  # the local HF folder the weights were read from (None: hub, GGUF)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -216,4 +217,4 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
     n_params = sum(p.numel() for p in model.parameters())
     info.update(model_type=model.config.model_type, n_params=n_params, device=str(dev), dtype=str(tdtype),
                 fingerprint=model_fingerprint(model), n_layers=getattr(model.config, "num_hidden_layers", None))
-    return LoadedModel(model, tokenizer, info)
+    return LoadedModel(model, tokenizer, info, s.local if s.local is not None and not s.gguf_file else None)

@@ -24,6 +24,7 @@ from .models import LoadedModel, load_model
 from .arch import arch_or_none
 from .census.quick import outlier_note
 from .log import log
+from .pristine import Pristine
 from .quant.apply import mitigate, quantize
 from .quant.apply import prepare as plan_recipe
 from .quant.calibration import Calibration
@@ -213,6 +214,7 @@ def _sweep(cfg: RunConfig, p: Prepared, store: fileio.RowStore, done: dict[str, 
     keys = {r.name: _recipe_key(r) for r in cfg.recipes}
     ref, fp_ppl, fp_eval = None, None, None
     fp_notes: dict = {}  # the FP model's outlier note, computed once for the rows of mitigated recipes
+    pristine: list = []  # the loaded model's state, captured before the first quantized recipe
     for recipe in cfg.recipes:
         if recipe.name in done:
             continue
@@ -232,7 +234,9 @@ def _sweep(cfg: RunConfig, p: Prepared, store: fileio.RowStore, done: dict[str, 
                    "wall_s": round(fp_eval.seconds, 2), "n_tokens": fp_eval.n_tokens, "mitigations": "none",
                    "weight_bytes": size.bytes, **fp_extra}
         else:
-            row = _run_recipe(model, recipe, RecipeEnv(calib, suite, fp_ppl, n_params, out, fp_notes))
+            if not pristine:
+                pristine.append(capture_pristine(p.lm))
+            row = _run_recipe(model, recipe, RecipeEnv(calib, suite, fp_ppl, n_params, out, fp_notes, pristine[0]))
         row["recipe_key"] = keys[recipe.name]
         row["inputs_key"] = p.rows_key
         store.append(row)
@@ -252,6 +256,17 @@ class RecipeEnv:
     n_params: int
     out: Path
     fp_notes: dict
+    pristine: Pristine | None = None  # None: each recipe works on a deep copy of the model
+
+
+def capture_pristine(lm: LoadedModel) -> Pristine:
+    """The loaded model's state, kept once: recipes quantize the model in place and it is restored after
+    each (quantbench/pristine.py); values stored in the model's safetensors files are read back from them."""
+    t0 = time.perf_counter()
+    pr = Pristine(lm.model, lm.folder)
+    log(f"pristine state kept ({pr.file_bytes / 2**20:.0f} MB read back from the model files, "
+        f"{pr.clone_bytes / 2**20:.0f} MB cloned) in {time.perf_counter() - t0:.1f}s")
+    return pr
 
 
 def _outliers(model, env: RecipeEnv, plan, key: str) -> dict:
@@ -268,12 +283,14 @@ def _outliers(model, env: RecipeEnv, plan, key: str) -> dict:
 
 
 def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
+    """One recipe's row. With env.pristine the recipe is applied to `model` itself and the model is
+    restored afterwards (even on error); without, to a deep copy (the reference path of the tests)."""
     row = {"recipe": recipe.name, "mode": recipe.backend, "w_bits": recipe.weights.bits if recipe.weights else None,
            "a_bits": recipe.activations.bits if recipe.activations else None,
            "mitigations": "+".join(m.name for m in recipe.mitigations) or "none", "quantbench": __version__}
     t0, ledger0 = time.perf_counter(), len(env.calib.ledger)
     try:
-        qmodel = copy.deepcopy(model)
+        qmodel = model if env.pristine is not None else copy.deepcopy(model)
         plan = plan_recipe(qmodel, recipe)
         ctx = QuantContext(plan=plan, calib=env.calib, arch=arch_or_none(qmodel))
         notes: dict = {}
@@ -294,6 +311,8 @@ def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
     except BackendUnavailable as err:
         return {**row, "status": f"skipped: {err}", "wall_s": round(time.perf_counter() - t0, 2)}
     finally:
+        if env.pristine is not None:
+            env.pristine.restore()  # the next recipe starts from the loaded model again
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     plans = env.out / "plans"
