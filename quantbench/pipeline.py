@@ -24,6 +24,7 @@ from .models import LoadedModel, load_model
 from .arch import arch_or_none
 from .census.quick import outlier_note
 from .log import log
+from .offload import onload, onloaded
 from .pristine import Pristine
 from .quant.apply import mitigate, quantize
 from .quant.apply import prepare as plan_recipe
@@ -77,14 +78,15 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise ConfigError(f"config: tasks.include_path: no such folder: {inc}")
     corpus = load_corpus(cfg.corpus.name)  # cheap checks first: a bad corpus fails before the model loads
     t0 = time.perf_counter()
-    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    lm = load_model(cfg.model, cfg.device, cfg.dtype, placement=cfg.placement.load_kwargs())
     model, tok, device = lm.model, lm.tokenizer, next(lm.model.parameters()).device
     log(f"model: {lm.info['source']} ({lm.info['n_params'] / 1e6:.1f}M params, {lm.info['dtype']}, {device}) "
         f"loaded in {time.perf_counter() - t0:.1f}s")
     if lm.info.get("caveat"):
         log(f"note: {lm.info['caveat']}")
-    for r in cfg.recipes:  # every recipe checked before any work
-        plan_recipe(model, r)
+    with onloaded(model):  # the checks trace the model (offloaded weights made real for it)
+        for r in cfg.recipes:  # every recipe checked before any work
+            plan_recipe(model, r)
 
     e, c = cfg.eval, cfg.census
     windows = eval_windows(tok, corpus.eval_text, e.seq_len, e.effective_stride, e.max_windows, e.bos)
@@ -190,7 +192,8 @@ def _resume(out: Path, store: fileio.RowStore, p: Prepared, cfg: RunConfig) -> d
 
 def _census(cfg: RunConfig, p: Prepared, out: Path) -> None:
     t1 = time.perf_counter()
-    census = run_census(p.lm.model, p.census_batches, p.lm.tokenizer, cfg.census, cfg.eval.batch_size)
+    with onloaded(p.lm.model):  # weight statistics need offloaded weights real (quantbench/offload.py)
+        census = run_census(p.lm.model, p.census_batches, p.lm.tokenizer, cfg.census, cfg.eval.batch_size)
     write_census(census, out, cfg.census.plots)
     s = census["summary"]
     log(f"census ({time.perf_counter() - t1:.1f}s): max |x| {s['max_abs']:.0f} ({s['max_ratio']:.0f}x median), "
@@ -291,6 +294,8 @@ def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
     t0, ledger0 = time.perf_counter(), len(env.calib.ledger)
     try:
         qmodel = model if env.pristine is not None else copy.deepcopy(model)
+        if env.pristine is not None:
+            onload(qmodel)  # offloaded modules (device_map 'disk') made real for the recipe; restore() undoes it
         plan = plan_recipe(qmodel, recipe)
         ctx = QuantContext(plan=plan, calib=env.calib, arch=arch_or_none(qmodel))
         notes: dict = {}

@@ -35,7 +35,7 @@ _DICT_ATTRS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_s
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
-def _copy_dict(d: dict) -> dict:
+def copy_module_dict(d: dict) -> dict:
     """A module's __dict__ one level deep: its own dictionaries and sets copied, values shared."""
     return {k: (copy.copy(v) if k in _DICT_ATTRS else v) for k, v in d.items()}
 
@@ -75,7 +75,7 @@ class Pristine:
 
     def __init__(self, model: nn.Module, folder: Path | None = None):
         self.model = model
-        self.modules = {id(m): (m, _copy_dict(m.__dict__)) for m in model.modules()}
+        self.modules = {id(m): (m, copy_module_dict(m.__dict__)) for m in model.modules()}
         self.config = copy.deepcopy(model.config.__dict__) if hasattr(model, "config") else None
         self.values: list[_Value] = []
         self.file_bytes = self.clone_bytes = 0
@@ -117,7 +117,7 @@ class Pristine:
         """Structure, config and every value back to what capture() saw."""
         for m, saved in self.modules.values():
             m.__dict__.clear()
-            m.__dict__.update(_copy_dict(saved))
+            m.__dict__.update(copy_module_dict(saved))
         if self.config is not None:
             cfg = self.model.config
             cfg.__dict__.clear()
