@@ -13,9 +13,11 @@ undoes all of it without knowing which mitigation ran:
   the original objects (ties included) return;
 - config: the model config's attributes are put back;
 - values: every parameter and buffer is written back in place from its pristine copy. The copy is
-  the model's own safetensors file where that tensor is stored there and reads back equal (nothing
-  is held in memory: one tensor at a time is read on restore), and a CPU clone otherwise (tensors
-  the file does not hold, GGUF-dequantized weights, renamed or converted tensors).
+  the model's own safetensors file where that tensor is stored there and reads back equal: nothing is
+  held in memory, and restore reads it with plain file reads (no memory map, whose pages would count
+  as resident) straight into the parameter's storage when dtype and device match. Other tensors
+  (not in the file, GGUF-dequantized, renamed or converted on load, or a model on a GPU whose file
+  dtype differs) are kept as a CPU clone.
 Parameters on the meta device (accelerate offload: their values live in the offload map, which a
 recipe never writes) are left alone.
 """
@@ -42,31 +44,62 @@ def copy_module_dict(d: dict) -> dict:
 
 @dataclass
 class _Value:
-    """Where a tensor's pristine value comes from: (file, key) or a CPU clone."""
+    """Where a tensor's pristine value comes from: the model's file or a CPU clone."""
 
     tensor: torch.Tensor  # the model's own tensor object (Parameter or buffer)
     shape: torch.Size
     dtype: torch.dtype
     device: torch.device
-    file: Path | None = None
-    key: str | None = None
+    stored: "Stored | None" = None  # its copy in the model's safetensors file
     clone: torch.Tensor | None = None
 
 
-def safetensors_index(folder: Path | None) -> dict[str, Path]:
-    """tensor name -> the safetensors file in `folder` that stores it (empty when there is none)."""
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor in a safetensors file: where its bytes are, its dtype and shape."""
+
+    file: Path
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, read with plain file reads (no memory map: nothing of the file stays resident).
+        out: a contiguous CPU tensor of this dtype and shape to read into (else a new one)."""
+        t = out if out is not None else torch.empty(self.shape, dtype=self.dtype)
+        view = memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+        with open(self.file, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            got = 0
+            while got < self.nbytes:
+                k = f.readinto(view[got:])
+                if not k:
+                    raise OSError(f"{self.file} is shorter than its header says (tensor at byte {self.offset})")
+                got += k
+        return t
+
+
+def safetensors_index(folder: Path | None) -> dict[str, Stored]:
+    """tensor name -> where a safetensors file in `folder` stores it (empty when there is none, or a
+    file uses a dtype not listed above)."""
     if folder is None or not Path(folder).is_dir():
         return {}
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
     out = {}
-    from safetensors import safe_open
-
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            out.update({k: f for k in sf.keys()})
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k == "__metadata__" or v["dtype"] not in _DTYPES:
+                continue
+            b, e = v["data_offsets"]
+            out[k] = Stored(f, 8 + n + b, e - b, _DTYPES[v["dtype"]], tuple(v["shape"]))
     return out
 
 
@@ -82,7 +115,7 @@ class Pristine:
         self._capture_values(safetensors_index(folder))
 
     @torch.no_grad()
-    def _capture_values(self, files: dict[str, Path]) -> None:
+    def _capture_values(self, files: dict[str, Stored]) -> None:
         names: dict[int, list[str]] = {}
         tensors: dict[int, torch.Tensor] = {}
         for prefix, m in self.model.named_modules(remove_duplicate=False):
@@ -90,27 +123,18 @@ class Pristine:
                 if t is not None and t.device.type != "meta":
                     tensors[id(t)] = t
                     names.setdefault(id(t), []).append(f"{prefix}.{n}" if prefix else n)
-        from safetensors import safe_open
-
-        handles = {}
-        try:
-            for i, t in tensors.items():
-                v = _Value(t, t.shape, t.dtype, t.device)
-                key = next((n for n in names[i] if n in files), None)
-                if key is not None:
-                    f = files[key]
-                    sf = handles.get(f) or handles.setdefault(f, safe_open(str(f), framework="pt"))
-                    stored = sf.get_tensor(key)
-                    if stored.shape == t.shape and torch.equal(stored.to(t.dtype), t.detach().cpu()):
-                        v.file, v.key = f, key
-                if v.file is None:
-                    v.clone = t.detach().to("cpu", copy=True)
-                    self.clone_bytes += t.numel() * t.element_size()
-                else:
-                    self.file_bytes += t.numel() * t.element_size()
-                self.values.append(v)
-        finally:
-            handles.clear()
+        for i, t in tensors.items():
+            v = _Value(t, t.shape, t.dtype, t.device)
+            key = next((n for n in names[i] if n in files), None)
+            if key is not None and files[key].shape == tuple(t.shape):
+                if torch.equal(files[key].read().to(t.dtype), t.detach().cpu()):
+                    v.stored = files[key]
+            if v.stored is None:
+                v.clone = t.detach().to("cpu", copy=True)
+                self.clone_bytes += t.numel() * t.element_size()
+            else:
+                self.file_bytes += t.numel() * t.element_size()
+            self.values.append(v)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -122,17 +146,15 @@ class Pristine:
             cfg = self.model.config
             cfg.__dict__.clear()
             cfg.__dict__.update(copy.deepcopy(self.config))
-        from safetensors import safe_open
-
-        handles = {}
         for v in self.values:
-            if v.file is not None:
-                sf = handles.get(v.file) or handles.setdefault(v.file, safe_open(str(v.file), framework="pt"))
-                src = sf.get_tensor(v.key)
-            else:
-                src = v.clone
             t = v.tensor
-            if t.shape == v.shape and t.dtype == v.dtype and t.device == v.device:
+            same = t.shape == v.shape and t.dtype == v.dtype and t.device == v.device
+            if v.stored is not None and same and t.device.type == "cpu" and t.dtype == v.stored.dtype \
+                    and t.is_contiguous():
+                v.stored.read(out=t.data)  # straight into the model's own storage
+                continue
+            src = v.stored.read() if v.stored is not None else v.clone
+            if same:
                 t.copy_(src)
             else:  # the recipe replaced the tensor's data (other shape, dtype or device)
                 t.data = src.to(device=v.device, dtype=v.dtype, copy=True)
