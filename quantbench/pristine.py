@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .surgery import on_replace
+
 _DICT_ATTRS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
@@ -113,6 +115,21 @@ class Pristine:
         self.values: list[_Value] = []
         self.file_bytes = self.clone_bytes = 0
         self._capture_values(safetensors_index(folder))
+        self._ids = {id(v.tensor) for v in self.values}
+        self.released_bytes = 0  # storage freed from replaced modules during the current recipe
+        on_replace(model, self._release)
+
+    def _release(self, model: nn.Module, old: nn.Module) -> None:
+        """A module the recipe replaced: free its captured tensors that the model no longer reaches
+        (restore reads them back), so the working model and the replaced weights are not held together."""
+        mine = [t for t in [*old.parameters(), *old.buffers()] if id(t) in self._ids and t.numel()]
+        if not mine:
+            return
+        reached = {id(t) for t in [*model.parameters(), *model.buffers()]}
+        for t in mine:
+            if id(t) not in reached:
+                self.released_bytes += t.numel() * t.element_size()
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
 
     @torch.no_grad()
     def _capture_values(self, files: dict[str, Stored]) -> None:
@@ -139,6 +156,7 @@ class Pristine:
     @torch.no_grad()
     def restore(self) -> None:
         """Structure, config and every value back to what capture() saw."""
+        self.released_bytes = 0
         for m, saved in self.modules.values():
             m.__dict__.clear()
             m.__dict__.update(copy_module_dict(saved))
@@ -152,6 +170,9 @@ class Pristine:
             if v.stored is not None and same and t.device.type == "cpu" and t.dtype == v.stored.dtype \
                     and t.is_contiguous():
                 v.stored.read(out=t.data)  # straight into the model's own storage
+                continue
+            if v.stored is not None and v.device.type == "cpu" and v.dtype == v.stored.dtype:
+                t.data = v.stored.read()  # released storage: a fresh tensor read from the file
                 continue
             src = v.stored.read() if v.stored is not None else v.clone
             if same:

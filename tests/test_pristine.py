@@ -92,6 +92,8 @@ def test_values_are_read_back_from_the_model_files(tiny_dir):  # noqa: F811
     assert pr.file_bytes == n_bytes  # every parameter comes from the file, none is cloned
     for name in ("w8a8-tensor-static-rot", "w4a16-g64-gptq", "w8a8-tensor-static-sq-ot"):
         apply_recipe(lm.model, PRESETS.get(name), torch.randint(3, 1000, (2, 16)))
+        linears = sum(m.weight.numel() * 4 for n, m in ref.named_modules() if n.endswith("_proj"))
+        assert pr.released_bytes >= linears  # the replaced FP weights were freed, not held beside the new ones
         pr.restore()
         _assert_same(lm.model, ref)
 
