@@ -31,6 +31,7 @@ from .quant.apply import prepare as plan_recipe
 from .quant.calibration import Calibration
 from .quant.effects import Effects
 from .quant.plugin import BackendUnavailable, QuantContext
+from .quant.sequential import sequential_input_stats
 from .quant.size import measure_size
 from .report import finish_report
 from .report.tables import markdown, to_frame, write_tables
@@ -91,7 +92,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     e, c = cfg.eval, cfg.census
     windows = eval_windows(tok, corpus.eval_text, e.seq_len, e.effective_stride, e.max_windows, e.bos)
     calib_ids = calibration_batches(tok, corpus.calib_text, cfg.corpus.calib_samples, cfg.corpus.calib_seq_len, cfg.seed)
-    calib = Calibration(calib_ids, e.batch_size, device, base_key=lm.info["fingerprint"])
+    calib = Calibration(calib_ids, e.batch_size, device, base_key=lm.info["fingerprint"],
+                        collect=sequential_input_stats if cfg.calibration.mode == "sequential" else None)
     cb = calibration_batches(tok, corpus.eval_text, c.samples, c.seq_len, cfg.seed,
                              setting="census.seq_len", what="census") if c.enabled else None
     protocol = {**windows.protocol, "perplexity": "exp(mean token NLL over scored positions)",
