@@ -264,4 +264,15 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
         dev = next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
     info.update(model_type=model.config.model_type, n_params=n_params, device=str(dev), dtype=str(tdtype),
                 fingerprint=model_fingerprint(model), n_layers=getattr(model.config, "num_hidden_layers", None))
-    return LoadedModel(model, tokenizer, info, s.local if s.local is not None and not s.gguf_file else None)
+    folder = s.local if s.local is not None else _hub_folder(spec, info.get("content_fingerprint"))
+    return LoadedModel(model, tokenizer, info, None if s.gguf_file else folder)
+
+
+def _hub_folder(repo: str, revision: str | None) -> Path | None:
+    """The local snapshot folder of a hub model that was just loaded (its safetensors files), or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached as a snapshot: the pristine weights are then cloned
+        return None
