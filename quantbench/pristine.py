@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,17 @@ def safetensors_index(folder: Path | None) -> dict[str, Stored]:
     return out
 
 
+def _weak_release(pr: "Pristine"):
+    """pr._release without a strong reference (the registry would otherwise keep pr and its model alive)."""
+    ref = weakref.ref(pr)
+
+    def release(model: nn.Module, old: nn.Module) -> None:
+        p = ref()
+        if p is not None:
+            p._release(model, old)
+    return release
+
+
 class Pristine:
     """capture(model) once; restore() after each recipe puts the model back exactly (see the module doc)."""
 
@@ -117,7 +129,7 @@ class Pristine:
         self._capture_values(safetensors_index(folder))
         self._ids = {id(v.tensor) for v in self.values}
         self.released_bytes = 0  # storage freed from replaced modules during the current recipe
-        on_replace(model, self._release)
+        on_replace(model, _weak_release(self))
 
     def _release(self, model: nn.Module, old: nn.Module) -> None:
         """A module the recipe replaced: free its captured tensors that the model no longer reaches
