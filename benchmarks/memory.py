@@ -9,9 +9,9 @@ its threshold as large blocks are freed, after which tensors of a few MB come fr
 freed pieces are kept (not returned to the system) and inflate the resident set of a pass through a
 deep model; a fixed threshold returns every large tensor to the system when it is freed.
 
-Each (depth, phase) runs in a fresh subprocess (nothing cached by an earlier phase): the model is
-built (random, seeded) and saved as safetensors, the weights are resident, then the process's peak
-resident set is reset (VmHWM through /proc/self/clear_refs, after malloc_trim) and the phase runs.
+Each depth runs in a fresh subprocess: the model is built (random, seeded) and saved as safetensors,
+the weights are resident; before each phase the freed heap is handed back (gc, malloc_trim) and the
+process's peak resident set is reset (VmHWM through /proc/self/clear_refs), then the phase runs.
 "growth" is the peak RSS during the phase minus the RSS before it: memory beyond the weights.
 Phases:
   census            quantbench.census.run_census (streaming hooks, eager attention)
@@ -117,20 +117,25 @@ def _phase(name: str, model, folder: Path, vocab: int, args):
 
 
 def child(args) -> None:
+    import gc
+
     import torch
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d:
         model = _build(args.layers, args.hidden, args.vocab, Path(d))
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        fn = _phase(args.phase, model, Path(d), args.vocab, args)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _kb("VmRSS")
-        fn()
-        growth = (_kb("VmHWM") - before) / 1024
-    print(json.dumps({"layers": args.layers, "phase": args.phase, "weights_mb": weights / 2**20,
-                      "rss_before_mb": before / 1024, "growth_mb": growth}))
+        for phase in args.phase.split(","):
+            fn = _phase(phase, model, Path(d), args.vocab, args)
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
+            before = _kb("VmRSS")
+            fn()
+            growth = (_kb("VmHWM") - before) / 1024
+            del fn
+            print(json.dumps({"layers": args.layers, "phase": phase, "weights_mb": weights / 2**20,
+                              "rss_before_mb": before / 1024, "growth_mb": growth}), flush=True)
 
 
 def main() -> None:
@@ -156,11 +161,13 @@ def main() -> None:
     if args.mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     res: dict[tuple[str, int], dict] = {}
-    for phase in args.phases:
-        for n in args.depths:
-            out = subprocess.run([sys.executable, __file__, "--layers", str(n), "--phase", phase, *common],
-                                 capture_output=True, text=True, check=True, env=env)
-            res[phase, n] = json.loads(out.stdout.strip().splitlines()[-1])
+    for n in args.depths:
+        out = subprocess.run([sys.executable, __file__, "--layers", str(n), "--phase", ",".join(args.phases),
+                              *common], capture_output=True, text=True, check=True, env=env)
+        for line in out.stdout.strip().splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                res[r["phase"], n] = r
     print(f"tiny Llama, hidden {args.hidden}, vocab {args.vocab}, {args.samples}x{args.seq_len} tokens, "
           f"batch {args.batch_size}, glibc mmap threshold {args.mmap_threshold or 'dynamic (default)'}; "
           "growth = peak RSS during the phase minus RSS before (weights resident)")
