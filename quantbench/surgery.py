@@ -131,9 +131,22 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def no_cache(model: nn.Module) -> dict:
+    """{'use_cache': False} when the model's forward takes it: a pass that needs no KV cache then does not
+    keep one for every layer (memory growing with depth); {} for forwards that do not know the keyword."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}
+
+
 @torch.no_grad()
 def run_batches(model: nn.Module, batches: torch.Tensor, batch_size: int, device: torch.device | None = None) -> None:
     """Forward every batch of token ids [N, T] through the model (outputs discarded)."""
     dev = device or model_device(model)
     for i in range(0, len(batches), batch_size):
-        model(input_ids=batches[i: i + batch_size].to(dev))
+        model(input_ids=batches[i: i + batch_size].to(dev), **no_cache(model))
