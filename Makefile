@@ -36,6 +36,7 @@ results: install
 	$(VENV)/bin/quantbench assets fetch
 	$(VENV)/bin/quantbench run --config configs/default.yaml --out results/reference --run-id default
 	$(VENV)/bin/quantbench run --config configs/mitigations.yaml --out results/reference --run-id mitigations
+	$(VENV)/bin/quantbench run --config configs/export.yaml --out results/reference --run-id export
 	$(VENV)/bin/quantbench tables
 
 clean-venv:

@@ -22,22 +22,34 @@ def _overrides(**kw) -> dict:
 @app.command()
 def run(
     config: Path = typer.Option(Path("configs/default.yaml"), "--config", "-c", help="run config (YAML)"),
-    model: Optional[str] = typer.Option(None, help="override: 'default', hub id, local folder or .gguf"),
+    model: Optional[list[str]] = typer.Option(None, help="override: 'default', hub id, local folder or .gguf; "
+                                              "repeat to sweep several checkpoints"),
     corpus: Optional[str] = typer.Option(None, help="override: wiki | news | wikitext2 | c4 | hf:<ds>:<split> | file"),
     out: Optional[str] = typer.Option(None, "--out", help="override the output root (default results/)"),
     run_id: Optional[str] = typer.Option(None, help="name of the run directory (default: derived from the config)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 | auto"),
+    executor: Optional[str] = typer.Option(None, help="serial | ray: where the (model, recipe) cells run"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster: auto | host:port | ray://host:port "
+                                              "(default: start a local Ray)"),
 ) -> None:
     """Census, quantize every recipe, evaluate, and write the results table."""
-    from .config import load_config
-    from .pipeline import run as run_pipeline
+    from .config import parse_config, read_yaml_mapping
+    from .pipeline import run_all
 
-    ov = _overrides(model=model, output_dir=out, run_id=run_id, device=device, dtype=dtype)
-    cfg = load_config(config, ov)
+    data = read_yaml_mapping(config, _overrides(output_dir=out, run_id=run_id, device=device, dtype=dtype))
+    if model:  # one --model replaces `model`/`models`; several sweep them
+        data.pop("models" if len(model) == 1 else "model", None)
+        data.update({"model": model[0]} if len(model) == 1 else {"models": list(model)})
+    if executor is not None or ray_address is not None:
+        ex = data.get("executor") or {}
+        ex = {"kind": ex} if isinstance(ex, str) else ex
+        if isinstance(ex, dict):
+            data["executor"] = {**ex, **_overrides(kind=executor, address=ray_address)}
+    cfg = parse_config(data)
     if corpus is not None:
         cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"name": corpus})})
-    run_pipeline(cfg, config_name=config.stem)
+    run_all(cfg, config_name=config.stem)
 
 
 @app.command()
@@ -111,8 +123,22 @@ def recommend(
     max_ppl_increase: Optional[str] = typer.Option(None, help="largest perplexity increase over FP, e.g. 2% "
                                                    "(default: the run config's recommend section)"),
     min_task_retention: Optional[str] = typer.Option(None, help="smallest task accuracy as a share of FP, e.g. 99%"),
+    mixed: bool = typer.Option(False, "--mixed", help="a per-layer mixed recipe from the run's sensitivities "
+                               "(needs a `mixed:` section in the run's config)"),
+    budget: Optional[float] = typer.Option(None, help="with --mixed: bits/weight, e.g. 5.0"),
+    max_kept: Optional[float] = typer.Option(None, help="with --mixed: linears off the base format (count, or share < 1)"),
+    base: Optional[str] = typer.Option(None, help="with --mixed: the base recipe (default: the config's first mixed base)"),
 ) -> None:
-    """Smallest recipe within tolerance of FP; why each smaller one fails; the config to reproduce it."""
+    """Smallest recipe within tolerance of FP; why each smaller one fails; the config to reproduce it.
+    With --mixed: the per-layer plan under --budget / --max-ppl-increase / --max-kept, and why."""
+    if mixed or budget is not None or max_kept is not None or base is not None:
+        if not mixed:
+            raise QuantbenchError("--budget, --max-kept and --base go with --mixed")
+        from .mixed.stage import recommend_mixed
+
+        ppl = _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else None
+        typer.echo(recommend_mixed(run_dir, base, budget, ppl, max_kept))
+        return
     from .config import load_config
     from .report import recommend_run
     from .report.compare import load_run
@@ -165,6 +191,29 @@ def export(
         rc = load_run_context(run_dir)
         cols = record_export(rc.run_dir, rc.cfg, recipe, export_recipe(rc, recipe, out, format))
     typer.echo(summary(recipe, cols))
+
+
+@app.command()
+def score(
+    checkpoint: Path = typer.Argument(..., help="checkpoint folder: an export (results/<run>/export/<recipe>) or HF model"),
+    task: list[str] = typer.Option(["qb_goal_step_wikihow"], "--task", help="task name (repeat); offline pack or lm-eval"),
+    limit: Optional[int] = typer.Option(30, help="documents per task (same fixed sample as a run)"),
+    num_fewshot: int = typer.Option(0, help="few-shot examples"),
+    backend: str = typer.Option("vllm", help="vllm (lm-eval's vLLM backend) | hf (HFLM with a device map)"),
+    tensor_parallel_size: int = typer.Option(1, help="vllm: GPUs to shard the model over"),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
+    include_path: Optional[str] = typer.Option(None, help="folder with your own lm-eval task YAMLs"),
+) -> None:
+    """Downstream accuracy of a checkpoint folder through lm-eval (vLLM backend, or HFLM)."""
+    from .eval.checkpoint import check_backend, score_checkpoint
+    from .eval.downstream import TaskSettings, load_tasks
+
+    check_backend(backend)
+    tasks = load_tasks(TaskSettings(tuple(task), limit=limit, num_fewshot=num_fewshot, include_path=include_path))
+    res = score_checkpoint(checkpoint, tasks, backend, dtype, tensor_parallel_size)
+    typer.echo("| task | acc | acc_norm | n |\n| --- | --- | --- | --- |")
+    for name, m in res.items():
+        typer.echo(f"| {name} | {m['acc']} | {m['acc_norm']} | {m['n']} |")
 
 
 @assets_app.command("fetch")

@@ -36,8 +36,8 @@ class EvalConfig(_Strict):
     batch_size: int = Field(4, ge=1)
     expected_fp_ppl: float | None = None  # sanity check: warn when FP ppl differs by > 10%
     word_ppl: bool = True  # also report word-level perplexity (exp(total NLL / words)), as lm-eval does
-    probe_windows: int = Field(1, ge=0)
-    ci_block: int = Field(128, ge=8)  # scored tokens per bootstrap unit of the paired intervals  # windows used for per-layer error / attention drift (0: off)
+    probe_windows: int = Field(1, ge=0)  # windows used for per-layer error / attention drift (0: off)
+    ci_block: int = Field(128, ge=8)  # scored tokens per bootstrap unit of the paired intervals
 
     @model_validator(mode="after")
     def _stride(self) -> "EvalConfig":
@@ -130,10 +130,62 @@ class CalibrationConfig(_Strict):
 NOT_RESULTS = {"placement", "calibration"}  # settings that do not change a row (left out of the keys)
 
 
+class ExecutorConfig(_Strict):
+    """Where the recipe cells run (docs: README "Sweeps on Ray"). `serial`: this process, one after
+    another. `ray`: one Ray task per (model, recipe) cell, with these resources per task; the driver
+    writes every row through the same rows.jsonl. Results do not depend on it (not in the fingerprint)."""
+
+    kind: Literal["serial", "ray"] = "serial"
+    address: str | None = None  # ray: 'auto', 'host:6379' or 'ray://host:10001'; None = start a local Ray
+    num_cpus: float = Field(1.0, gt=0)  # per cell (also the torch threads of a worker unless `threads` is set)
+    num_gpus: float = Field(0.0, ge=0)  # per cell; fractions share a GPU
+    max_retries: int = Field(2, ge=0)  # a cell whose worker died is rerun this often, then left missing
+    local_cpus: int | None = Field(None, ge=1)  # a local Ray (address None): CPUs it may use (None: all)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v  # `executor: ray`
+
+
+class MixedConfig(_Strict):
+    """One census-guided mixed-precision recipe, searched after the uniform rows and evaluated like
+    them (quantbench/mixed; docs/mixed-precision.md). Exactly one constraint: budget (bits/weight),
+    budget_over_base (bits/weight added to the base recipe's measured size), max_ppl_increase (percent,
+    estimated) or max_kept (linears moved off the base format: a count, or a share when below 1)."""
+
+    name: str | None = None  # default: mixed-<base>-<constraint>
+    base: str = "w4a16-g64"  # a recipe of this config or a preset
+    budget: float | None = Field(None, gt=0, le=16)
+    budget_over_base: float | None = Field(None, ge=0, le=12)
+    max_ppl_increase: float | None = Field(None, gt=0)
+    max_kept: float | None = Field(None, gt=0)
+    samples: int = Field(4, ge=1)  # calibration sequences of the sensitivity pass (one backward each)
+    validate_layers: int = Field(0, ge=0)  # linears whose single-layer KL is measured against the estimate
+
+    @model_validator(mode="after")
+    def _one(self) -> "MixedConfig":
+        set_ = [k for k in ("budget", "budget_over_base", "max_ppl_increase", "max_kept") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError("give exactly one of budget, budget_over_base, max_ppl_increase, max_kept"
+                             + (f" (got {', '.join(set_)})" if set_ else ""))
+        return self
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        c = (f"b{self.budget:g}" if self.budget is not None else f"b+{self.budget_over_base:g}"
+             if self.budget_over_base is not None else f"p{self.max_ppl_increase:g}"
+             if self.max_ppl_increase is not None else f"k{self.max_kept:g}")
+        return f"mixed-{self.base}-{c}"
+
+
 class RunConfig(_Strict):
     run_id: str | None = None
     seed: int = 0
     model: str = "default"
+    models: tuple[str, ...] = ()  # several checkpoints: one run directory each, cells = models x recipes
+    executor: ExecutorConfig = ExecutorConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     threads: int | None = Field(None, ge=1)
@@ -144,6 +196,7 @@ class RunConfig(_Strict):
     tasks: TasksConfig = TasksConfig()
     recommend: RecommendConfig = RecommendConfig()
     recipes: tuple[Recipe, ...] = Field(default_factory=lambda: (resolve_recipe("fp"),))
+    mixed: tuple[MixedConfig, ...] = ()  # census-guided mixed recipes, built and evaluated after `recipes`
     export: tuple[str, ...] = ()  # recipes to export after the sweep (quantbench/export): results/<run-id>/export/<name>/
     placement: PlacementConfig = PlacementConfig()
     calibration: CalibrationConfig = CalibrationConfig()
@@ -161,16 +214,38 @@ class RunConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"recipe names must be unique; repeated: {', '.join(sorted(dup))}")
+        for m in self.mixed:
+            from .quant.recipes import PRESETS
+            from .registry import suggest
+
+            if m.base not in names and m.base not in PRESETS.names():
+                raise ValueError(f"mixed: base '{m.base}' is neither a recipe of this config nor a preset"
+                                 f"{suggest(m.base, names + list(PRESETS.names()))}")
+            if m.label() in names:
+                raise ValueError(f"mixed: name '{m.label()}' repeats a recipe name")
+            names = names + [m.label()]
         for name in self.export:
             if name not in names:
                 from .registry import suggest
 
                 raise ValueError(f"export: '{name}' is not one of the recipes{suggest(name, names)}")
+        if self.models and "model" in self.model_fields_set:
+            raise ValueError("set either `model` or `models`, not both")
+        dup = {m for m in self.models if self.models.count(m) > 1}
+        if dup:
+            raise ValueError(f"models must be unique; repeated: {', '.join(sorted(dup))}")
         return self
+
+    def per_model(self) -> list["RunConfig"]:
+        """One config per checkpoint of `models` (or this one): each is an ordinary single-model run."""
+        if not self.models:
+            return [self]
+        return [self.model_copy(update={"model": m, "models": ()}) for m in self.models]
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes results (not run_id/output_dir)."""
-        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend", "export", *NOT_RESULTS})
+        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend", "export",
+                                                  "models", "executor", *NOT_RESULTS})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 

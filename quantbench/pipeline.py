@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,11 @@ import torch
 
 from . import __version__, fileio, rundir
 from .census import run_census, write_census
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, validate
 from .data import Windows, calibration_batches, eval_windows, load_corpus
 from .errors import ConfigError, QuantbenchError
 from .eval.suite import EvalSuite
+from .executor import Cell, Executor, make_executor
 from .manifest import build_manifest, changed_inputs, inputs_key, run_inputs
 from .models import LoadedModel, load_model
 from .arch import arch_or_none
@@ -38,8 +40,7 @@ from .report.tables import markdown, to_frame, write_tables
 
 
 def run_dir_for(cfg: RunConfig, config_name: str = "run") -> Path:
-    slug = cfg.model.replace("/", "_").replace(".", "_").strip("_")[-40:] or "model"
-    run_id = cfg.run_id or f"{config_name}-{slug}-{cfg.fingerprint()}"
+    run_id = cfg.run_id or f"{config_name}-{_slug(cfg.model)}-{cfg.fingerprint()}"
     return Path(cfg.output_dir) / run_id
 
 
@@ -110,51 +111,120 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(lm, windows, calib, cb, suite, manifest, inputs, rows_key, census_key)
 
 
-def run(cfg: RunConfig, config_name: str = "run") -> Path:
+def run(cfg: RunConfig, config_name: str = "run") -> Path | list[Path]:
+    """Run the config: its run directory (a list of them when `models` names checkpoints)."""
+    outs = run_all(cfg, config_name)
+    return outs if cfg.models else outs[0]
+
+
+@dataclass
+class _Run:
+    """One checkpoint's run directory during a sweep: its config, lock, prepared inputs and rows."""
+
+    cfg: RunConfig
+    out: Path
+    lock: rundir.RunLock
+    p: Prepared | None = None
+    store: fileio.RowStore | None = None
+    done: dict | None = None
+
+
+def run_all(cfg: RunConfig, config_name: str = "run") -> list[Path]:
+    """Every checkpoint of the config (one run directory each): census in this process, then every
+    missing (model, recipe) cell on the executor, each row appended as it arrives."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = run_dir_for(cfg, config_name)
-    rundir.check_output_dir(out)
-    lock = rundir.RunLock(out)
+    runs = _plan_runs(cfg, config_name)
+    ex = make_executor(cfg.executor)
     try:
-        if out.is_dir():  # an existing run directory: say at once when another process writes it
-            lock.acquire()
-        p = prepare(cfg)
-        rundir.make_dir(out)
-        lock.acquire()
-        _run_in(out, cfg, config_name, p)
-    finally:
-        lock.release()
-    log(f"results: {out / 'results.md'}")
-    return out
-
-
-def _run_in(out: Path, cfg: RunConfig, config_name: str, p: Prepared) -> None:
-    """The locked part of a run: resume, census, sweep, tables and report."""
-    log(f"run directory: {out}")
-    store = fileio.RowStore(out / "rows.jsonl")
-    done = _resume(out, store, p, cfg)
-    fileio.atomic_write_text(out / "config.yaml", dump_config(cfg))
-    _write_json(out / "manifest.json", {**p.manifest, "config_name": config_name})
-    _write_json(out / STATE, {"rows_key": p.rows_key, "census_key": p.census_key, "inputs": p.inputs})
-    try:
-        if cfg.census.enabled and not (out / "census.json").exists():
-            _census(cfg, p, out)
-        _sweep(cfg, p, store, done)
+        ex.start()
+        for r in runs:
+            _open_run(r, config_name, drop_model=ex.remote and not r.cfg.export and not r.cfg.mixed)
+        states: dict[int, CellState] = {}
+        lost = _sweep_all(ex, runs, states)
+        if any(r.cfg.mixed for r in runs):  # census-guided mixed recipes (quantbench/mixed), after the uniform rows
+            for r in runs:
+                if r.cfg.mixed:
+                    _add_mixed(r)
+            lost += _sweep_all(ex, runs, states)
+        for r in runs:
+            _finish(r)
     except KeyboardInterrupt:
-        _stopped(cfg, out, done)
+        for r in runs:
+            if r.done is not None:
+                _stopped(r.cfg, r.out, r.done)
         raise
-    rows = [done[r.name] for r in cfg.recipes if r.name in done]
+    finally:
+        ex.close()
+        for r in runs:
+            r.lock.release()
+    for r in runs:
+        log(f"results: {r.out / 'results.md'}")
+    if lost:
+        raise QuantbenchError(f"{len(lost)} cell(s) lost with their worker ({', '.join(lost[:4])}): their rows are "
+                              "missing; rerun the same command to compute only them")
+    return [r.out for r in runs]
+
+
+def _plan_runs(cfg: RunConfig, config_name: str) -> list[_Run]:
+    cfgs = cfg.per_model()
+    if cfg.run_id and cfg.models:  # one directory per checkpoint under the chosen name
+        cfgs = [c.model_copy(update={"run_id": f"{cfg.run_id}-{_slug(c.model)}"}) for c in cfgs]
+    outs = [run_dir_for(c, config_name) for c in cfgs]
+    if len(set(outs)) < len(outs):
+        raise ConfigError("models: two checkpoints map to the same run directory; give them distinct paths")
+    for out in outs:
+        rundir.check_output_dir(out)
+    return [_Run(c, out, rundir.RunLock(out)) for c, out in zip(cfgs, outs)]
+
+
+def _open_run(r: _Run, config_name: str, drop_model: bool) -> None:
+    """Lock, prepare (load and check), resume and census one checkpoint's run directory."""
+    if r.out.is_dir():  # an existing run directory: say at once when another process writes it
+        r.lock.acquire()
+    r.p = prepare(r.cfg)
+    rundir.make_dir(r.out)
+    r.lock.acquire()
+    log(f"run directory: {r.out}")
+    r.store = fileio.RowStore(r.out / "rows.jsonl")
+    r.done = _resume(r.out, r.store, r.p, r.cfg)
+    fileio.atomic_write_text(r.out / "config.yaml", dump_config(r.cfg))
+    _write_json(r.out / "manifest.json", {**r.p.manifest, "config_name": config_name})
+    _write_json(r.out / STATE, {"rows_key": r.p.rows_key, "census_key": r.p.census_key, "inputs": r.p.inputs})
+    if r.cfg.census.enabled and not (r.out / "census.json").exists():
+        _census(r.cfg, r.p, r.out)
+    if drop_model:  # the cells run in workers: this process keeps no copy of the weights
+        r.p.lm = None
+
+
+def _add_mixed(r: _Run) -> None:
+    """Search the config's mixed recipes on this run's sensitivities and add them to its recipes; rows
+    of the same mixed recipe and inputs already in rows.jsonl are kept (resume)."""
+    from .mixed.stage import build_mixed
+
+    census = fileio.read_json_or_none(r.out / "census.json")
+    extra = build_mixed(r.p.lm.model, r.cfg, r.p.calib, r.p.windows.input_ids[:2, :256], census, r.done, r.out)
+    # the searched recipes become plain recipes (a worker re-validates this config: no `mixed:` left to re-search)
+    r.cfg = r.cfg.model_copy(update={"recipes": (*r.cfg.recipes, *extra), "mixed": ()})
+    keys = {x.name: _recipe_key(x) for x in extra}
+    r.done.update({k: v for k, v in fileio.latest_by_recipe(r.store.load()).items()
+                   if k in keys and v.get("status") == "ok" and v.get("recipe_key") == keys[k]
+                   and v.get("inputs_key") == r.p.rows_key})
+
+
+def _finish(r: _Run) -> None:
+    """Tables, report and the export list of one run directory."""
+    rows = [r.done[x.name] for x in r.cfg.recipes if x.name in r.done]
     df = to_frame(rows)
-    write_tables(df, out)
+    write_tables(df, r.out)
     print(markdown(df))
-    finish_report(out, df, cfg)
-    if cfg.export:  # the `export:` list: write, reload and verify those recipes (quantbench/export)
+    finish_report(r.out, df, r.cfg)
+    if r.cfg.export:  # the `export:` list: write, reload and verify those recipes (quantbench/export)
         from .export.context import RunContext
         from .export.job import export_list
 
-        export_list(RunContext(out, cfg, p.manifest, p.lm, p.windows, p.calib), cfg.export)
+        export_list(RunContext(r.out, r.cfg, r.p.manifest, r.p.lm, r.p.windows, r.p.calib), r.cfg.export)
 
 
 STATE = "inputs.json"  # the keys of what the rows and the census in this directory were computed from
@@ -212,59 +282,121 @@ def _stopped(cfg: RunConfig, out: Path, done: dict[str, dict]) -> None:
         f"{out / 'rows.jsonl'}" + (f" and tabled in {out / 'results.md'}" if rows else ""))
 
 
-def _sweep(cfg: RunConfig, p: Prepared, store: fileio.RowStore, done: dict[str, dict]) -> None:
-    """Every recipe not finished yet: apply, evaluate, append its row (`done` is updated in place)."""
-    model, suite, calib, e = p.lm.model, p.suite, p.calib, cfg.eval
-    n_params, out = sum(t.numel() for t in model.parameters()), store.path.parent
-    keys = {r.name: _recipe_key(r) for r in cfg.recipes}
-    ref, fp_ppl, fp_eval = None, None, None
-    fp_notes: dict = {}  # the FP model's outlier note, computed once for the rows of mitigated recipes
-    pristine: list = []  # the loaded model's state, captured before the first quantized recipe
-    for recipe in cfg.recipes:
-        if recipe.name in done:
-            continue
-        if ref is None:
-            log("FP reference: evaluating the unquantized model once")
-            fp_eval, fp_extra = suite.reference(model)
-            ref = suite.reference_logp
-            fp_ppl = fp_eval.ppl
-            log(f"FP perplexity {fp_ppl:.3f} over {fp_eval.n_tokens} tokens ({fp_eval.tok_per_s:.0f} tok/s)")
-            if e.expected_fp_ppl and abs(fp_ppl / e.expected_fp_ppl - 1) > 0.10:
-                log(f"warning: FP perplexity {fp_ppl:.2f} differs from the expected {e.expected_fp_ppl} by more than 10%")
+def _sweep_all(ex: Executor, runs: list[_Run], states: dict[int, "CellState"]) -> list[str]:
+    """Every (model, recipe) cell not finished yet, on the executor; each row is appended to its run's
+    rows.jsonl as it arrives (`done` updated in place). Returns the cells lost with their worker."""
+    cells = [Cell(i, x.name, (r.cfg.model_dump(mode="json"), x.name, r.p.inputs))
+             for i, r in enumerate(runs) for x in r.cfg.recipes if x.name not in r.done]
+
+    def local(cell: Cell) -> tuple[dict, dict | None]:  # serial: this process's model, loaded once
+        if cell.run not in states:
+            states[cell.run] = CellState(runs[cell.run].cfg, runs[cell.run].p)
+        states[cell.run].cfg = runs[cell.run].cfg  # mixed recipes are added after the first sweep
+        return states[cell.run].compute(cell.recipe)
+
+    many = len(runs) > 1
+    lost = ex.run(cells, local, worker_cell, lambda cell, res: _record(runs[cell.run], *res, label=many))
+    return [f"{_slug(runs[c.run].cfg.model)}/{c.recipe}" for c in lost]
+
+
+def _record(r: _Run, row: dict, plan: dict | None, label: bool = False) -> None:
+    """Append one finished cell's row (and write its plan record): always here, in the driver."""
+    recipe = next(x for x in r.cfg.recipes if x.name == row["recipe"])
+    row["recipe_key"] = _recipe_key(recipe)
+    row["inputs_key"] = r.p.rows_key
+    r.store.append(row)
+    r.done[recipe.name] = row
+    if plan is not None:
+        rundir.make_dir(r.out / "plans")
+        _write_json(r.out / "plans" / f"{recipe.name}.json", plan)
+    who = f"[{_slug(r.cfg.model)}] " if label else ""
+    log(f"{who}{recipe.name}: {row['status']}" + (
+        f", ppl {row['ppl']:.3f} ({row['delta_ppl_pct']:+.1f}%), KL {row['kl']:.4f}, top-1 {row['top1']:.3f}"
+        if row["status"] == "ok" else ""))
+
+
+class CellState:
+    """What the cells of one checkpoint share in one process: the prepared inputs (model,
+    calibration with its statistics cache, evaluation suite), the FP reference (evaluated on the
+    first cell, once per process) and the FP outlier notes."""
+
+    def __init__(self, cfg: RunConfig, p: Prepared) -> None:
+        self.cfg, self.p = cfg, p
+        self.n_params = sum(t.numel() for t in p.lm.model.parameters())
+        self.fp_eval, self.fp_extra = None, {}
+        self.fp_notes: dict = {}
+        self.pristine: Pristine | None = None  # the loaded model's state, captured before the first quantized recipe
+
+    def _reference(self) -> None:
+        if self.fp_eval is not None:
+            return
+        log("FP reference: evaluating the unquantized model once")
+        self.fp_eval, self.fp_extra = self.p.suite.reference(self.p.lm.model)
+        fp, e = self.fp_eval, self.cfg.eval
+        log(f"FP perplexity {fp.ppl:.3f} over {fp.n_tokens} tokens ({fp.tok_per_s:.0f} tok/s)")
+        if e.expected_fp_ppl and abs(fp.ppl / e.expected_fp_ppl - 1) > 0.10:
+            log(f"warning: FP perplexity {fp.ppl:.2f} differs from the expected {e.expected_fp_ppl} by more than 10%")
+
+    def compute(self, name: str) -> tuple[dict, dict | None]:
+        """One recipe's row and its plan record (None for FP and skipped recipes)."""
+        recipe = next(x for x in self.cfg.recipes if x.name == name)
+        self._reference()
+        model, fp_eval = self.p.lm.model, self.fp_eval
         if recipe.is_fp:  # the reference pass already measured it
-            size = measure_size(model, plan_recipe(model, recipe), Effects(), n_params)
-            row = {"recipe": recipe.name, "status": "ok", "mode": "fp", "bits_per_weight": size.bits_per_weight,
-                   "size_mb": round(size.mb, 2), "ppl": fp_eval.ppl, "delta_ppl_pct": 0.0, "kl": 0.0,
-                   "top1": 1.0, "eval_tok_s": round(fp_eval.tok_per_s, 1), "calib_s": 0.0,
-                   "wall_s": round(fp_eval.seconds, 2), "n_tokens": fp_eval.n_tokens, "mitigations": "none",
-                   "weight_bytes": size.bytes, **fp_extra}
-        else:
-            if not pristine:
-                pristine.append(capture_pristine(p.lm))
-            row = _run_recipe(model, recipe, RecipeEnv(calib, suite, fp_ppl, n_params, out, fp_notes, pristine[0]))
-        row["recipe_key"] = keys[recipe.name]
-        row["inputs_key"] = p.rows_key
-        store.append(row)
-        done[recipe.name] = row
-        log(f"{recipe.name}: {row['status']}" + (f", ppl {row['ppl']:.3f} ({row['delta_ppl_pct']:+.1f}%), "
-                                                  f"KL {row['kl']:.4f}, top-1 {row['top1']:.3f}" if row["status"] == "ok" else ""))
+            size = measure_size(model, plan_recipe(model, recipe), Effects(), self.n_params)
+            return {"recipe": recipe.name, "status": "ok", "mode": "fp", "bits_per_weight": size.bits_per_weight,
+                    "size_mb": round(size.mb, 2), "ppl": fp_eval.ppl, "delta_ppl_pct": 0.0, "kl": 0.0,
+                    "top1": 1.0, "eval_tok_s": round(fp_eval.tok_per_s, 1), "calib_s": 0.0,
+                    "wall_s": round(fp_eval.seconds, 2), "n_tokens": fp_eval.n_tokens, "mitigations": "none",
+                    "weight_bytes": size.bytes, **self.fp_extra}, None
+        if self.pristine is None:
+            self.pristine = capture_pristine(self.p.lm)
+        env = RecipeEnv(self.p.calib, self.p.suite, fp_eval.ppl, self.n_params, {}, self.fp_notes, self.pristine)
+        row = _run_recipe(model, recipe, env)
+        return row, env.plans.get(recipe.name)
+
+
+_WORKER: dict[str, CellState] = {}  # a worker process's state: one checkpoint at a time, kept across tasks
+
+
+def worker_cell(cfg_json: dict, recipe: str, inputs: dict) -> tuple[dict, dict | None]:
+    """One (model, recipe) cell in a worker process (the Ray task body). The first cell of a
+    checkpoint in this process rebuilds its shared state (load, calibration batches, evaluation
+    suite; the FP reference on first use); later cells reuse it. The inputs must equal the driver's."""
+    cfg = validate(RunConfig, cfg_json)
+    key = cfg.fingerprint()  # everything that changes results (not the output folder)
+    if key not in _WORKER:
+        _WORKER.clear()  # one checkpoint's weights per worker
+        torch.manual_seed(cfg.seed)
+        torch.set_num_threads(cfg.threads or max(1, int(cfg.executor.num_cpus)))
+        p = prepare(cfg)
+        if p.rows_key != inputs_key(inputs):
+            what = ", ".join(changed_inputs(inputs, p.inputs)[:4]) or "unknown inputs"
+            raise QuantbenchError(f"worker on {socket.gethostname()}: the inputs of {cfg.model} differ from the "
+                                  f"driver's ({what}); give every node the same files, packages and device kind")
+        _WORKER[key] = CellState(cfg, p)
+    return _WORKER[key].compute(recipe)
+
+
+def _slug(model: str) -> str:
+    return model.replace("/", "_").replace(".", "_").strip("_")[-40:] or "model"
 
 
 @dataclass
 class RecipeEnv:
     """What every recipe's row shares: calibration (cached statistics), the evaluation suite, the FP
-    reference perplexity, the FP parameter count, the run directory, the FP outlier note."""
+    reference perplexity, the FP parameter count, the plan records, the FP outlier note."""
 
     calib: Calibration
     suite: EvalSuite
     fp_ppl: float
     n_params: int
-    out: Path
+    plans: dict  # recipe name -> its plan record (plans/<name>.json, written by the driver)
     fp_notes: dict
     pristine: Pristine | None = None  # None: each recipe works on a deep copy of the model
 
 
-def capture_pristine(lm: LoadedModel) -> Pristine:
+def capture_pristine(lm: LoadedModel) -> Pristine | None:
     """The loaded model's state, kept once: recipes quantize the model in place and it is restored after
     each (quantbench/pristine.py); values stored in the model's safetensors files are read back from them."""
     t0 = time.perf_counter()
@@ -322,10 +454,8 @@ def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
             env.pristine.restore()  # the next recipe starts from the loaded model again
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    plans = env.out / "plans"
-    plans.mkdir(exist_ok=True)
-    _write_json(plans / f"{recipe.name}.json", {**plan.to_json(), "bits": {
-        "total": size.total_bits, "per_linear": {k: round(v) for k, v in size.per_linear.items()}}})
+    env.plans[recipe.name] = {**plan.to_json(), "bits": {
+        "total": size.total_bits, "per_linear": {k: round(v) for k, v in size.per_linear.items()}}}
     row.update(status="ok", mode=plan.mode, bits_per_weight=round(size.bits_per_weight, 3),
                size_mb=round(size.mb, 2), weight_bytes=size.bytes, ppl=res.ppl,
                delta_ppl_pct=100 * (res.ppl / env.fp_ppl - 1), kl=res.kl, top1=res.top1,
@@ -356,4 +486,4 @@ def profile(model_spec: str, corpus_name: str, out: Path, cfg: RunConfig) -> Pat
     return out / "census.json"
 
 
-__all__ = ["run", "profile", "run_dir_for", "load_rows", "QuantbenchError"]
+__all__ = ["run", "run_all", "worker_cell", "profile", "run_dir_for", "load_rows", "QuantbenchError"]

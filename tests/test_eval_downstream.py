@@ -76,6 +76,20 @@ def test_lm_eval_adapter_matches_a_direct_computation(tokenizer, local_task):
     assert cols["task_acc_mean"] == res["acc"]
 
 
+def test_lm_eval_scores_a_model_offloaded_by_an_accelerate_device_map(tokenizer, local_task):
+    """Weights on the meta device, streamed from CPU by accelerate's hooks (what a device map with
+    offload does): lm-eval sends inputs to the execution device and scores exactly as the whole model."""
+    from accelerate import cpu_offload
+
+    tasks = load_tasks(TaskSettings(("qb_test_local",), limit=6, batch_size=4, include_path=str(local_task)))
+    whole = evaluate_tasks(tiny_model("llama", vocab=len(tokenizer)), tokenizer, tasks, torch.device("cpu"))
+    model = cpu_offload(tiny_model("llama", vocab=len(tokenizer)), execution_device=torch.device("cpu"))
+    assert next(model.parameters()).device.type == "meta"
+    offloaded = evaluate_tasks(model, tokenizer, tasks, torch.device("cpu"))
+    assert offloaded["qb_test_local"]["docs_acc"] == whole["qb_test_local"]["docs_acc"]
+    assert offloaded["qb_test_local"]["acc"] == whole["qb_test_local"]["acc"]
+
+
 def test_unknown_task_is_one_clear_error(local_task):
     with pytest.raises(QuantbenchError) as e:
         load_tasks(TaskSettings(("qb_no_such_task",), include_path=str(local_task)))

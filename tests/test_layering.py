@@ -19,7 +19,7 @@ LAYERS = {
     "train.modeling": 1, "train.attention": 1,  # model definitions (loadable checkpoints), not orchestration
     "quant": 2,
     "census": 3, "eval": 3,
-    "report": 4, "export": 4, "coverage": 4, "coverage_doc": 4,
+    "report": 4, "export": 4, "coverage": 4, "coverage_doc": 4, "mixed": 4,
     "rundir": 5, "pipeline": 5, "executor": 5, "train": 5, "cli": 6,
 }
 # a lower layer may still reach these (data classes every layer shares)

@@ -126,3 +126,26 @@ def test_unavailable_device_is_a_skip_not_a_crash(tokens):
     ctx = QuantContext(plan=plan, calib=Calibration(tokens, 4, torch.device("meta")))
     with pytest.raises(BackendUnavailable, match="meta"):
         BnbInt8().apply(m, plan, list(plan.linears), ctx, BnbInt8.Options())
+
+
+def test_bnb_int8_stores_llm_int8_vectorwise_codes(tokens):
+    """bitsandbytes int8 as the LLM.int8 paper writes it (row-wise absmax, 127 levels), written out here:
+    codes = round(W · (127 / absmax_row)), SCB = absmax_row, computed by bitsandbytes on an fp16 copy of W
+    (Int8Params casts to fp16 before quantizing); on CPU its matmul is x · (codes · SCB / 127)ᵀ with
+    activations unquantized (the documented CPU behaviour)."""
+    m = tiny_model("llama", hidden=128)
+    w = m.model.layers[0].mlp.down_proj.weight.detach().clone()
+    try:
+        q, _ = apply_recipe(copy.deepcopy(m), PRESETS["bnb-int8"], tokens, CPU)
+    except BackendUnavailable as e:
+        pytest.skip(f"bnb-int8: {e}")
+    mod = q.model.layers[0].mlp.down_proj
+    sd = mod.state_dict()
+    w16 = w.half().float()
+    absmax = w16.abs().amax(dim=1)
+    assert torch.equal(sd["weight"], torch.round(w16 * (127 / absmax[:, None])).to(torch.int8))
+    assert torch.equal(sd["SCB"], absmax)
+    x = torch.randn(5, w.shape[1])
+    expected = x @ (sd["weight"].float() * absmax[:, None] / 127).T
+    with torch.no_grad():
+        assert torch.allclose(mod(x), expected, rtol=1e-4, atol=1e-5)

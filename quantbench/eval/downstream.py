@@ -96,12 +96,20 @@ def _metrics(res: dict, n_samples: dict, task: str) -> dict[str, float | int | N
 @torch.no_grad()
 def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: LoadedTasks, device: torch.device) -> dict[str, dict]:
     """{task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n, seconds}} for one model variant."""
-    from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
     _quiet_lm_eval()
     s = tasks.settings
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=s.batch_size, device=str(device))
+    lm._device = input_device(model, device)  # HFLM takes model.device: meta for an offloaded model
+    return score_lm(lm, tasks)
+
+
+def score_lm(lm, tasks: LoadedTasks) -> dict[str, dict]:
+    """Evaluate an lm-eval LM (HFLM, VLLM, ...) on the loaded tasks: {task: metrics + per-document}."""
+    from lm_eval.evaluator import evaluate
+
+    s = tasks.settings
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     out = evaluate(lm=lm, task_dict=tasks.task_dict, limit=s.limit, bootstrap_iters=100, log_samples=True)
@@ -109,6 +117,17 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: LoadedTasks, device
     res, n_samples, samples = out["results"], out.get("n-samples", {}), out.get("samples") or {}
     return {t: {**_metrics(res, n_samples, t), **per_document(samples.get(t, [])), "seconds": round(secs / len(res), 2)}
             for t in tasks.task_dict["tasks"]}
+
+
+def input_device(model: torch.nn.Module, default: torch.device) -> torch.device:
+    """Where input ids go for a model placed with an accelerate device map (several GPUs, CPU or disk
+    offload): the input embedding's execution device; else its weight's device; else `default`."""
+    emb = model.get_input_embeddings()
+    dev = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    if dev is not None:
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    w = getattr(emb, "weight", None)
+    return w.device if w is not None and w.device.type != "meta" else default
 
 
 def per_document(samples: list[dict]) -> dict[str, list[int]]:

@@ -29,12 +29,13 @@ DEFAULT_COLUMNS = "recipe,bits,ppl,dppl,kl,top1"
 
 
 
-def _interval(row: pd.Series, col: str, fmt: str, sign: bool = False) -> str:
+def _interval(row: pd.Series, col: str, fmt: str, sign: bool = False, bounds: str | None = None) -> str:
+    """`col` with its interval from the columns `<bounds>_lo`, `<bounds>_hi` (default: `<col>_lo/_hi`)."""
     v = _num(row.get(col))
     if v is None:
         return "—"
     txt = f"{v:+{fmt}}" if sign else f"{v:{fmt}}"
-    lo, hi = _num(row.get(f"{col}_lo")), _num(row.get(f"{col}_hi"))
+    lo, hi = _num(row.get(f"{bounds or col}_lo")), _num(row.get(f"{bounds or col}_hi"))
     return txt + (f" [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None and hi is not None else "")
 
 
@@ -63,18 +64,43 @@ def _gap(df: pd.DataFrame, naive: dict[str, str]) -> Callable[[pd.Series], str]:
     return cell
 
 
+def _text(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and v != v) else str(v)
+
+
+def _fmt(v, spec: str) -> str:
+    x = _num(v)
+    return "—" if x is None else f"{x:{spec}}"
+
+
 COLUMNS: dict[str, tuple[str, Callable]] = {
     "recipe": ("recipe", lambda r: str(r["recipe"])),
     "mitigations": ("mitigations", lambda r: str(r.get("mitigations") or "none")),
     "status": ("status", lambda r: str(r.get("status"))),
     "bits": ("bits/weight", lambda r: f"{_num(r.get('bits_per_weight')):.2f}" if _num(r.get("bits_per_weight")) else "—"),
     "ppl": ("ppl", lambda r: f"{_num(r.get('ppl')):.2f}" if _num(r.get("ppl")) else "—"),
-    "dppl": ("Δppl % [95% CI]", lambda r: _interval(r, "delta_ppl_pct", ".1f", sign=True)),
+    "dppl": ("Δppl % [95% CI]", lambda r: _interval(r, "delta_ppl_pct", ".1f", sign=True, bounds="delta_ppl")),
     "kl": ("KL [95% CI]", lambda r: _interval(r, "kl", ".3f")),
     "top1": ("top-1", lambda r: f"{_num(r.get('top1')):.3f}" if _num(r.get("top1")) is not None else "—"),
     "acc": ("task acc", lambda r: f"{_num(r.get('task_acc_mean')):.2f}" if _num(r.get("task_acc_mean")) is not None else "—"),
     "tok_s": ("eval tok/s", lambda r: f"{_num(r.get('eval_tok_s')):.0f}" if _num(r.get("eval_tok_s")) else "—"),
+    # exports (quantbench/export): what was written and what its reload gave
+    "format": ("format", lambda r: _text(r.get("export_format"))),
+    "verified": ("export_verified", lambda r: _text(r.get("export_verified")).lower()),
+    "weights_equal": ("weights equal", lambda r: _text(r.get("export_weights_equal"))),
+    "sim_ppl": ("ppl simulated", lambda r: _fmt(r.get("export_sim_ppl"), ".3f")),
+    "reload_ppl": ("ppl reloaded", lambda r: _fmt(r.get("export_ppl"), ".3f") + (
+        f" ({_num(r.get('export_ppl_delta_pct')):+.3f}%)" if _num(r.get("export_ppl_delta_pct")) is not None else "")),
+    "logit": ("max \\|Δlogit\\|", lambda r: _fmt(r.get("export_logit_maxdiff"), ".2g")),
+    "file_mb": ("file MB", lambda r: _fmt(r.get("export_file_mb"), ".1f")),
+    "reload_tok_s": ("reloaded tok/s", lambda r: _fmt(r.get("export_tok_s"), ".0f")),
+    "torchao_ppl": ("torchao int8 ppl (unverified)", lambda r: _fmt(r.get("export_torchao_ppl"), ".2f")),
+    "llama_cpp_ppl": ("llama.cpp ppl (unverified)", lambda r: _fmt(r.get("export_llama_cpp_ppl"), ".2f")),
 }
+
+
+EXPORT_KEYS = {"format", "verified", "weights_equal", "sim_ppl", "reload_ppl", "logit", "file_mb", "reload_tok_s",
+               "torchao_ppl", "llama_cpp_ppl"}
 
 
 def render(run_dir: Path, columns: str = DEFAULT_COLUMNS) -> str:
@@ -92,6 +118,8 @@ def render(run_dir: Path, columns: str = DEFAULT_COLUMNS) -> str:
             fns[c] = COLUMNS[c]
         else:
             raise QuantbenchError(f"reference table: unknown column '{c}' (known: gap, {', '.join(COLUMNS)})")
+    if set(cols) & EXPORT_KEYS and "export_format" in df.columns:
+        df = df[df["export_format"].notna()]  # an export table lists the exported recipes
     head = [fns[c][0] for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(cols)]
     for _, row in df.iterrows():

@@ -1,0 +1,47 @@
+"""The formats a linear may take in a mixed recipe, derived from a uniform base recipe.
+
+A weight-only base (e.g. W4A16 g64) gives the ladder base -> W8 per-channel -> FP16 weights; a base
+with quantized activations (e.g. W8A8 static) gives base -> the same weights with 16-bit activations.
+Option 0 is always the base itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..quant.spec import QuantSpec, Recipe
+
+W8_CH = QuantSpec(bits=8, granularity="channel")
+
+
+@dataclass(frozen=True)
+class Option:
+    label: str  # e.g. 'int4/g64/sym | fp', 'int8/channel/sym | fp'
+    weights: QuantSpec | None
+    activations: QuantSpec | None
+
+    @property
+    def is_base(self) -> bool:
+        return self.label.startswith("base")
+
+
+def _label(w: QuantSpec | None, a: QuantSpec | None) -> str:
+    return f"{w.short() if w else 'w16'} | {a.short() if a else 'a16'}"
+
+
+def options_for(base: Recipe) -> list[Option]:
+    """Option 0 = the base format; then the ways to spend more bits on one linear."""
+    if base.weights is None:
+        raise ConfigError(f"mixed: base recipe '{base.name}' quantizes no weights; pick a quantized base "
+                          "(e.g. w4a16-g64 or w8a8-tensor-static)")
+    if base.kv is not None:
+        raise ConfigError(f"mixed: base recipe '{base.name}' quantizes the KV cache; not supported by the mixed search")
+    w, a = base.weights, base.activations
+    opts = [Option("base " + _label(w, a), w, a)]
+    if a is not None:  # activation ladder: keep this linear's input at 16 bits
+        opts.append(Option(_label(w, None), w, None))
+        return opts
+    if w.bits < 8:
+        opts.append(Option(_label(W8_CH, None), W8_CH, None))
+    opts.append(Option(_label(None, None), None, None))
+    return opts

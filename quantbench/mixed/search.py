@@ -1,0 +1,116 @@
+"""Pick one option per linear: a multiple-choice knapsack solved exactly by dynamic programming.
+
+    minimise  sum_l score(l, o_l)   subject to  sum_l cost(l, o_l) <= capacity
+
+Costs are integers: bits above each linear's cheapest option, rounded UP to a quantum (so the chosen
+plan never exceeds the budget), or 1 per linear moved off its base option (a count limit).
+The dual (fewest bits whose estimated damage stays under a limit) reads the same table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+from .sensitivity import Sensitivity
+
+RESOLUTION = 20000  # DP cost units across the whole slack
+
+
+def mckp(costs: list[list[int]], values: list[list[float]], capacity: int) -> tuple[list[int], np.ndarray]:
+    """Exact multiple-choice knapsack: one option per item, total integer cost <= capacity, minimum
+    total value. Returns (chosen option per item, best[c] = least value at total cost exactly c)."""
+    if capacity < 0:
+        raise ValueError("capacity must be >= 0")
+    best = np.full(capacity + 1, np.inf)
+    best[0] = 0.0
+    back = np.zeros((len(costs), capacity + 1), dtype=np.int16)
+    for i, (cs, vs) in enumerate(zip(costs, values)):
+        new = np.full(capacity + 1, np.inf)
+        for k, (c, v) in enumerate(zip(cs, vs)):
+            if c > capacity:
+                continue
+            cand = np.full(capacity + 1, np.inf)
+            cand[c:] = best[: capacity + 1 - c] + v
+            better = cand < new
+            new[better], back[i, better] = cand[better], k
+        best = new
+    c = int(np.argmin(best))
+    if not np.isfinite(best[c]):
+        raise ValueError("no option fits the capacity")
+    chosen = [0] * len(costs)
+    for i in range(len(costs) - 1, -1, -1):
+        chosen[i] = int(back[i, c])
+        c -= costs[i][chosen[i]]
+    return chosen, best
+
+
+@dataclass
+class Choice:
+    """The search's answer: option index per linear, and what it is estimated and measured to cost."""
+
+    sens: Sensitivity
+    picks: dict[str, int]
+    constraint: str  # e.g. 'budget 5.0 bits/weight'
+
+    @property
+    def total_bits(self) -> float:
+        return self.sens.rest_bits + sum(self.sens.bits[n][k] for n, k in self.picks.items())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total_bits / self.sens.n_params
+
+    @property
+    def est_damage(self) -> float:
+        return sum(self.sens.score[n][k] for n, k in self.picks.items())
+
+    def kept(self) -> dict[str, int]:
+        """Linears moved off the base option."""
+        return {n: k for n, k in self.picks.items() if k != 0}
+
+
+def _bit_costs(s: Sensitivity, slack_bits: float) -> tuple[list[list[int]], list[float]]:
+    floor = [min(s.bits[n]) for n in s.linears]
+    quantum = max(slack_bits, 1.0) / RESOLUTION
+    costs = [[math.ceil((b - f) / quantum - 1e-9) for b in s.bits[n]] for n, f in zip(s.linears, floor)]
+    return costs, floor
+
+
+def by_budget(s: Sensitivity, budget: float) -> Choice:
+    """Least estimated damage with measured bits/weight <= budget."""
+    floor_bits = s.rest_bits + sum(min(v) for v in s.bits.values())
+    top_bits = s.rest_bits + sum(max(v) for v in s.bits.values())
+    if budget * s.n_params < floor_bits:
+        raise ConfigError(f"mixed: budget {budget:g} bits/weight is below the smallest plan of base '{s.base}' "
+                          f"({floor_bits / s.n_params:.3f} bits/weight)")
+    slack = min(budget * s.n_params, top_bits) - floor_bits
+    costs, _ = _bit_costs(s, slack)
+    chosen, _ = mckp(costs, [s.score[n] for n in s.linears], RESOLUTION)
+    return Choice(s, dict(zip(s.linears, chosen)), f"budget {budget:g} bits/weight")
+
+
+def by_damage(s: Sensitivity, max_ppl_increase_pct: float, scale: float = 1.0) -> Choice:
+    """Fewest bits whose estimated perplexity increase, exp(scale * sum of scores) - 1, is at most the limit.
+    scale: measured / estimated log-perplexity ratio of the uniform base recipe (1 when unknown)."""
+    limit = math.log1p(max_ppl_increase_pct / 100) / scale
+    floor_bits = s.rest_bits + sum(min(v) for v in s.bits.values())
+    slack = s.rest_bits + sum(max(v) for v in s.bits.values()) - floor_bits
+    costs, _ = _bit_costs(s, slack)
+    values = [s.score[n] for n in s.linears]
+    _, best = mckp(costs, values, RESOLUTION)
+    ok = np.nonzero(np.minimum.accumulate(best) <= limit)[0]
+    if not len(ok):
+        raise ConfigError(f"mixed: no plan of base '{s.base}' is estimated within +{max_ppl_increase_pct:g}% "
+                          "perplexity (even full precision everywhere); raise the limit")
+    chosen, _ = mckp(costs, values, int(ok[0]))
+    return Choice(s, dict(zip(s.linears, chosen)), f"estimated perplexity increase <= {max_ppl_increase_pct:g}%")
+
+
+def by_count(s: Sensitivity, max_kept: int) -> Choice:
+    """Least estimated damage with at most `max_kept` linears moved off the base option."""
+    costs = [[0 if k == 0 else 1 for k in range(len(s.options))] for _ in s.linears]
+    chosen, _ = mckp(costs, [s.score[n] for n in s.linears], max(0, max_kept))
+    return Choice(s, dict(zip(s.linears, chosen)), f"at most {max_kept} linears off the base format")

@@ -1,0 +1,73 @@
+"""Scoring a checkpoint folder at scale: lm-eval's vLLM backend when vllm is importable (a one-line
+message otherwise), HFLM on the folder otherwise."""
+import json
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from quantbench.errors import QuantbenchError
+from quantbench.eval import checkpoint
+from quantbench.eval.downstream import TaskSettings, evaluate_tasks, load_tasks
+
+DOCS = [{"question": f"Q: is {a} plus {b} equal to {a + b}?\nA:", "choices": ["yes", "no"], "label": i % 2}
+        for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8)])]
+YAML = """task: qb_ckpt_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  field: docs
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from quantbench.assets import ensure_default_model
+
+    d = tmp_path_factory.mktemp("ckpt")
+    (d / "docs.json").write_text(json.dumps({"docs": DOCS}))
+    (d / "qb_ckpt_local.yaml").write_text(YAML.format(data=json.dumps(str(d / "docs.json"))))
+    tok = AutoTokenizer.from_pretrained(ensure_default_model())
+    model = tiny_model("llama", vocab=len(tok))
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    tasks = load_tasks(TaskSettings(("qb_ckpt_local",), limit=4, batch_size=2, include_path=str(d)))
+    return d, model, tok, tasks
+
+
+@pytest.mark.skipif(find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_missing_is_one_line_from_the_cli(tmp_path):
+    res = subprocess.run([sys.executable, "-c", "from quantbench.cli import main; main()", "score", str(tmp_path)],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: vllm not installed: `pip install vllm` on a CUDA machine to "
+                                               "score checkpoints with lm-eval's vLLM backend, or use --backend hf"]
+
+
+def test_hf_backend_on_the_folder_equals_the_in_memory_model(setup):
+    d, model, tok, tasks = setup
+    folder = checkpoint.score_checkpoint(d / "model", tasks, backend="hf", dtype="float32")["qb_ckpt_local"]
+    mem = evaluate_tasks(model, tok, tasks, torch.device("cpu"))["qb_ckpt_local"]
+    assert folder["docs_acc"] == mem["docs_acc"] and folder["n"] == 4
+
+
+def test_not_a_checkpoint_folder_and_unknown_backend_are_one_line(setup, tmp_path):
+    tasks = setup[3]
+    with pytest.raises(QuantbenchError, match="is not a checkpoint folder \\(no config.json\\)"):
+        checkpoint.score_checkpoint(tmp_path, tasks, backend="hf")
+    with pytest.raises(QuantbenchError, match="unknown scoring backend 'trt' \\(choose: vllm, hf\\)"):
+        checkpoint.score_checkpoint(tmp_path, tasks, backend="trt")
