@@ -87,6 +87,49 @@ class RecommendConfig(_Strict):
     min_task_retention_pct: float | None = Field(None, gt=0, le=100)
 
 
+class PlacementConfig(_Strict):
+    """Where the weights live, through accelerate (docs/scale.md). device_map: 'auto' | 'balanced' |
+    'balanced_low_0' | 'sequential' | one device ('cpu', 'cuda:0') | {module name: device}, where a device
+    is 'cpu', 'disk', 'cuda[:N]' or a GPU index; max_memory: {device: bytes or '20GiB'} for the automatic
+    maps; offload_folder: where 'disk' entries are written. None: the whole model on `device`.
+    Placement does not change results, so it is not part of a run's fingerprint."""
+
+    device_map: str | dict[str, str | int] | None = None
+    max_memory: dict[str | int, str | int] | None = None
+    offload_folder: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PlacementConfig":
+        if self.max_memory is not None and not isinstance(self.device_map, str):
+            raise ValueError("max_memory needs device_map 'auto', 'balanced', 'balanced_low_0' or 'sequential'")
+        if isinstance(self.device_map, dict) and not self.device_map:
+            raise ValueError("device_map: an empty mapping places nothing")
+        return self
+
+    def load_kwargs(self) -> dict:
+        """The from_pretrained arguments (empty when no device map is set)."""
+        if self.device_map is None:
+            return {}
+        kw: dict = {"device_map": self.device_map}
+        if self.max_memory is not None:
+            kw["max_memory"] = dict(self.max_memory)
+        if self.offload_folder is not None:
+            kw["offload_folder"] = self.offload_folder
+        return kw
+
+
+class CalibrationConfig(_Strict):
+    """How statistics that need activations are collected: `parallel` hooks every linear and runs the
+    whole model per batch; `sequential` runs one decoder layer at a time on all calibration batches,
+    holding only that layer's inputs (quant/sequential.py). On the FP model both give the same
+    statistics, so the mode is not part of a run's fingerprint."""
+
+    mode: Literal["parallel", "sequential"] = "parallel"
+
+
+NOT_RESULTS = {"placement", "calibration"}  # settings that do not change a row (left out of the keys)
+
+
 class ExecutorConfig(_Strict):
     """Where the recipe cells run (docs: README "Sweeps on Ray"). `serial`: this process, one after
     another. `ray`: one Ray task per (model, recipe) cell, with these resources per task; the driver
@@ -155,6 +198,8 @@ class RunConfig(_Strict):
     recipes: tuple[Recipe, ...] = Field(default_factory=lambda: (resolve_recipe("fp"),))
     mixed: tuple[MixedConfig, ...] = ()  # census-guided mixed recipes, built and evaluated after `recipes`
     export: tuple[str, ...] = ()  # recipes to export after the sweep (quantbench/export): results/<run-id>/export/<name>/
+    placement: PlacementConfig = PlacementConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
 
     @field_validator("recipes", mode="before")
     @classmethod
@@ -200,7 +245,7 @@ class RunConfig(_Strict):
     def fingerprint(self) -> str:
         """Short hash of everything that changes results (not run_id/output_dir)."""
         d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend", "export",
-                                                                  "models", "executor"})
+                                                  "models", "executor", *NOT_RESULTS})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -21,6 +21,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     info: dict = field(default_factory=dict)
+    folder: Path | None = None  # the local HF folder the weights were read from (None: hub, GGUF)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -37,11 +38,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _stored(model: torch.nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """t, or for a tensor accelerate offloaded (meta), its stored value."""
+    if t.device.type != "meta":
+        return t
+    from .offload import offloaded_value
+
+    mod, _, attr = name.rpartition(".")
+    v = offloaded_value(model.get_submodule(mod) if mod else model, attr)
+    if v is None:
+        raise QuantbenchError(f"device_map: tensor {name} is on no device and in no offload store (the map "
+                              "must place every module)")
+    return v
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Content hash from every tensor's name, shape and a strided sample of its values."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        flat = t.detach().reshape(-1)
+        flat = _stored(model, name, t).detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
@@ -184,7 +199,28 @@ def _resolve(spec: str) -> _Source:
     return s
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedModel:
+def _check_map(model: torch.nn.Module, device_map) -> None:
+    """An explicit {module: device} map names modules of this model and places every parameter."""
+    if not isinstance(device_map, dict):
+        return
+    names = {n for n, _ in model.named_modules()}
+    unknown = [k for k in device_map if k not in names]
+    if unknown:
+        raise QuantbenchError(f"device_map: {unknown[0]!r} is not a module of this model (e.g. "
+                              f"{', '.join(n for n, _ in list(model.named_children())[:3])})")
+    for n, _ in model.named_parameters():
+        if not any(k == "" or n == k or n.startswith(k + ".") for k in device_map):
+            raise QuantbenchError(f"device_map: no entry places {n} (add its module or a parent, or '' for the rest)")
+
+
+def _map_error(e: BaseException, spec: str) -> QuantbenchError:
+    return QuantbenchError(f"cannot place model '{spec}' with this device_map: {_first(e)}")
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_implementation: str = "sdpa",
+               placement: dict | None = None) -> LoadedModel:
+    """placement: from_pretrained's device_map / max_memory / offload_folder (config `placement:`);
+    the model is then placed by accelerate instead of moved to `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .train import modeling as _quantbench_lm  # noqa: F401  registers model_type "quantbench_lm"
@@ -195,11 +231,16 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
     info: dict = {"spec": spec, **s.info}
     gguf = {"gguf_file": s.gguf_file} if s.gguf_file else {}
     pq, extra = prequant.before_load(spec, s.src, s.local / s.gguf_file if s.gguf_file else None)  # prequant.py
+    placed = dict(placement or {})
+    if placed:
+        extra = {**extra, **placed}
     try:
         tokenizer = AutoTokenizer.from_pretrained(s.src, **gguf)
         model = AutoModelForCausalLM.from_pretrained(s.src, dtype=tdtype, attn_implementation=attn_implementation,
                                                      **gguf, **extra)
     except Exception as e:  # noqa: BLE001 - hub failures, and local files the libraries cannot parse
+        if placed and isinstance(e, (ValueError, RuntimeError, KeyError, TypeError, AssertionError)):
+            raise _map_error(e, spec) from None
         if s.local is None and isinstance(e, (OSError, ValueError)):
             raise QuantbenchError(f"cannot load model '{spec}' from the Hugging Face hub ({_first(e)}); {OFFLINE_HINT}") from None
         if s.local is None:
@@ -210,10 +251,28 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
     prequant.after_load(model, pq, info)  # marks an already-quantized model; one line in info["caveat"] (prequant.py)
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
-    model.to(dev).eval()
+    if placed:
+        _check_map(model, placed["device_map"])
+        model.eval()
+        info["device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+    else:
+        model.to(dev).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     n_params = sum(p.numel() for p in model.parameters())
+    if placed:
+        dev = next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
     info.update(model_type=model.config.model_type, n_params=n_params, device=str(dev), dtype=str(tdtype),
                 fingerprint=model_fingerprint(model), n_layers=getattr(model.config, "num_hidden_layers", None))
-    return LoadedModel(model, tokenizer, info)
+    folder = s.local if s.local is not None else _hub_folder(spec, info.get("content_fingerprint"))
+    return LoadedModel(model, tokenizer, info, None if s.gguf_file else folder)
+
+
+def _hub_folder(repo: str, revision: str | None) -> Path | None:
+    """The local snapshot folder of a hub model that was just loaded (its safetensors files), or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached as a snapshot: the pristine weights are then cloned
+        return None

@@ -26,11 +26,14 @@ from .models import LoadedModel, load_model
 from .arch import arch_or_none
 from .census.quick import outlier_note
 from .log import log
+from .offload import onload, onloaded
+from .pristine import Pristine
 from .quant.apply import mitigate, quantize
 from .quant.apply import prepare as plan_recipe
 from .quant.calibration import Calibration
 from .quant.effects import Effects
 from .quant.plugin import BackendUnavailable, QuantContext
+from .quant.sequential import sequential_input_stats
 from .quant.size import measure_size
 from .report import finish_report
 from .report.tables import markdown, to_frame, write_tables
@@ -77,19 +80,21 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise ConfigError(f"config: tasks.include_path: no such folder: {inc}")
     corpus = load_corpus(cfg.corpus.name)  # cheap checks first: a bad corpus fails before the model loads
     t0 = time.perf_counter()
-    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    lm = load_model(cfg.model, cfg.device, cfg.dtype, placement=cfg.placement.load_kwargs())
     model, tok, device = lm.model, lm.tokenizer, next(lm.model.parameters()).device
     log(f"model: {lm.info['source']} ({lm.info['n_params'] / 1e6:.1f}M params, {lm.info['dtype']}, {device}) "
         f"loaded in {time.perf_counter() - t0:.1f}s")
     if lm.info.get("caveat"):
         log(f"note: {lm.info['caveat']}")
-    for r in cfg.recipes:  # every recipe checked before any work
-        plan_recipe(model, r)
+    with onloaded(model):  # the checks trace the model (offloaded weights made real for it)
+        for r in cfg.recipes:  # every recipe checked before any work
+            plan_recipe(model, r)
 
     e, c = cfg.eval, cfg.census
     windows = eval_windows(tok, corpus.eval_text, e.seq_len, e.effective_stride, e.max_windows, e.bos)
     calib_ids = calibration_batches(tok, corpus.calib_text, cfg.corpus.calib_samples, cfg.corpus.calib_seq_len, cfg.seed)
-    calib = Calibration(calib_ids, e.batch_size, device, base_key=lm.info["fingerprint"])
+    calib = Calibration(calib_ids, e.batch_size, device, base_key=lm.info["fingerprint"],
+                        collect=sequential_input_stats if cfg.calibration.mode == "sequential" else None)
     cb = calibration_batches(tok, corpus.eval_text, c.samples, c.seq_len, cfg.seed,
                              setting="census.seq_len", what="census") if c.enabled else None
     protocol = {**windows.protocol, "perplexity": "exp(mean token NLL over scored positions)",
@@ -259,7 +264,8 @@ def _resume(out: Path, store: fileio.RowStore, p: Prepared, cfg: RunConfig) -> d
 
 def _census(cfg: RunConfig, p: Prepared, out: Path) -> None:
     t1 = time.perf_counter()
-    census = run_census(p.lm.model, p.census_batches, p.lm.tokenizer, cfg.census, cfg.eval.batch_size)
+    with onloaded(p.lm.model):  # weight statistics need offloaded weights real (quantbench/offload.py)
+        census = run_census(p.lm.model, p.census_batches, p.lm.tokenizer, cfg.census, cfg.eval.batch_size)
     write_census(census, out, cfg.census.plots)
     s = census["summary"]
     log(f"census ({time.perf_counter() - t1:.1f}s): max |x| {s['max_abs']:.0f} ({s['max_ratio']:.0f}x median), "
@@ -319,6 +325,7 @@ class CellState:
         self.n_params = sum(t.numel() for t in p.lm.model.parameters())
         self.fp_eval, self.fp_extra = None, {}
         self.fp_notes: dict = {}
+        self.pristine: Pristine | None = None  # the loaded model's state, captured before the first quantized recipe
 
     def _reference(self) -> None:
         if self.fp_eval is not None:
@@ -342,7 +349,9 @@ class CellState:
                     "top1": 1.0, "eval_tok_s": round(fp_eval.tok_per_s, 1), "calib_s": 0.0,
                     "wall_s": round(fp_eval.seconds, 2), "n_tokens": fp_eval.n_tokens, "mitigations": "none",
                     "weight_bytes": size.bytes, **self.fp_extra}, None
-        env = RecipeEnv(self.p.calib, self.p.suite, fp_eval.ppl, self.n_params, {}, self.fp_notes)
+        if self.pristine is None:
+            self.pristine = capture_pristine(self.p.lm)
+        env = RecipeEnv(self.p.calib, self.p.suite, fp_eval.ppl, self.n_params, {}, self.fp_notes, self.pristine)
         row = _run_recipe(model, recipe, env)
         return row, env.plans.get(recipe.name)
 
@@ -384,6 +393,17 @@ class RecipeEnv:
     n_params: int
     plans: dict  # recipe name -> its plan record (plans/<name>.json, written by the driver)
     fp_notes: dict
+    pristine: Pristine | None = None  # None: each recipe works on a deep copy of the model
+
+
+def capture_pristine(lm: LoadedModel) -> Pristine | None:
+    """The loaded model's state, kept once: recipes quantize the model in place and it is restored after
+    each (quantbench/pristine.py); values stored in the model's safetensors files are read back from them."""
+    t0 = time.perf_counter()
+    pr = Pristine(lm.model, lm.folder)
+    log(f"pristine state kept ({pr.file_bytes / 2**20:.0f} MB read back from the model files, "
+        f"{pr.clone_bytes / 2**20:.0f} MB cloned) in {time.perf_counter() - t0:.1f}s")
+    return pr
 
 
 def _outliers(model, env: RecipeEnv, plan, key: str) -> dict:
@@ -400,12 +420,16 @@ def _outliers(model, env: RecipeEnv, plan, key: str) -> dict:
 
 
 def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
+    """One recipe's row. With env.pristine the recipe is applied to `model` itself and the model is
+    restored afterwards (even on error); without, to a deep copy (the reference path of the tests)."""
     row = {"recipe": recipe.name, "mode": recipe.backend, "w_bits": recipe.weights.bits if recipe.weights else None,
            "a_bits": recipe.activations.bits if recipe.activations else None,
            "mitigations": "+".join(m.name for m in recipe.mitigations) or "none", "quantbench": __version__}
     t0, ledger0 = time.perf_counter(), len(env.calib.ledger)
     try:
-        qmodel = copy.deepcopy(model)
+        qmodel = model if env.pristine is not None else copy.deepcopy(model)
+        if env.pristine is not None:
+            onload(qmodel)  # offloaded modules (device_map 'disk') made real for the recipe; restore() undoes it
         plan = plan_recipe(qmodel, recipe)
         ctx = QuantContext(plan=plan, calib=env.calib, arch=arch_or_none(qmodel))
         notes: dict = {}
@@ -426,6 +450,8 @@ def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
     except BackendUnavailable as err:
         return {**row, "status": f"skipped: {err}", "wall_s": round(time.perf_counter() - t0, 2)}
     finally:
+        if env.pristine is not None:
+            env.pristine.restore()  # the next recipe starts from the loaded model again
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     env.plans[recipe.name] = {**plan.to_json(), "bits": {

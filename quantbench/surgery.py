@@ -7,6 +7,8 @@ code sees [out, in] ("Linear layout") everywhere.
 from __future__ import annotations
 
 import fnmatch
+import weakref
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -74,9 +76,27 @@ def as_linear(module: nn.Module) -> nn.Linear:
     return lin
 
 
+_ON_REPLACE: "weakref.WeakKeyDictionary[nn.Module, Callable[[nn.Module, nn.Module], None]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def on_replace(model: nn.Module, fn: Callable[[nn.Module, nn.Module], None] | None) -> None:
+    """fn(model, old) is called after replace_module takes `old` out of `model` (None: no callback).
+    quantbench.pristine uses it to free the storage of replaced weights it can read back."""
+    if fn is None:
+        _ON_REPLACE.pop(model, None)
+    else:
+        _ON_REPLACE[model] = fn
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child, None)
+    setattr(owner, child, new)
+    fn = _ON_REPLACE.get(model)
+    if fn is not None and isinstance(old, nn.Module) and old is not new:
+        fn(model, old)
 
 
 def attach_online(mod: nn.Module, transform: nn.Module) -> None:
@@ -111,9 +131,22 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def no_cache(model: nn.Module) -> dict:
+    """{'use_cache': False} when the model's forward takes it: a pass that needs no KV cache then does not
+    keep one for every layer (memory growing with depth); {} for forwards that do not know the keyword."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}
+
+
 @torch.no_grad()
 def run_batches(model: nn.Module, batches: torch.Tensor, batch_size: int, device: torch.device | None = None) -> None:
     """Forward every batch of token ids [N, T] through the model (outputs discarded)."""
     dev = device or model_device(model)
     for i in range(0, len(batches), batch_size):
-        model(input_ids=batches[i: i + batch_size].to(dev))
+        model(input_ids=batches[i: i + batch_size].to(dev), **no_cache(model))

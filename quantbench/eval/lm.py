@@ -37,6 +37,7 @@ import torch
 
 from ..data import Windows
 from ..errors import QuantbenchError
+from ..surgery import no_cache
 
 DEFAULT_BLOCK = 128  # scored tokens per bootstrap unit (eval.ci_block)
 _CHUNK = 128  # positions per KL chunk: bounds the transient memory to a few [128, V] fp32 buffers
@@ -215,7 +216,7 @@ def evaluate_lm(model: torch.nn.Module, windows: Windows, batch_size: int, devic
     row, t0 = 0, time.perf_counter()
     for i in range(0, len(ids_all), batch_size):
         ids = ids_all[i: i + batch_size].to(device)
-        logits = model(input_ids=ids).logits  # [B, T, V]; position j predicts ids[:, j + 1]
+        logits = model(input_ids=ids, **no_cache(model)).logits  # [B, T, V]; position j predicts ids[:, j + 1]
         if keep_reference and store is None:
             n_rows = sum(t_len - 1 - s for s in starts)
             store = FPReference(n_rows, logits.shape[-1], spill_dir)

@@ -57,6 +57,9 @@ class Calibration:
     base_key: str = ""  # e.g. the FP model's fingerprint; prefixed to every upstream key
     cache: dict[Any, Any] = field(default_factory=dict)
     ledger: list[tuple[str, float, bool]] = field(default_factory=list)
+    # how input statistics are collected: collect_input_stats (every linear hooked, the whole model per
+    # batch) or quant.sequential.sequential_input_stats (one decoder layer at a time; config calibration.mode)
+    collect: Callable[..., dict[str, "InputStats"]] | None = None
 
     def __post_init__(self) -> None:
         self.data_key = tensor_key(self.batches)
@@ -79,8 +82,8 @@ class Calibration:
     def input_stats(self, model: nn.Module, mods: dict[str, nn.Module], upstream: str,
                     req: StatsRequest = StatsRequest()) -> dict[str, InputStats]:
         key = ("inputs", upstream, tuple(sorted(mods)), req)
-        return self.memo(key, lambda: collect_input_stats(model, mods, self.subset(req.samples), self.batch_size,
-                                                          self.device, req),
+        collect = self.collect or collect_input_stats
+        return self.memo(key, lambda: collect(model, mods, self.subset(req.samples), self.batch_size, self.device, req),
                          f"input stats ({len(mods)} linears{', Hessians' if req.gram else ''})")
 
     def seconds(self, since: int = 0) -> tuple[float, float]:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..arch import arch_of
+from ..arch import arch_of, get_module
 from ..errors import QuantbenchError, UnsupportedArchitecture
 from ..hooks import first_tensor
 from .calibration import InputStats, StatsRequest, collect_input_stats
@@ -157,3 +157,41 @@ def run_sequential(model: nn.Module, batches: torch.Tensor, batch_size: int, dev
         for b in range(len(inputs.hidden)):  # replace batch by batch: one layer's inputs held, plus one batch
             inputs.hidden[b] = first_tensor(layer(inputs.hidden[b], *args[b], **kwargs[b]))
     return inputs.hidden if keep_last else None
+
+
+@torch.no_grad()
+def sequential_input_stats(model: nn.Module, mods: dict[str, nn.Module], batches: torch.Tensor, batch_size: int,
+                           device: torch.device, req: StatsRequest) -> dict[str, InputStats]:
+    """collect_input_stats, one decoder layer at a time (config `calibration.mode: sequential`): each
+    layer runs on all batches of its inputs with hooks on its own linears, and only one layer's inputs
+    are held. On a model no earlier statistic changed, the statistics equal the all-at-once ones (the
+    same per-batch computations, accumulated in the same order). The output head's input is the final
+    norm of the last layer's outputs; any other module outside the decoder layers is collected by a
+    whole-model pass."""
+    _, layers = decoder_layers(model)
+    owner = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    per_layer: dict[int, dict[str, nn.Module]] = {}
+    rest: dict[str, nn.Module] = {}
+    for name, mod in mods.items():
+        i = owner.get(id(mod))
+        (per_layer.setdefault(i, {}) if i is not None else rest)[name] = mod
+    out: dict[str, InputStats] = {}
+
+    def on_layer(step: LayerStep) -> None:
+        if step.index in per_layer:
+            out.update(step.input_stats(per_layer[step.index], req))
+
+    arch = arch_of(model)
+    head = get_module(model, arch.lm_head) if arch.lm_head else None
+    norm = get_module(model, arch.final_norm) if arch.final_norm else None
+    head_only = bool(rest) and head is not None and norm is not None and all(m is head for m in rest.values())
+    hidden = run_sequential(model, batches, batch_size, device, on_layer, keep_last=head_only)
+    if head_only:
+        def forward() -> None:
+            for h in hidden:
+                head(norm(h))
+
+        out.update(collect_input_stats(model, rest, batches, batch_size, device, req, forward=forward))
+    elif rest:
+        out.update(collect_input_stats(model, rest, batches, batch_size, device, req))
+    return out
