@@ -150,6 +150,7 @@ def test_unfused_experts_match_transformers_fused_module(family):
     else:  # [E, D, 2I] with interleaved gate/up, biases, clamped SwiGLU
         cfg = tf.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
         fused = tf.models.gpt_oss.modeling_gpt_oss.GptOssExperts(cfg)
+    torch.manual_seed(0)  # outputs of order 10 here: float32 summation order alone moves them ~1e-6
     for p in fused.parameters():
         torch.nn.init.normal_(p, std=0.5)
     holder = torch.nn.Module()
@@ -161,7 +162,7 @@ def test_unfused_experts_match_transformers_fused_module(family):
     x = torch.randn(10, 64, generator=g)
     idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(10)])  # [10, 2]
     w = torch.rand(10, 2, generator=g)
-    torch.testing.assert_close(holder.experts(x, idx, w), ref_mod(x, idx, w), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(holder.experts(x, idx, w), ref_mod(x, idx, w), rtol=1e-5, atol=1e-5)
     assert all(isinstance(e.gate_proj, torch.nn.Linear) for e in holder.experts)
 
 
