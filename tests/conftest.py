@@ -83,3 +83,45 @@ def wiki():
     from quantbench.data import load_corpus
 
     return load_corpus("wiki")
+
+
+def save_tiny_llama(d, seed: int = 0):
+    """A tiny random 2-layer Llama saved as an HF folder at `d` with the real default tokenizer."""
+    import transformers as tf
+
+    from quantbench import assets
+
+    tok = tf.AutoTokenizer.from_pretrained(assets.ensure_default_model())
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+LOCAL_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  field: docs
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_local_task(d, name: str, docs: list[dict]) -> None:
+    """An lm-eval multiple-choice task `name` over `docs` (question, choices, label) in folder `d`."""
+    import json
+
+    (d / "docs.json").write_text(json.dumps({"docs": docs}))
+    (d / f"{name}.yaml").write_text(LOCAL_TASK_YAML.format(name=name, data=json.dumps(str(d / "docs.json"))))

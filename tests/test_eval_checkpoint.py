@@ -1,6 +1,5 @@
 """Scoring a checkpoint folder at scale: lm-eval's vLLM backend when vllm is importable (a one-line
 message otherwise), HFLM on the folder otherwise."""
-import json
 import os
 import subprocess
 import sys
@@ -9,27 +8,13 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, write_local_task
 from quantbench.errors import QuantbenchError
 from quantbench.eval import checkpoint
 from quantbench.eval.downstream import TaskSettings, evaluate_tasks, load_tasks
 
 DOCS = [{"question": f"Q: is {a} plus {b} equal to {a + b}?\nA:", "choices": ["yes", "no"], "label": i % 2}
         for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8)])]
-YAML = """task: qb_ckpt_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  field: docs
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-"""
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +24,7 @@ def setup(tmp_path_factory):
     from quantbench.assets import ensure_default_model
 
     d = tmp_path_factory.mktemp("ckpt")
-    (d / "docs.json").write_text(json.dumps({"docs": DOCS}))
-    (d / "qb_ckpt_local.yaml").write_text(YAML.format(data=json.dumps(str(d / "docs.json"))))
+    write_local_task(d, "qb_ckpt_local", DOCS)
     tok = AutoTokenizer.from_pretrained(ensure_default_model())
     model = tiny_model("llama", vocab=len(tok))
     model.save_pretrained(d / "model")

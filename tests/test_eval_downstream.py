@@ -7,29 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, write_local_task
 from quantbench.errors import QuantbenchError
 from quantbench.eval.downstream import TaskSettings, evaluate_tasks, load_tasks, task_columns
 from quantbench.taskpack import BIGBENCH_TASKS, PACK_TASKS, convert_bigbench, convert_mmlu, pack_dir
 
 DOCS = [{"question": f"Q: is {a} plus {b} equal to {a + b}?\nA:", "choices": ["yes", "no", "maybe"], "label": i % 3}
         for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1)])]
-YAML = """task: qb_test_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  field: docs
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +28,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def local_task(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tasks")
-    (d / "docs.json").write_text(json.dumps({"docs": DOCS}))
-    (d / "qb_test_local.yaml").write_text(YAML.format(data=json.dumps(str(d / "docs.json"))))
+    write_local_task(d, "qb_test_local", DOCS)
     return d
 
 

@@ -25,7 +25,7 @@ from quantbench.quant.apply import apply_recipe
 from quantbench.quant.calibration import Calibration
 from quantbench.quant.recipes import PRESETS, resolve_recipe
 
-from conftest import tiny_model
+from conftest import tiny_model, save_tiny_llama
 
 PLANTED = "model.layers.0.mlp.down_proj"
 REPO = Path(__file__).resolve().parents[1]
@@ -173,18 +173,9 @@ def test_recommend_mixed_from_a_run_dir(planted, tmp_path):
 
 def test_pipeline_evaluates_the_mixed_recipe_as_a_row(tmp_path):
     """A `mixed:` entry becomes a row after the uniform ones, within its budget, with its plan explained."""
-    import transformers as tf
+    from quantbench import pipeline
 
-    from quantbench import assets, pipeline
-
-    tok = tf.AutoTokenizer.from_pretrained(assets.ensure_default_model())
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    d = tmp_path / "tiny"
-    tf.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
+    d = save_tiny_llama(tmp_path / "tiny")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"the model reads sentence {i} . then another one , and {i * 7} follows"
                                   for i in range(400)))

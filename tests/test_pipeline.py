@@ -9,23 +9,13 @@ from quantbench.config import parse_config
 from quantbench.errors import QuantbenchError
 from quantbench.models import load_model
 
+from conftest import save_tiny_llama
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama saved as an HF folder with the real default tokenizer."""
-    import transformers as tf
-
-    from quantbench import assets
-
-    tok = tf.AutoTokenizer.from_pretrained(assets.ensure_default_model())
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    d = tmp_path_factory.mktemp("tiny")
-    tf.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
