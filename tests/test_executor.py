@@ -8,7 +8,8 @@ import sys
 
 import pytest
 import ray  # a declared dependency: imported, never skipped
-import torch
+
+from conftest import save_tiny_llama
 
 from quantbench import pipeline
 from quantbench.config import parse_config
@@ -25,25 +26,12 @@ def _cost(column: str) -> bool:
     return column in COSTS or column.endswith("_s")
 
 
-def _save_tiny(d, seed):
-    """A tiny random Llama saved as an HF folder with the real default tokenizer."""
-    import transformers as tf
 
-    from quantbench import assets
-
-    tok = tf.AutoTokenizer.from_pretrained(assets.ensure_default_model())
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    tf.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return _save_tiny(tmp_path_factory.mktemp("tiny"), 0)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), 0)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +73,7 @@ def _same_rows(a: dict, b: dict) -> None:
 
 def test_ray_two_workers_equal_serial_rows_exactly(tiny_dir, corpus, tmp_path, local_ray):
     """Two checkpoints x four recipes: one run directory per checkpoint, the same rows either way."""
-    other = _save_tiny(tmp_path / "other", 1)
+    other = save_tiny_llama(tmp_path / "other", 1)
     sweep = {"models": [str(tiny_dir), str(other)]}
     serial = pipeline.run(parse_config({**_dump(_cfg(tiny_dir, corpus, tmp_path / "s")), **sweep}))
     remote = pipeline.run(parse_config({**_dump(_cfg(tiny_dir, corpus, tmp_path / "r", executor="ray")), **sweep}))

@@ -15,7 +15,8 @@ from quantbench.report.compare import compare
 from quantbench.report.html import write_html
 from quantbench.report.plots import pareto_front
 from quantbench.report.tables import to_frame
-from test_eval_downstream import DOCS, YAML
+from conftest import write_local_task
+from test_eval_downstream import DOCS
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,7 @@ def tiny_run(tmp_path_factory) -> Path:
     tiny_model("llama", vocab=len(tok), attn_implementation="sdpa").save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     (root / "tasks").mkdir()
-    (root / "tasks" / "docs.json").write_text(json.dumps({"docs": DOCS}))
-    (root / "tasks" / "qb_test_local.yaml").write_text(YAML.format(data=json.dumps(str(root / "tasks" / "docs.json"))))
+    write_local_task(root / "tasks", "qb_test_local", DOCS)
     cfg = parse_config({
         "model": str(root / "model"), "output_dir": str(root / "results"), "run_id": "tiny",
         "corpus": {"name": "wiki", "calib_samples": 2, "calib_seq_len": 32},
