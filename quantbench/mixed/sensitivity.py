@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..arch import arch_or_none
 from ..errors import QuantbenchError
+from ..hooks import forward_hooks
 from ..quant.apply import mitigate, prepare
 from ..quant.calibration import Calibration, StatsRequest
 from ..quant.effects import Effects
@@ -94,7 +95,6 @@ def _capture(model: nn.Module, mods: dict[str, nn.Module]):
     xs: dict[str, torch.Tensor] = {}
     gs: dict[str, torch.Tensor] = {}
     flags = {p: p.requires_grad for p in model.parameters()}
-    handles = []
 
     def fwd(name):
         def hook(_m, args, out):
@@ -103,15 +103,14 @@ def _capture(model: nn.Module, mods: dict[str, nn.Module]):
                 out.register_hook(lambda g: gs.__setitem__(name, g.detach().reshape(-1, g.shape[-1])))  # [T, out]
         return hook
 
+    pairs = [(model.get_input_embeddings(), lambda _m, _a, o: o.requires_grad_(True))]
+    pairs += [(m, fwd(n)) for n, m in mods.items()]
     try:
         for p in flags:
             p.requires_grad_(False)
-        handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, o: o.requires_grad_(True)))
-        handles += [m.register_forward_hook(fwd(n)) for n, m in mods.items()]
-        yield xs, gs
+        with forward_hooks(pairs):
+            yield xs, gs
     finally:
-        for h in handles:
-            h.remove()
         for p, f in flags.items():
             p.requires_grad_(f)
 
