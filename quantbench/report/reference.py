@@ -77,13 +77,13 @@ COLUMNS: dict[str, tuple[str, Callable]] = {
     "recipe": ("recipe", lambda r: str(r["recipe"])),
     "mitigations": ("mitigations", lambda r: str(r.get("mitigations") or "none")),
     "status": ("status", lambda r: str(r.get("status"))),
-    "bits": ("bits/weight", lambda r: f"{_num(r.get('bits_per_weight')):.2f}" if _num(r.get("bits_per_weight")) else "—"),
-    "ppl": ("ppl", lambda r: f"{_num(r.get('ppl')):.2f}" if _num(r.get("ppl")) else "—"),
+    "bits": ("bits/weight", lambda r: _fmt(r.get("bits_per_weight") or None, ".2f")),  # 0: not measured
+    "ppl": ("ppl", lambda r: _fmt(r.get("ppl") or None, ".2f")),
     "dppl": ("Δppl % [95% CI]", lambda r: _interval(r, "delta_ppl_pct", ".1f", sign=True, bounds="delta_ppl")),
     "kl": ("KL [95% CI]", lambda r: _interval(r, "kl", ".3f")),
-    "top1": ("top-1", lambda r: f"{_num(r.get('top1')):.3f}" if _num(r.get("top1")) is not None else "—"),
-    "acc": ("task acc", lambda r: f"{_num(r.get('task_acc_mean')):.2f}" if _num(r.get("task_acc_mean")) is not None else "—"),
-    "tok_s": ("eval tok/s", lambda r: f"{_num(r.get('eval_tok_s')):.0f}" if _num(r.get("eval_tok_s")) else "—"),
+    "top1": ("top-1", lambda r: _fmt(r.get("top1"), ".3f")),
+    "acc": ("task acc", lambda r: _fmt(r.get("task_acc_mean"), ".2f")),
+    "tok_s": ("eval tok/s", lambda r: _fmt(r.get("eval_tok_s") or None, ".0f")),
     # exports (quantbench/export): what was written and what its reload gave
     "format": ("format", lambda r: _text(r.get("export_format"))),
     "verified": ("export_verified", lambda r: _text(r.get("export_verified")).lower()),
