@@ -69,7 +69,8 @@ def run_inputs(cfg, model_info: dict, corpus_fingerprint: dict) -> dict:
     settings = cfg.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend", "recipes", "model",
                                                     "threads", "device", "census", "export",
                                                     "models", "executor",  # executor: same rows anywhere
-                                                    "placement", "calibration"})  # placement: same rows too
+                                                    "placement", "calibration",  # placement: same rows too
+                                                    "mixed"})  # a mixed row is keyed by its searched recipe
     settings["corpus"].pop("name", None)  # the content is keyed, not the name
     return {"model": {"content": model_info.get("content_fingerprint"), "tensors": model_info.get("fingerprint"),
                       "dtype": model_info.get("dtype")},

@@ -202,3 +202,26 @@ def test_pipeline_evaluates_the_mixed_recipe_as_a_row(tmp_path):
     g = json.loads((out / "mixed" / "sensitivity-w4a16-g64-gptq.json").read_text())["sensitivity"]
     assert g["score"] == b["score"] and g["base"] == "w4a16-g64-gptq"
     assert rows["mixed-w4a16-g64-gptq-b+0.05"]["status"] == "ok"
+
+
+def test_adding_a_mixed_entry_keeps_the_uniform_rows(tmp_path):
+    """The `mixed:` list is not an input of the uniform rows: adding an entry to a finished run resumes
+    it (uniform and earlier mixed rows kept as they were, nothing moved to rows.stale.jsonl)."""
+    from quantbench import pipeline
+
+    d = save_tiny_llama(tmp_path / "tiny")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"one more line {i} , with words and {i * 3} numbers ." for i in range(400)))
+    base = {"model": str(d), "output_dir": str(tmp_path / "out"), "run_id": "t",
+            "corpus": {"name": str(corpus), "calib_samples": 2, "calib_seq_len": 32},
+            "eval": {"seq_len": 64, "max_windows": 2, "batch_size": 2}, "census": {"enabled": False},
+            "recipes": ["fp", "w4a16-g64"],
+            "mixed": [{"base": "w4a16-g64", "budget_over_base": 0.05, "samples": 1}]}
+    out = pipeline.run(parse_config(base))
+    first = (out / "rows.jsonl").read_text().splitlines()
+    more = {**base, "mixed": [*base["mixed"], {"base": "w4a16-g64", "budget_over_base": 0.1, "samples": 1}]}
+    assert pipeline.run(parse_config(more)) == out
+    lines = (out / "rows.jsonl").read_text().splitlines()
+    assert lines[:len(first)] == first  # the earlier rows were kept, not rewritten
+    assert [json.loads(x)["recipe"] for x in lines[len(first):]] == ["mixed-w4a16-g64-b+0.1"]
+    assert not (out / "rows.stale.jsonl").exists()
