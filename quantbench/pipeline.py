@@ -27,6 +27,7 @@ from .arch import arch_or_none
 from .census.quick import outlier_note
 from .log import log
 from .offload import onload, onloaded
+from .memory import return_freed_memory
 from .pristine import Pristine
 from .quant.apply import mitigate, quantize
 from .quant.apply import prepare as plan_recipe
@@ -367,6 +368,7 @@ def worker_cell(cfg_json: dict, recipe: str, inputs: dict) -> tuple[dict, dict |
     key = cfg.fingerprint()  # everything that changes results (not the output folder)
     if key not in _WORKER:
         _WORKER.clear()  # one checkpoint's weights per worker
+        return_freed_memory()  # freed tensors go back to the system (quantbench/memory.py)
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(cfg.threads or max(1, int(cfg.executor.num_cpus)))
         p = prepare(cfg)

@@ -12,7 +12,7 @@ ROOT = Path(quantbench.__file__).parent
 # layer of each module or subpackage, by longest dotted prefix under quantbench (lower = lower layer)
 LAYERS = {
     "errors": 0, "log": 0, "registry": 0, "surgery": 0, "hooks": 0, "__init__": 0,
-    "pristine": 0, "offload": 0,
+    "pristine": 0, "offload": 0, "memory": 0,
     "fileio": 0, "stats": 0,
     "arch": 1, "models": 1, "assets": 1, "taskpack": 1, "offline": 1, "data": 1, "config": 1, "manifest": 1,
     "topology": 1, "prequant": 1, "archspec": 1, "trace": 1, "pairs": 1, "moe": 1, "families": 1,

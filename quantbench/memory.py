@@ -1,0 +1,95 @@
+"""Resident memory on Linux/glibc: freed tensors go back to the system, and weights that
+transformers memory-mapped from safetensors files become ordinary process memory.
+
+Two things kept the default run's peak resident set far above its weights (docs/scale.md):
+- glibc's dynamic mmap threshold: after the first large tensor is freed, tensors of a few MiB are
+  served from the heap, and freed ones stay resident there. `return_freed_memory()` fixes the
+  threshold at 128 KiB (what `MALLOC_MMAP_THRESHOLD_=131072` in the environment does), so every
+  tensor above it is its own mapping, returned to the system when freed.
+- transformers maps safetensors files into memory and the parameters point into the mapping. When a
+  recipe replaced a linear, its weight was released, but the mapped file pages stayed resident
+  until every tensor of the file was gone, and restore read fresh copies beside them: the weights
+  counted twice. `own_mapped_weights(model)` copies every file-mapped CPU tensor into process memory
+  right after loading, one tensor at a time, and drops the mapped pages of each (madvise
+  MADV_DONTNEED; on a private file mapping they read back as the file's bytes if touched again), so
+  the peak while doing so is the weights plus one tensor.
+
+Both are no-ops where the C library or /proc is not Linux/glibc.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+_MADV_DONTNEED = 4
+_THRESHOLD = 128 * 1024
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap threshold at 128 KiB for this process (True when set)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD))
+
+
+def mapped_files(suffix: str = ".safetensors") -> list[tuple[int, int]]:
+    """[start, end) address ranges of this process's mappings of files ending in `suffix`."""
+    out = []
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(suffix):
+            a, b = parts[0].split("-")
+            out.append((int(a, 16), int(b, 16)))
+    return out
+
+
+def _drop_pages(libc, start: int, nbytes: int) -> None:
+    page = mmap.PAGESIZE
+    a, b = -(-start // page) * page, (start + nbytes) // page * page  # whole pages inside the tensor
+    if b > a:
+        libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)
+
+
+@torch.no_grad()
+def own_mapped_weights(model: nn.Module) -> int:
+    """Copy the model's CPU parameters and buffers that point into a memory-mapped safetensors file
+    into process memory, dropping the mapped pages tensor by tensor. Returns the bytes copied."""
+    ranges = mapped_files()
+    libc = _libc() if ranges else None
+    if libc is None or not hasattr(libc, "madvise"):
+        return 0
+    copied, done = 0, set()
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for t in store.values():
+                if t is None or t.device.type != "cpu" or id(t) in done or not t.numel():
+                    continue
+                done.add(id(t))
+                p, n = t.data_ptr(), t.numel() * t.element_size()
+                if not any(a <= p and p + n <= b for a, b in ranges):
+                    continue
+                t.data = t.data.clone()
+                _drop_pages(libc, p, n)
+                copied += n
+    return copied
+
+
+__all__ = ["own_mapped_weights", "return_freed_memory", "mapped_files"]
