@@ -75,3 +75,20 @@ def test_quarot_gptq_hessians_see_the_rotated_inputs(tokens):
     w = rotated.get_submodule(name).weight.detach()
     e = [float((x @ (q.get_submodule(name).weight.detach() - w).T).pow(2).sum()) for q in (qr, qg)]
     assert e[1] < e[0]
+
+
+def test_rotate_o_online_keeps_the_function_and_rotates_o_inputs(tokens):
+    m = tiny_model("llama")
+    with torch.no_grad():
+        ref = m(input_ids=tokens).logits
+    r = Recipe(name="rot-o", mitigations=(MitigationSpec(name="rotate", options={"o_online": True}),))
+    q, applied = apply_recipe(copy.deepcopy(m), r, tokens, CPU)
+    with torch.no_grad():
+        out = q(input_ids=tokens).logits
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    names = set(applied.effects.online)
+    assert {"model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"} <= names and len(names) == 4
+    # o_proj now reads x H: what its input quantizer sees is the attention output times an orthogonal H
+    o = q.model.layers[0].self_attn.o_proj
+    h = o.input_transform.matrix().float()
+    assert torch.allclose(h @ h.T, torch.eye(h.shape[0]), atol=1e-5)
