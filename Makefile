@@ -38,6 +38,7 @@ results: install
 	$(VENV)/bin/quantbench run --config configs/mitigations.yaml --out results/reference --run-id mitigations
 	$(VENV)/bin/quantbench run --config configs/export.yaml --out results/reference --run-id export
 	$(VENV)/bin/quantbench run --config configs/mixed.yaml --out results/reference --run-id mixed
+	$(VENV)/bin/quantbench run --config configs/pushed.yaml --out results/reference --run-id pushed
 	$(VENV)/bin/quantbench tables
 
 clean-venv:

@@ -11,8 +11,16 @@ backend then quantizes W s by round-to-nearest, which is exactly the Q(W s) that
 alpha = 0 is plain RTN, so the chosen scales are never worse than RTN on this objective. Under GQA
 the v -> o scales are shared per kv head (mean |X| averaged over the query heads of a group).
 
+Block outputs (option `block: true`, as llm-awq's `module2inspect=mlp`): the norm -> gate/up pairs are
+searched on the error of the whole MLP's output, err(alpha) = ||MLP_q(X) - MLP(X)||^2 with gate and up
+fake-quantized (Q(W s)/s) and down left as it is, so the search sees what the gate's and up's rounding
+does after the activation and the product. q/k/v stay per linear (llm-awq inspects the attention
+block there; that needs the layer's position embeddings and masks), as do up -> down and v -> o (a
+single linear, as in llm-awq). Pairs whose targets do not share one parent module (MoE, parallel
+blocks) fall back to the per-linear error.
+
 Options: grid (default 0.0, 0.1, ..., 0.9), pairs (default qkv, up, down, o), search_tokens (512),
-calib_samples (8).
+calib_samples (8), block (false).
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from ...surgery import get_weight
+from ...surgery import get_weight, set_weight
 from ..calibration import StatsRequest
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
@@ -52,12 +60,49 @@ def pair_error(pair: Pair, x: torch.Tensor, s: torch.Tensor, specs: dict[str, Qu
 
 
 @torch.no_grad()
+def block_error(pair: Pair, block: nn.Module, x: torch.Tensor, ref: torch.Tensor, s: torch.Tensor,
+                specs: dict[str, QuantSpec | None]) -> float:
+    """||block(X) - ref||^2 with every target's weight replaced by Q(W s)/s for the call (then restored)."""
+    st = pair.expand(s)[None, :]  # [1, in]
+    saved = []
+    try:
+        for name, mod in pair.targets:
+            spec = specs.get(name)
+            if spec is None:
+                continue
+            w = get_weight(mod)
+            saved.append((mod, w))
+            set_weight(mod, fake_quant(w * st, spec) / st)
+        return float((block(x) - ref).pow(2).sum())
+    finally:
+        for mod, w in saved:
+            set_weight(mod, w)
+
+
+def block_of(pair: Pair, model: nn.Module) -> nn.Module | None:
+    """The module whose output the pair's block error is measured on: the targets' common parent, for
+    norm -> gate/up pairs of a plain MLP (None otherwise)."""
+    parents = {name.rpartition(".")[0] for name, _ in pair.targets}
+    if pair.kind != "up" or len(parents) != 1:
+        return None
+    parent = model.get_submodule(parents.pop())
+    names = {n for n, _ in parent.named_children()}
+    return parent if len(names & {"down_proj", "c_proj", "fc2", "w2"}) == 1 and "experts" not in names else None
+
+
+@torch.no_grad()
 def search_pair(pair: Pair, x: torch.Tensor, absmean: torch.Tensor, specs: dict[str, QuantSpec | None] | QuantSpec,
-                grid: tuple[float, ...]) -> tuple[float, float, float]:
-    """-> (best alpha, its error, RTN error). specs: per target name, or one spec for all targets."""
+                grid: tuple[float, ...], block: nn.Module | None = None) -> tuple[float, float, float]:
+    """-> (best alpha, its error, RTN error). specs: per target name, or one spec for all targets.
+    block: measure the error on this module's output instead of the targets' (see the module doc)."""
     if isinstance(specs, QuantSpec):
         specs = {name: specs for name, _ in pair.targets}
-    errs = {a: pair_error(pair, x, awq_scales(absmean, a), specs) for a in sorted(set(grid) | {0.0})}
+    if block is not None:
+        ref = block(x)
+        err = lambda a: block_error(pair, block, x, ref, awq_scales(absmean, a), specs)  # noqa: E731
+    else:
+        err = lambda a: pair_error(pair, x, awq_scales(absmean, a), specs)  # noqa: E731
+    errs = {a: err(a) for a in sorted(set(grid) | {0.0})}
     best = min(errs, key=errs.get)
     return best, errs[best], errs[0.0]
 
@@ -79,6 +124,7 @@ class AWQ(Mitigation):
         pairs: tuple[Literal["qkv", "up", "down", "o"], ...] = ("qkv", "up", "down", "o")
         search_tokens: int = Field(512, ge=8)
         calib_samples: int = Field(8, ge=1)
+        block: bool = False
 
     def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> Stats:
         pairs = find_pairs(model, ctx.arch, opts.pairs)
@@ -91,11 +137,14 @@ class AWQ(Mitigation):
     @torch.no_grad()
     def apply(self, model: nn.Module, stats: Stats, ctx: QuantContext, opts: Options) -> Effects:
         specs = {n: lp.weights for n, lp in ctx.plan.linears.items()}
-        alphas, err, err0 = [], 0.0, 0.0
+        alphas, err, err0, blocks = [], 0.0, 0.0, 0
         for p in stats.pairs:
-            a, e, e0 = search_pair(p, stats.x[p.key], stats.absmean[p.key], specs, opts.grid)
+            blk = block_of(p, model) if opts.block else None
+            blocks += blk is not None
+            a, e, e0 = search_pair(p, stats.x[p.key], stats.absmean[p.key], specs, opts.grid, blk)
             p.fold(awq_scales(stats.absmean[p.key], a))
             alphas.append(a)
             err, err0 = err + e, err0 + e0
         return Effects(notes={"awq_alpha_mean": round(sum(alphas) / max(len(alphas), 1), 3),
+                              **({"awq_block_pairs": blocks} if opts.block else {}),
                               "awq_err_vs_rtn": round(err / max(err0, 1e-30), 4)})

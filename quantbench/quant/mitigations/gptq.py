@@ -50,8 +50,16 @@ The result is a QTensor (codes, scales, zero points) declared as final in the Ef
 rounds it again (re-running RTN on GPTQ output would pick a different scale whenever an extreme
 column value was moved by the updates); the dequantized weight is written back too.
 
+Scale search (option `mse`, default false): the reference Quantizer's `mse=True` (QuaRot's `w_clip`):
+every scale GPTQ fits (per group when the group starts, per channel, or up front) shrinks the block's
+range by the p in {1, 0.99, ..., 0.21} minimising sum |Q(w) - w|^2.4 over the block. Unlike `clip`
+before `gptq` (which clamps W, so GPTQ then reproduces the clamped weights), the error feedback
+still targets the original W.
+
 Options: damp (0.01, fraction of mean diag H), block (128), act_order (false), static_groups (false),
-calib_samples (8), token_norm (true), skip_first (0), sequential (see SEQUENTIAL_DEFAULT).
+calib_samples (8), token_norm (true), skip_first (0), sequential (see SEQUENTIAL_DEFAULT), mse (false; slow:
+every fit tries 80 ranges, ~0.4 s for one group of a [1536, 64] slice on one core here, so many minutes
+per model).
 """
 from __future__ import annotations
 
@@ -66,7 +74,7 @@ from ...surgery import get_weight, set_weight
 from ..calibration import StatsRequest, collect_input_stats
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
-from ..primitives import QTensor, dequantize, quantize, quantize_weight
+from ..primitives import QTensor, block_range, blocks, dequantize, qparams_from_range, quantize, quantize_weight
 from ..sequential import LayerStep, decoder_layers, run_sequential
 from ..spec import MITIGATIONS, QuantSpec
 from .clip import block_qparams
@@ -92,14 +100,32 @@ def _channel_spec(spec: QuantSpec) -> QuantSpec:
     return spec.model_copy(update={"granularity": "channel", "group_size": None})
 
 
-def _fit(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) of w [out, cols] on spec's grid: [out, G] (group), [out, 1] (channel), [1, 1] (tensor)."""
-    return block_qparams(w, spec)
+MSE_SHRINK, MSE_GRID, MSE_NORM = 0.8, 100, 2.4  # the reference Quantizer's mse search (maxshrink, grid, norm)
+
+
+def _fit(w: torch.Tensor, spec: QuantSpec, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of w [out, cols] on spec's grid: [out, G] (group), [out, 1] (channel), [1, 1] (tensor).
+
+    mse: the reference Quantizer's `mse=True` (QuaRot's w_clip): each block's range shrunk by
+    p = 1 - i/100 (i < 80), the p minimising sum |Q(w) - w|^2.4 over the block kept."""
+    if not mse:
+        return block_qparams(w, spec)
+    wb = blocks(w.float(), spec.granularity, spec.group_size)  # [R, G, B]
+    lo, hi = block_range(wb, spec)  # [R, G, 1]
+    p = 1 - torch.arange(int(MSE_SHRINK * MSE_GRID), dtype=torch.float64) / MSE_GRID  # as the reference's 1 - i / grid
+    p = p.float()[:, None, None, None]  # [P, 1, 1, 1]
+    s, z = qparams_from_range(lo * p, hi * p, spec)  # [P, R, G, 1], all shrink factors at once
+    dq = dequantize(quantize(wb, s, z, spec), s, z, torch.float32)  # [P, R, G, B]
+    e = (dq - wb).abs().pow(MSE_NORM).sum(-1)  # [P, R, G]
+    best = e.argmin(0, keepdim=True)  # the first minimum, as the reference's strict < over increasing i
+    best_s = s[..., 0].gather(0, best)[0]
+    best_z = z[..., 0].gather(0, best)[0]
+    return best_s, best_z
 
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False, static_groups: bool = False) -> QTensor:
+                  act_order: bool = False, static_groups: bool = False, mse: bool = False) -> QTensor:
     """w [out, in], h = XᵀX [in, in] -> the quantized weight (codes, scales, zeros) on spec's grid.
 
     The reference loop (IST-DASLab GPTQ.fasterquant; AutoGPTQ's static_groups with act_order), see the
@@ -110,12 +136,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
     n_out, n = w.shape
     g = spec.group_size if spec.granularity == "group" else None
     static = g is not None and (act_order or static_groups)
-    sc, ze = _fit(w, spec if g is None else _channel_spec(spec))  # before dead columns are zeroed, as the reference
+    sc, ze = _fit(w, spec if g is None else _channel_spec(spec), mse)  # before dead columns are zeroed, as the reference
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     if static:
-        sc, ze = _fit(w, spec)  # every group up front, from the weights with dead columns zeroed  [out, G]
+        sc, ze = _fit(w, spec, mse)  # every group up front, from the weights with dead columns zeroed  [out, G]
     elif g is not None:
         sc, ze = torch.zeros(n_out, n // g), torch.zeros(n_out, n // g)  # filled when each group starts
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n)
@@ -129,7 +155,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
         for i in range(i1, i2):
             if g is not None and not static and i % g == 0:
                 # fitted on w: updated through the previous blocks only, as the reference reads it
-                s_new, z_new = _fit(w[:, i: i + g], _channel_spec(spec))  # [out, 1]
+                s_new, z_new = _fit(w[:, i: i + g], _channel_spec(spec), mse)  # [out, 1]
                 sc[:, i // g], ze[:, i // g] = s_new[:, 0], z_new[:, 0]
             j = (int(perm[i]) if static else i) // g if g is not None else 0  # the column's scale index
             s, z = sc.expand(n_out, -1)[:, j], ze.expand(n_out, -1)[:, j]  # [out]
@@ -159,6 +185,7 @@ class GPTQ(Mitigation):
         token_norm: bool = True
         skip_first: int = Field(0, ge=0)
         sequential: bool = SEQUENTIAL_DEFAULT
+        mse: bool = False
 
     def check(self, model: nn.Module, plan, opts: Options) -> None:
         super().check(model, plan, opts)
@@ -192,7 +219,8 @@ class GPTQ(Mitigation):
         return Effects(final_weights=final, notes={"gptq_layers": len(final), "gptq_sequential": opts.sequential})
 
     def _quantize(self, mod: nn.Module, h: torch.Tensor, spec: QuantSpec, opts: Options) -> QTensor:
-        qt = gptq_quantize(get_weight(mod), h, spec, opts.damp, opts.block, opts.act_order, opts.static_groups)
+        qt = gptq_quantize(get_weight(mod), h, spec, opts.damp, opts.block, opts.act_order, opts.static_groups,
+                           opts.mse)
         set_weight(mod, qt.dequantize())
         return qt
 

@@ -16,11 +16,14 @@ untied lm_head as an added parameter, the residual basis Q, the online transform
    create). H is applied as a Kronecker product of small factors (cheap).
 5. Per-head rotation of V (the v rows of a fused qkv projection) and of o's input (offline, exact:
    attention mixes V linearly per head), wherever the topology verified v -> o.
+6. Optionally (`o_online`), an online rotation of o's whole input (across heads, as QuaRot's online
+   Hadamard before out_proj): W_o <- W_o H and x -> x H before it, declared like step 4.
 
 Options:
   kind: "hadamard" (default; randomized Hadamard, exact order via Sylvester x Paley factors, e.g.
         576 = 12 x 12 x 4; random orthogonal when no Hadamard of that order is built) or "random".
   down: rotate down_proj's input online (default true). heads: rotate V/o per head (default true).
+  o_online: rotate o_proj's whole input online (default false).
   seed: random signs / random matrices (default 0).
 """
 from __future__ import annotations
@@ -164,13 +167,17 @@ def _rotate_heads(layer: nn.Module, pair, hq: torch.Tensor, hd: int) -> None:
     set_weight(o, (get_weight(o).double() @ bo).float())
 
 
+def _o_names(arch) -> list[str]:
+    return [arch.layer_path(i, t.o) for i, t in enumerate(arch.layer_topos) if t.o]
+
+
 @dataclass
 class Stats:
     res: KronRotation
     kind: str
     head: KronRotation
     head_dim: int
-    down: dict[int, KronRotation] = field(default_factory=dict)  # online rotation per down input size
+    down: dict[int, KronRotation] = field(default_factory=dict)  # online rotation per input size (down, o)
 
 
 @MITIGATIONS.register("rotate")
@@ -182,6 +189,7 @@ class Rotate(Mitigation):
         kind: Literal["hadamard", "random"] = "hadamard"
         down: bool = True
         heads: bool = True
+        o_online: bool = False
         seed: int = Field(0, ge=0)
 
     def check(self, model: nn.Module, plan, opts) -> None:
@@ -197,11 +205,11 @@ class Rotate(Mitigation):
         d = get_weight(get_module(model, arch.lm_head)).shape[1]
         res, res_kind = make_rotation(d, opts.kind, gen)
         out = Stats(res, res_kind, make_rotation(arch.head_dim, opts.kind, gen)[0], arch.head_dim)
-        if opts.down:
-            for name in arch.names("downs"):
-                n = get_weight(get_module(model, name)).shape[1]
-                if n not in out.down:
-                    out.down[n] = make_rotation(n, opts.kind, gen)[0]
+        online = (arch.names("downs") if opts.down else []) + (_o_names(arch) if opts.o_online else [])
+        for name in online:
+            n = get_weight(get_module(model, name)).shape[1]
+            if n not in out.down:
+                out.down[n] = make_rotation(n, opts.kind, gen)[0]
         return out
 
     @torch.no_grad()
@@ -228,11 +236,11 @@ class Rotate(Mitigation):
             if opts.heads and o_pairs:
                 _rotate_heads(layer, o_pairs[0], stats.head.matrix(), stats.head_dim)
             skipped_heads += int(opts.heads and not o_pairs)
-            for p in t.downs if stats.down else ():
-                down = get_module(layer, p)
-                rot = stats.down[get_weight(down).shape[1]]
-                _rot_in(down, rot.matrix())
-                attach_online(down, rot)
+            for p in (*(t.downs if opts.down else ()), *((t.o,) if opts.o_online and t.o else ())):
+                mod = get_module(layer, p)
+                rot = stats.down[get_weight(mod).shape[1]]
+                _rot_in(mod, rot.matrix())
+                attach_online(mod, rot)
                 eff.online[arch.layer_path(i, p)] = rot
         if skipped_heads:
             eff.notes["rotate_heads_skipped_layers"] = skipped_heads  # v -> o not exact there (see the topology)
