@@ -11,6 +11,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -195,8 +196,15 @@ class Child:
 
     def stop(self, sig: int) -> tuple[int, str]:
         self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=300)  # generous: a loaded machine slows the shutdown, not its outcome
+        rc = self.proc.wait(timeout=120)
         return rc, self.log.read_text()
+
+
+def _ctrl_c_as_at_a_terminal() -> None:
+    """The child gets SIGINT's default disposition, so Python turns Ctrl-C into KeyboardInterrupt as
+    at a terminal. A test run started in the background of a shell (`cmd &`) inherits SIGINT ignored,
+    and the Ctrl-C test's child then never stopped."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start_children(tmp_path_factory) -> dict[str, Child]:
@@ -213,7 +221,7 @@ def start_children(tmp_path_factory) -> dict[str, Child]:
         with open(log, "w") as f:
             proc = subprocess.Popen([sys.executable, str(DRIVER), mode, str(root / "ready"), "w8a8-token",
                                      "run", "-c", str(cfg)], stdout=f, stderr=subprocess.STDOUT,
-                                    env=subprocess_env(), cwd=REPO)
+                                    env=subprocess_env(), cwd=REPO, preexec_fn=_ctrl_c_as_at_a_terminal)
         _CHILDREN[name] = Child(proc, root, cfg, root / "ready", log)
     atexit.register(stop_children)
     return _CHILDREN
