@@ -84,6 +84,13 @@ class Stats:
     x: dict[str, torch.Tensor]  # linear -> sampled input rows [N, in]
 
 
+def sampled_inputs(model: nn.Module, ctx: QuantContext, samples: int, tokens: int) -> Stats:
+    """Sampled input rows of every linear whose weights the plan quantizes (clip, learned_clip)."""
+    mods = {n: model.get_submodule(n) for n in ctx.plan.weight_specs()}
+    stats = ctx.calib.input_stats(model, mods, ctx.upstream, StatsRequest(samples=samples, sample_tokens=tokens))
+    return Stats(mods, {k: v.sample for k, v in stats.items()})
+
+
 @MITIGATIONS.register("clip")
 class Clip(Mitigation):
     name = "clip"
@@ -95,10 +102,7 @@ class Clip(Mitigation):
         calib_samples: int = Field(8, ge=1)
 
     def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> Stats:
-        mods = {n: model.get_submodule(n) for n in ctx.plan.weight_specs()}
-        req = StatsRequest(samples=opts.calib_samples, sample_tokens=opts.search_tokens)
-        stats = ctx.calib.input_stats(model, mods, ctx.upstream, req)
-        return Stats(mods, {k: v.sample for k, v in stats.items()})
+        return sampled_inputs(model, ctx, opts.calib_samples, opts.search_tokens)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, stats: Stats, ctx: QuantContext, opts: Options) -> Effects:

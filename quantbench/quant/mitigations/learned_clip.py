@@ -33,7 +33,6 @@ Cost on the default model (2 CPU cores): a few minutes at the defaults (the erro
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal, Union
 
 import torch
@@ -41,12 +40,11 @@ import torch.nn as nn
 from pydantic import Field
 
 from ...surgery import get_weight, set_weight
-from ..calibration import StatsRequest
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
 from ..primitives import blocks, code_range
 from ..spec import MITIGATIONS, QuantSpec
-from .clip import DEFAULT_RATIOS, search_clip
+from .clip import DEFAULT_RATIOS, Stats, sampled_inputs, search_clip
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -136,12 +134,6 @@ def learn_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, steps: int = 5
     return torch.sigmoid(g), None if b is None else torch.sigmoid(b), start, best[0]
 
 
-@dataclass
-class Stats:
-    mods: dict[str, nn.Module]
-    x: dict[str, torch.Tensor]  # linear -> sampled input rows [N, in]
-
-
 @MITIGATIONS.register("learned_clip")
 class LearnedClip(Mitigation):
     name = "learned_clip"
@@ -157,10 +149,7 @@ class LearnedClip(Mitigation):
         ratios: tuple[float, ...] = DEFAULT_RATIOS
 
     def calibrate(self, model: nn.Module, ctx: QuantContext, opts: Options) -> Stats:
-        mods = {n: model.get_submodule(n) for n in ctx.plan.weight_specs()}
-        req = StatsRequest(samples=opts.calib_samples, sample_tokens=opts.search_tokens)
-        stats = ctx.calib.input_stats(model, mods, ctx.upstream, req)
-        return Stats(mods, {k: v.sample for k, v in stats.items()})
+        return sampled_inputs(model, ctx, opts.calib_samples, opts.search_tokens)
 
     def apply(self, model: nn.Module, stats: Stats, ctx: QuantContext, opts: Options) -> Effects:
         specs = ctx.plan.weight_specs()
