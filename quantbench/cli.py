@@ -128,6 +128,8 @@ def recommend(
     budget: Optional[float] = typer.Option(None, help="with --mixed: bits/weight, e.g. 5.0"),
     max_kept: Optional[float] = typer.Option(None, help="with --mixed: linears off the base format (count, or share < 1)"),
     base: Optional[str] = typer.Option(None, help="with --mixed: the base recipe (default: the config's first mixed base)"),
+    fused: bool = typer.Option(True, "--fused/--unfused", help="with --mixed: q/k/v and gate/up share one format, "
+                               "so the plan loads in vLLM (default), or each linear chooses alone"),
 ) -> None:
     """Smallest recipe within tolerance of FP; why each smaller one fails; the config to reproduce it.
     With --mixed: the per-layer plan under --budget / --max-ppl-increase / --max-kept, and why."""
@@ -137,7 +139,7 @@ def recommend(
         from .mixed.stage import recommend_mixed
 
         ppl = _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else None
-        typer.echo(recommend_mixed(run_dir, base, budget, ppl, max_kept))
+        typer.echo(recommend_mixed(run_dir, base, budget, ppl, max_kept, fused))
         return
     from .config import load_config
     from .report import recommend_run

@@ -162,6 +162,8 @@ class MixedConfig(_Strict):
     max_kept: float | None = Field(None, gt=0)
     samples: int = Field(4, ge=1)  # calibration sequences of the sensitivity pass (one backward each)
     validate_layers: int = Field(0, ge=0)  # linears whose single-layer KL is measured against the estimate
+    fused: bool = True  # q/k/v and gate/up of a layer share one format (vLLM fuses them); false: free per linear
+    refine: int = Field(0, ge=0, le=3)  # passes re-measuring the sensitivities around the chosen plan (weight-only)
 
     @model_validator(mode="after")
     def _one(self) -> "MixedConfig":
@@ -177,7 +179,7 @@ class MixedConfig(_Strict):
         c = (f"b{self.budget:g}" if self.budget is not None else f"b+{self.budget_over_base:g}"
              if self.budget_over_base is not None else f"p{self.max_ppl_increase:g}"
              if self.max_ppl_increase is not None else f"k{self.max_kept:g}")
-        return f"mixed-{self.base}-{c}"
+        return f"mixed-{self.base}-{c}" + ("" if self.fused else "-unfused") + (f"-r{self.refine}" if self.refine else "")
 
 
 class RunConfig(_Strict):

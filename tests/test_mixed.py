@@ -75,8 +75,17 @@ def test_sensitivity_ranks_planted_outlier_first_like_brute_force(planted):
 
     names = sorted(kl)
     assert spearmanr([est[n] for n in names], [kl[n] for n in names]).statistic > 0.5
-    # more bits never estimate more damage; full precision is no damage
-    assert all(v[0] >= v[1] >= v[2] == 0.0 for v in s.score.values())
+    # the ladder: base, one group size finer and one coarser, W8 per channel, FP16
+    assert s.options == ["base int4/g64/sym | a16", "int4/g32/sym | a16", "int4/g128/sym | a16",
+                         "int8/channel/sym | a16", "w16 | a16"]
+    for n in s.linears:
+        v, fan_in = s.score[n], m.get_submodule(n).in_features
+        assert v[0] >= v[3] >= v[4] == 0.0  # W8 never estimates more damage than W4; FP16 is none
+        assert v[1] <= v[0] * 1.05  # a finer group (smaller scales) does not estimate more damage
+        if fan_in % 128:  # g128 cannot split this input: unavailable (inf score, inf bits)
+            assert v[2] == float("inf") and s.bits[n][2] == float("inf")
+        else:
+            assert s.bits[n][2] < s.bits[n][0] < s.bits[n][1]
 
 
 def test_knapsack_equals_enumeration():
@@ -96,6 +105,27 @@ def test_knapsack_equals_enumeration():
         chosen, _ = mckp(costs, values, cap)
         assert sum(costs[i][c] for i, c in enumerate(chosen)) <= cap
         assert sum(values[i][c] for i, c in enumerate(chosen)) == pytest.approx(min(feasible)[0], abs=1e-12)
+
+
+def test_a_coarser_group_pays_for_a_finer_one_and_unavailable_options_are_never_picked():
+    """At the base's own size, the search gives an insensitive linear the coarser group (fewer bits) so that
+    a sensitive one of the same size can take the finer group; an unavailable option (inf) is never picked
+    even when it would be free. Expected plan worked out by hand from the numbers below."""
+    from quantbench.mixed.sensitivity import UNAVAILABLE, Sensitivity
+
+    opts = ["base int4/g64/sym | a16", "int4/g32/sym | a16", "int4/g128/sym | a16"]
+    n = 1000
+    bits = [4.25 * n, 4.5 * n, 4.125 * n]  # codes + one 16-bit scale per group
+    s = Sensitivity("w", opts, score={"calm": [1.0, 0.99, 1.01], "hot": [5.0, 2.0, 9.0], "odd": [3.0, 1.0, UNAVAILABLE]},
+                    bits={"calm": bits, "hot": bits, "odd": [4.25 * n, 4.5 * n, UNAVAILABLE]},
+                    rest_bits=0.0, n_params=3 * n)
+    c = by_budget(s, 4.25 + 0.125 / 3 + 1e-9)  # the base's size + what one coarser group frees
+    assert c.picks == {"calm": 2, "hot": 1, "odd": 0}
+    assert c.bits_per_weight <= 4.25 + 0.125 / 3 + 1e-9
+    smallest = (4.125 * 2 + 4.25) / 3  # 'odd' cannot take g128, so the smallest plan keeps it at g64
+    assert by_budget(s, smallest + 1e-9).picks == {"calm": 2, "hot": 2, "odd": 0}
+    with pytest.raises(ConfigError, match="below the smallest plan"):
+        by_budget(s, 4.125)  # the all-g128 size: not reachable
 
 
 @pytest.mark.parametrize("budget", [6.6, 7.5, 9.0])
@@ -122,12 +152,104 @@ def test_max_kept_keeps_the_largest_reductions(planted):
     m, ids = planted
     base = PRESETS.get("w8a8-tensor-static")
     s = measure_sensitivity(m, base, Calibration(ids, 2), samples=2)
-    c = by_count(s, 3)
+    c = by_count(s, 3, fused=False)
     gain = sorted(s.linears, key=lambda n: s.score[n][0] - s.score[n][1], reverse=True)
     assert set(c.kept()) == set(gain[:3])
     r = to_recipe(base, c, "mixed-a16")
     assert {o.match for o in r.overrides} == set(gain[:3])
     assert all(o.activations is None and o.replaces() == {"activations"} for o in r.overrides)
+
+
+def test_fused_sets_share_one_format_so_the_plan_loads_in_vllm(planted):
+    from quantbench.export.compressed import _fused_warnings
+    from quantbench.quant.plan import fused_sets, resolve_plan
+
+    names = ["m.layers.0.self_attn.q_proj", "m.layers.0.self_attn.k_proj", "m.layers.0.self_attn.v_proj",
+             "m.layers.0.self_attn.o_proj", "m.layers.0.mlp.gate_proj", "m.layers.0.mlp.up_proj",
+             "m.layers.0.mlp.down_proj", "m.layers.1.self_attn.q_proj"]
+    assert fused_sets(names) == [names[0:3], [names[3]], names[4:6], [names[6]], [names[7]]]
+    m, ids = planted
+    base = PRESETS.get("w4a16-g64")
+    s = measure_sensitivity(m, base, Calibration(ids, 2), samples=2)
+    for budget in (6.6, 7.0, 8.0):
+        fused, free = by_budget(s, budget), by_budget(s, budget, fused=False)
+        for group in fused_sets(s.linears):
+            assert len({fused.picks[n] for n in group}) == 1
+        assert free.est_damage <= fused.est_damage + 1e-12  # more freedom never estimates more damage
+        plan = resolve_plan(m, to_recipe(base, fused, "mixed"))
+        assert _fused_warnings(plan, s.linears) == []
+        split = [g for g in fused_sets(s.linears) if len({free.picks[n] for n in g}) > 1]
+        warned = _fused_warnings(resolve_plan(m, to_recipe(base, free, "mixed-unfused")), s.linears)
+        assert len(warned) == len(split)
+    # a count limit counts linears, so a fused set of three moves only when three fit
+    c = by_count(s, 2)
+    assert all(c.picks[n] == 0 for g in fused_sets(s.linears) if len(g) == 3 for n in g)
+    assert len(c.kept()) <= 2
+
+
+def test_a_finer_group_that_would_reproduce_the_checkpoints_grid_is_left_out(planted):
+    """The default model went through GGUF Q4_1 (4 bits in blocks of 32): a g32 option would measure that
+    grid, not the format. With the census's grid block, g32 is unavailable for every linear, g128 is not,
+    and the plan says why."""
+    from quantbench.mixed.sensitivity import UNAVAILABLE
+
+    m, ids = planted
+    base = PRESETS.get("w4a16-g64")
+    s = measure_sensitivity(m, base, Calibration(ids, 2), samples=1, grid_block=32)
+    g32, g128 = s.options.index("int4/g32/sym | a16"), s.options.index("int4/g128/sym | a16")
+    assert all(s.score[n][g32] == UNAVAILABLE and s.bits[n][g32] == UNAVAILABLE for n in s.linears)
+    assert any(s.score[n][g128] < UNAVAILABLE for n in s.linears)  # down_proj (128 inputs) may go coarser
+    c = by_budget(s, 8.0)
+    assert g32 not in c.picks.values()
+    census = {"prequantized": {"detected": True, "block": 32}}
+    text = explain_plan(c, to_recipe(base, c, "mixed"), census)
+    assert "left out: int4/g32/sym | a16" in text and "blocks of 32" in text
+
+
+def _ct_w4_g64(w: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' symmetric int4 grid, group 64, written out: scale = max|w| / 7.5, codes clamp(round(w/s), -8, 7)."""
+    g = w.reshape(w.shape[0], -1, 64)
+    s = g.abs().amax(-1, keepdim=True) / 7.5
+    return (torch.clamp(torch.round(g / s), -8, 7) * s).reshape(w.shape)
+
+
+def test_refined_sensitivity_is_the_fisher_score_on_the_quantized_model(planted):
+    """Around the all-W4 plan, a linear's score is 1/(2N) sum g^2 (y_W4 - y_fp)^2 with x and g taken on the
+    model whose every linear runs W4: computed here by hand on a copy quantized with the grid written out."""
+    m, ids = planted
+    base = PRESETS.get("w4a16-g64")
+    calib = Calibration(ids, 2)
+    plain = measure_sensitivity(m, base, calib, samples=2)
+    s = measure_sensitivity(m, base, calib, samples=2, around={n: 0 for n in plain.linears})
+    q = copy.deepcopy(m)
+    with torch.no_grad():
+        for n in plain.linears:
+            q.get_submodule(n).weight.copy_(_ct_w4_g64(m.get_submodule(n).weight))
+    target = "model.layers.1.self_attn.q_proj"  # upstream and downstream linears all quantized
+    w_fp, w_q = m.get_submodule(target).weight, q.get_submodule(target).weight
+    rec, total, n_tok = {}, 0.0, 0
+    def record(_m, a, o):
+        rec["x"] = a[0].detach()
+        o.register_hook(lambda g: rec.__setitem__("g", g))
+
+    hook = q.get_submodule(target).register_forward_hook(record)
+    for p in q.parameters():
+        p.requires_grad_(False)
+    q.get_input_embeddings().register_forward_hook(lambda _m, _a, o: o.requires_grad_(True))
+    for i in range(2):
+        seq = ids[i: i + 1]
+        out = q(input_ids=seq, labels=seq)
+        (out.loss * (seq.shape[1] - 1)).backward()
+        e = rec["x"] @ w_q.T - rec["x"] @ w_fp.T
+        total += 0.5 * float((rec["g"].detach() ** 2 * e.detach() ** 2).sum())
+        n_tok += seq.shape[1] - 1
+    hook.remove()
+    assert s.score[target][0] == pytest.approx(total / n_tok, rel=1e-3)
+    assert s.score[target][0] != pytest.approx(plain.score[target][0], rel=1e-3)  # the operating point matters
+    assert all(v[-1] == 0.0 for v in s.score.values())  # FP16 is no damage at any operating point
+    with pytest.raises(QuantbenchError, match="weight-only"):
+        w8a8 = PRESETS.get("w8a8-tensor-static")
+        measure_sensitivity(m, w8a8, calib, samples=1, around={n: 0 for n in plain.linears})
 
 
 def test_census_words():
@@ -183,16 +305,18 @@ def test_pipeline_evaluates_the_mixed_recipe_as_a_row(tmp_path):
                         "corpus": {"name": str(corpus), "calib_samples": 2, "calib_seq_len": 32},
                         "eval": {"seq_len": 64, "max_windows": 2, "batch_size": 2},
                         "census": {"samples": 1, "seq_len": 32}, "recipes": ["fp", "w4a16-g64"],
-                        "mixed": [{"base": "w4a16-g64", "budget_over_base": 0.05, "samples": 1},
+                        "mixed": [{"base": "w4a16-g64", "budget_over_base": 0.05, "samples": 1, "refine": 1},
                                   {"base": "w4a16-g64-awq", "budget_over_base": 0.05, "samples": 1},
                                   {"base": "w4a16-g64-gptq", "budget_over_base": 0.05, "samples": 1}]})
     out = pipeline.run(run)
     rows = pipeline.load_rows(out / "rows.jsonl")
-    mixed = rows["mixed-w4a16-g64-b+0.05"]
+    mixed = rows["mixed-w4a16-g64-b+0.05-r1"]
     assert mixed["status"] == "ok" and mixed["ppl"] > 1
     assert rows["w4a16-g64"]["bits_per_weight"] < mixed["bits_per_weight"] <= rows["w4a16-g64"]["bits_per_weight"] + 0.05
-    assert "mixed-w4a16-g64-b+0.05" in (out / "results.csv").read_text()
-    assert "kept at" in (out / "mixed" / "mixed-w4a16-g64-b+0.05.txt").read_text()
+    assert "mixed-w4a16-g64-b+0.05-r1" in (out / "results.csv").read_text()
+    plan = (out / "mixed" / "mixed-w4a16-g64-b+0.05-r1.txt").read_text()
+    assert "kept at" in plan and "re-measured around the plan (1 pass)" in plan
+    assert (out / "mixed" / "sensitivity-mixed-w4a16-g64-b+0.05-r1-refine1.json").exists()
     assert rows["mixed-w4a16-g64-awq-b+0.05"]["status"] == "ok" and rows["mixed-w4a16-g64-awq-b+0.05"]["bits_per_weight"] <= rows["w4a16-g64"]["bits_per_weight"] + 0.05
     # awq changes the model before quantization, so its sensitivities are its own, not w4a16-g64's
     a = json.loads((out / "mixed" / "sensitivity-w4a16-g64-awq.json").read_text())["sensitivity"]

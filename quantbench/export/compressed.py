@@ -26,11 +26,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import QuantbenchError
-from ..quant.plan import LinearPlan, Plan
+from ..quant.plan import LinearPlan, Plan, fused_sets
 from ..quant.qlinear import QuantLinear
 from ..quant.spec import QuantSpec
 
-FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM runs each set as one matmul
 
 
 @dataclass
@@ -138,15 +137,12 @@ def _name_of(model: nn.Module, mod: nn.Module) -> str:
 
 def _fused_warnings(plan: Plan, names: list[str]) -> list[str]:
     """vLLM fuses q/k/v and gate/up: each set must share one scheme."""
-    out, specs = [], {n: (plan.linears[n].weights, plan.linears[n].activations) for n in names}
-    for n in names:
-        for shards in FUSED_SHARDS:
-            if n.endswith("." + shards[0]):
-                prefix = n[: -len(shards[0])]
-                got = {specs.get(prefix + s) for s in shards}
-                if len(got) > 1:
-                    out.append(f"{prefix}{{{','.join(shards)}}} have different schemes: vLLM fuses them into one "
-                               "matmul and refuses mixed schemes there (transformers loads it)")
+    out = []
+    for group in fused_sets(names):
+        if len({(plan.linears[n].weights, plan.linears[n].activations) for n in group}) > 1:
+            prefix = group[0].rpartition(".")[0]
+            out.append(f"{prefix}.{{{','.join(n.rpartition('.')[2] for n in group)}}} have different schemes: vLLM "
+                       "fuses them into one matmul and refuses mixed schemes there (transformers loads it)")
     return out
 
 

@@ -1,8 +1,10 @@
 """The formats a linear may take in a mixed recipe, derived from a uniform base recipe.
 
-A weight-only base (e.g. W4A16 g64) gives the ladder base -> W8 per-channel -> FP16 weights; a base
-with quantized activations (e.g. W8A8 static) gives base -> the same weights with 16-bit activations.
-Option 0 is always the base itself.
+A weight-only base (e.g. W4A16 g64) gives the ladder base -> its finer and coarser group sizes (g32,
+g128: the group sizes vLLM's Marlin kernels run, one step each way) -> W8 per-channel -> FP16 weights;
+a base with quantized activations (e.g. W8A8 static) gives base -> the same weights with 16-bit
+activations. Option 0 is always the base itself. An option a linear cannot take (a group size that
+does not divide its input size) is unavailable for that linear (`Option.fits`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,18 @@ class Option:
     def is_base(self) -> bool:
         return self.label.startswith("base")
 
+    def fits(self, in_features: int, grid_block: int | None = None) -> bool:
+        """Whether a linear with this input size can take the option (its group size divides it). With
+        `grid_block` (the checkpoint's weights already sit on a low-bit grid in blocks of that size, as the
+        census detects for a GGUF Q4_1 checkpoint), a low-bit option whose groups split those blocks is left
+        out too: it would reproduce the checkpoint's own grid, a gain no original model would show."""
+        w = self.weights
+        if w is None or w.granularity != "group":
+            return True
+        if grid_block and not self.is_base and w.bits < 8 and grid_block % w.group_size == 0:
+            return False
+        return in_features % w.group_size == 0
+
 
 def _label(w: QuantSpec | None, a: QuantSpec | None) -> str:
     return f"{w.short() if w else 'w16'} | {a.short() if a else 'a16'}"
@@ -41,6 +55,11 @@ def options_for(base: Recipe) -> list[Option]:
     if a is not None:  # activation ladder: keep this linear's input at 16 bits
         opts.append(Option(_label(w, None), w, None))
         return opts
+    if w.bits < 8 and w.granularity == "group":  # one group-size step finer and one coarser
+        for g in (w.group_size // 2, w.group_size * 2):
+            if g >= 16:
+                wg = w.model_copy(update={"group_size": g})
+                opts.append(Option(_label(wg, None), wg, None))
     if w.bits < 8:
         opts.append(Option(_label(W8_CH, None), W8_CH, None))
     opts.append(Option(_label(None, None), None, None))

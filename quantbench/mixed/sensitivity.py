@@ -8,7 +8,8 @@ auto_quantize and Optimal Brain Surgeon's output form):
 with y the FP output of l on calibration token t, y^o the output of l simulated under option o
 (the same QuantLinear the pipeline runs: weights on the option's grid, static activation ranges from
 the calibration set's max |x|), g = d(sum of next-token NLL)/dy on the FP model (one backward pass
-per sequence), N the scored tokens. It estimates the increase of the mean NLL (nats). Bits per
+per sequence), N the scored tokens. It estimates the increase of the mean NLL (nats). An option the linear cannot
+take (a group size not dividing its input) scores and costs UNAVAILABLE (inf). Bits per
 option are measured like quant/size.py measures a simulated linear (QuantLinear.storage_bits, 16 bits
 per element for a linear left in full precision); `rest_bits` is every other tensor of the model.
 
@@ -41,6 +42,9 @@ from ..quant.size import measure_size
 from ..quant.spec import MITIGATIONS, Recipe
 from ..surgery import as_linear
 from .options import Option, options_for
+
+
+UNAVAILABLE = float("inf")  # score and bits of an option a linear cannot take (Option.fits)
 
 
 @dataclass
@@ -90,17 +94,22 @@ def option_bits(name: str, lin: nn.Module, opt: Option, absmax: torch.Tensor | N
 
 
 @contextmanager
-def _capture(model: nn.Module, mods: dict[str, nn.Module]):
-    """Record every linear's input and the gradient at its output; params frozen, graph from the embeddings."""
+def _capture(model: nn.Module, mods: dict[str, nn.Module], subst: dict[str, QuantLinear] | None = None):
+    """Record every linear's input and the gradient at its output; params frozen, graph from the embeddings.
+    subst: linears whose output is replaced by that QuantLinear's (the model runs quantized there)."""
     xs: dict[str, torch.Tensor] = {}
     gs: dict[str, torch.Tensor] = {}
     flags = {p: p.requires_grad for p in model.parameters()}
+    subst = subst or {}
 
     def fwd(name):
         def hook(_m, args, out):
             xs[name] = args[0].detach().reshape(-1, args[0].shape[-1])  # [T, in]
+            if name in subst:
+                out = subst[name](args[0])  # weight-only: gradients flow through the dequantized weights
             if out.requires_grad:
                 out.register_hook(lambda g: gs.__setitem__(name, g.detach().reshape(-1, g.shape[-1])))  # [T, out]
+            return out
         return hook
 
     pairs = [(model.get_input_embeddings(), lambda _m, _a, o: o.requires_grad_(True))]
@@ -145,8 +154,13 @@ def static_absmax(model: nn.Module, mods: dict[str, nn.Module], calib: Calibrati
     return {n: s.absmax for n, s in stats.items()}
 
 
-def measure_sensitivity(model: nn.Module, base: Recipe, calib: Calibration, samples: int = 4) -> Sensitivity:
-    """Scores and bits of every option of every linear the base recipe quantizes (see module doc)."""
+def measure_sensitivity(model: nn.Module, base: Recipe, calib: Calibration, samples: int = 4,
+                        grid_block: int | None = None, around: dict[str, int] | None = None) -> Sensitivity:
+    """Scores and bits of every option of every linear the base recipe quantizes (see module doc).
+    grid_block: the block of a low-bit grid the checkpoint's weights already sit on (Option.fits).
+    around: a plan (option per linear) to linearize around instead of the FP model: every linear runs
+    quantized to its planned option while inputs and gradients are recorded, so each score is the damage
+    of that linear's option given the others' quantization noise (weight-only bases)."""
     t0 = time.perf_counter()
     n_params = sum(p.numel() for p in model.parameters())  # of the FP model as loaded
     model, upstream = mitigated(model, base, calib)
@@ -158,7 +172,14 @@ def measure_sensitivity(model: nn.Module, base: Recipe, calib: Calibration, samp
     score = {n: [0.0] * len(opts) for n in names}
     n_tok = 0
     dev = next(model.parameters()).device
-    with torch.enable_grad(), _capture(model, mods) as (xs, gs):
+    subst = {}
+    if around:
+        if any(o.activations is not None for o in opts):
+            raise QuantbenchError(f"mixed: refining around a plan needs a weight-only base ('{base.name}' quantizes "
+                                  "activations, whose rounding passes no gradient)")
+        subst = {n: _qlinear(n, mods[n], opts[around[n]], None) for n in names
+                 if opts[around[n]].weights is not None}
+    with torch.enable_grad(), _capture(model, mods, subst) as (xs, gs):
         for i in range(len(ids)):
             seq = ids[i: i + 1].to(dev)  # [1, T]
             xs.clear(), gs.clear()
@@ -171,12 +192,14 @@ def measure_sensitivity(model: nn.Module, base: Recipe, calib: Calibration, samp
                     lin = as_linear(mods[n])
                     y = F.linear(x, lin.weight, lin.bias)  # x is already through any online transform
                     for k, o in enumerate(opts):
-                        if o.weights is None and o.activations is None:
+                        if (o.weights is None and o.activations is None) or not o.fits(lin.in_features, grid_block):
                             continue
                         e = _qlinear(n, mods[n], o, absmax.get(n))(x) - y  # [T, out]
                         score[n][k] += 0.5 * float((g2 * e.float().pow(2)).sum())
-    score = {n: [s / max(n_tok, 1) for s in v] for n, v in score.items()}
-    bits = {n: [option_bits(n, mods[n], o, absmax.get(n)) for o in opts] for n in names}
+    score = {n: [s / max(n_tok, 1) if o.fits(as_linear(mods[n]).in_features, grid_block) else UNAVAILABLE
+                 for s, o in zip(v, opts)] for n, v in score.items()}
+    bits = {n: [option_bits(n, mods[n], o, absmax.get(n)) if o.fits(as_linear(mods[n]).in_features, grid_block)
+                else UNAVAILABLE for o in opts] for n in names}
     fp_plan = prepare(model, Recipe(name="fp"))
     total_fp = measure_size(model, fp_plan, Effects(), n_params).total_bits
     rest = total_fp - sum(option_bits(n, mods[n], Option("fp", None, None), None) for n in names)

@@ -21,7 +21,7 @@ from .explain import census_linked, census_reasons
 from .options import options_for
 from .recipe import recipe_yaml, to_recipe
 from .search import Choice, by_budget, by_count, by_damage
-from .sensitivity import Sensitivity, measure_sensitivity
+from .sensitivity import UNAVAILABLE, Sensitivity, measure_sensitivity
 from .validate import validate
 
 
@@ -67,16 +67,16 @@ def _scale(s: Sensitivity, base_row: dict | None) -> float:
 
 def choose(s: Sensitivity, budget: float | None = None, budget_over_base: float | None = None,
            max_ppl_increase: float | None = None, max_kept: float | None = None,
-           base_row: dict | None = None) -> Choice:
+           base_row: dict | None = None, fused: bool = True) -> Choice:
     if budget_over_base is not None:
         budget = (s.rest_bits + sum(v[0] for v in s.bits.values())) / s.n_params + budget_over_base
     if budget is not None:
-        return by_budget(s, budget)
+        return by_budget(s, budget, fused)
     if max_ppl_increase is not None:
-        return by_damage(s, max_ppl_increase, _scale(s, base_row))
+        return by_damage(s, max_ppl_increase, _scale(s, base_row), fused)
     if max_kept is not None:
         k = int(max_kept) if max_kept >= 1 else int(math.floor(max_kept * len(s.linears)))
-        return by_count(s, k)
+        return by_count(s, k, fused)
     raise ConfigError("mixed: give one of --budget, --max-ppl-increase, --max-kept")
 
 
@@ -92,14 +92,28 @@ def explain_plan(c: Choice, recipe: Recipe, census: dict | None, base_row: dict 
              f"linears off the base format; {c.bits_per_weight:.3f} bits/weight (measured per linear as quant/size.py "
              f"counts); estimated perplexity increase +{est:.1f}%"
              + (" (estimates scaled to the measured uniform base row)" if scale != 1.0 else " (unscaled estimate)")]
+    block = grid_block(census)
+    left_out = [o for o in range(1, len(s.options)) if all(s.score[l][o] == UNAVAILABLE for l in s.linears)]
+    if block and left_out:
+        lines.append(f"left out: {', '.join(s.options[o] for o in left_out)}: the census found the checkpoint's weights "
+                     f"already on a low-bit grid in blocks of {block}, which groups dividing {block} would reproduce "
+                     "(a gain the original model would not show)")
     linked = [l for l in s.linears if census_linked(l, census)]
     if census is None:
         lines.append("no census in this run: reasons below are the sensitivity estimates only")
     else:
         lines.append(f"census-linked linears: {len(linked)}; kept among them: {sum(1 for l in kept if l in linked)}")
+    fewer = {l: k for l, k in kept.items() if s.bits[l][k] < s.bits[l][0]}
+    if fewer:
+        lines.append(f"{len(fewer)} linears take FEWER bits than the base (their estimated damage barely grows), "
+                     "paying for the ones kept below")
     for l, k in sorted(kept.items(), key=lambda kv: rank[kv[0]]):
         m = l.rsplit(".", 3)
         where = f"layer {m[1]} {m[2]}.{m[3]}" if len(m) == 4 and m[1].isdigit() else l
+        if l in fewer:
+            lines.append(f"  {where} given fewer bits, {s.options[k]}: estimated damage {s.score[l][0]:.3g} -> "
+                         f"{s.score[l][k]:.3g} nats (rank {rank[l]} of {len(ranked)})")
+            continue
         why = census_reasons(l, census)
         est_txt = f"estimated damage at the base format {s.score[l][0]:.3g} nats (rank {rank[l]} of {len(ranked)})"
         lines.append(f"  {where} kept at {s.options[k]}: " + ("; ".join(why) + f" [{est_txt}]" if why else est_txt))
@@ -108,17 +122,43 @@ def explain_plan(c: Choice, recipe: Recipe, census: dict | None, base_row: dict 
     return "\n".join(lines)
 
 
+def grid_block(census: dict | None) -> int | None:
+    """The block of the low-bit grid the census found the checkpoint's weights on (None when not found)."""
+    pq = (census or {}).get("prequantized") or {}
+    return int(pq["block"]) if pq.get("detected") and pq.get("block") else None
+
+
+def _refined(model: nn.Module, base: Recipe, calib: Calibration, m, c: Choice, i: int, block: int | None,
+             base_row: dict | None, out: Path) -> Choice:
+    """Pass i of m.refine: sensitivities re-measured with every linear quantized as plan `c` says (cached
+    per plan in <run>/mixed/sensitivity-<name>-refine<i>.json), then the search again."""
+    path = out / "mixed" / f"sensitivity-{m.label()}-refine{i}.json"
+    key = {"samples": m.samples, "state": state_key(base), "grid_block": block, "around": c.picks}
+    cached = read_json_or_none(path) or {}
+    if cached.get("key") == key:
+        s = Sensitivity.from_json(cached["sensitivity"])
+    else:
+        log(f"mixed: refine pass {i} of {m.label()}: sensitivities around the plan of {len(c.kept())} moved linears")
+        s = measure_sensitivity(model, base, calib, m.samples, block, around=c.picks)
+        log(f"mixed: refine pass {i} in {s.seconds:.1f}s")
+        atomic_write_text(path, json.dumps({"key": key, "sensitivity": s.to_json()}))
+    again = choose(s, m.budget, m.budget_over_base, m.max_ppl_increase, m.max_kept, base_row, m.fused)
+    again.constraint += f"; sensitivities re-measured around the plan ({i} pass{'es' if i > 1 else ''})"
+    return again
+
+
 def build_mixed(model: nn.Module, cfg, calib: Calibration, probe_ids: torch.Tensor, census: dict | None,
                 rows: dict[str, dict], out: Path) -> list[Recipe]:
     """The recipes of cfg.mixed (see module doc)."""
     recipes: list[Recipe] = []
     same_state: dict[str, Sensitivity] = {}
+    block = grid_block(census)
     for m in cfg.mixed:
         base = base_recipe(m.base, cfg.recipes)
         s = load_sensitivity(out, base.name)
-        key = {"samples": m.samples, "validate_layers": m.validate_layers, "state": state_key(base)}
+        key = {"samples": m.samples, "validate_layers": m.validate_layers, "state": state_key(base), "grid_block": block}
         cached = read_json_or_none(sensitivity_path(out, base.name)) or {}
-        state = json.dumps({"samples": m.samples, "state": key["state"]}, sort_keys=True)
+        state = json.dumps({"samples": m.samples, "state": key["state"], "grid_block": block}, sort_keys=True)
         twin = same_state.get(state)
         if twin is not None and (s is None or cached.get("key") != key):  # e.g. w4a16-g64-gptq after w4a16-g64
             s = dataclasses.replace(twin, base=base.name)
@@ -127,7 +167,7 @@ def build_mixed(model: nn.Module, cfg, calib: Calibration, probe_ids: torch.Tens
             atomic_write_text(sensitivity_path(out, base.name), json.dumps({"key": key, "sensitivity": s.to_json()}))
         elif s is None or cached.get("key") != key:
             log(f"mixed: sensitivity of every linear under the options of {base.name} ({m.samples} sequences)")
-            s = measure_sensitivity(model, base, calib, m.samples)
+            s = measure_sensitivity(model, base, calib, m.samples, block)
             log(f"mixed: sensitivity in {s.seconds:.1f}s")
             if m.validate_layers:
                 v = validate(model, base, s, probe_ids, calib, m.validate_layers)
@@ -137,7 +177,9 @@ def build_mixed(model: nn.Module, cfg, calib: Calibration, probe_ids: torch.Tens
             atomic_write_text(sensitivity_path(out, base.name), json.dumps({"key": key, "sensitivity": s.to_json()}))
         same_state.setdefault(state, s)
         base_row = rows.get(base.name)
-        c = choose(s, m.budget, m.budget_over_base, m.max_ppl_increase, m.max_kept, base_row)
+        c = choose(s, m.budget, m.budget_over_base, m.max_ppl_increase, m.max_kept, base_row, m.fused)
+        for i in range(1, m.refine + 1):
+            c = _refined(model, base, calib, m, c, i, block, base_row, out)
         r = to_recipe(base, c, m.label())
         text = explain_plan(c, r, census, base_row)
         atomic_write_text(out / "mixed" / f"{r.name}.txt", text + "\n")
@@ -147,7 +189,7 @@ def build_mixed(model: nn.Module, cfg, calib: Calibration, probe_ids: torch.Tens
 
 
 def recommend_mixed(run_dir: Path, base: str | None, budget: float | None, max_ppl_increase: float | None,
-                    max_kept: float | None) -> str:
+                    max_kept: float | None, fused: bool = True) -> str:
     """`quantbench recommend RUN_DIR --mixed ...`: the plan from the run's cached sensitivities."""
     from ..config import load_config
     from ..fileio import read_rows, latest_by_recipe
@@ -171,9 +213,9 @@ def recommend_mixed(run_dir: Path, base: str | None, budget: float | None, max_p
                           + (f" (have: {', '.join(have)})" if have else "; add it to the config's `mixed:` section and rerun"))
     rows = latest_by_recipe(read_rows(run_dir / "rows.jsonl")) if (run_dir / "rows.jsonl").exists() else {}
     base_row = rows.get(base)
-    c = choose(s, budget, None, max_ppl_increase, max_kept, base_row)
+    c = choose(s, budget, None, max_ppl_increase, max_kept, base_row, fused)
     label = (f"b{budget:g}" if budget is not None else f"p{max_ppl_increase:g}" if max_ppl_increase is not None
-             else f"k{max_kept:g}")
+             else f"k{max_kept:g}") + ("" if fused else "-unfused")
     r = to_recipe(base_recipe(base, recipes), c, f"mixed-{base}-{label}")
     census = read_json_or_none(run_dir / "census.json")
     return explain_plan(c, r, census, base_row)

@@ -161,3 +161,21 @@ def divisor_hint(n: int, g: int) -> int:
 
 
 __all__ = ["LinearPlan", "Plan", "resolve_plan", "check_plan", "kv_linears", "divisor_hint", "asdict"]
+
+
+FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM runs each set as one matmul
+
+
+def fused_sets(names: list[str]) -> list[list[str]]:
+    """`names` partitioned into the sets vLLM fuses into one matmul (a layer's q/k/v, its gate/up), which
+    must share one scheme to load there; every other linear is a set of its own. Order follows `names`."""
+    key = {}
+    for n in names:
+        head, _, leaf = n.rpartition(".")
+        shard = next((i for i, s in enumerate(FUSED_SHARDS) if leaf in s), None)
+        key[n] = (head, shard) if shard is not None else n
+    groups: dict = {}
+    for n in names:
+        groups.setdefault(key[n], []).append(n)
+    return list(groups.values())
+
