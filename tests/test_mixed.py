@@ -252,6 +252,26 @@ def test_refined_sensitivity_is_the_fisher_score_on_the_quantized_model(planted)
         measure_sensitivity(m, w8a8, calib, samples=1, around={n: 0 for n in plain.linears})
 
 
+def test_entries_over_one_base_measure_it_once_and_a_rerun_measures_nothing(planted, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from quantbench.config import MixedConfig
+    from quantbench.mixed import stage
+
+    m, ids = planted
+    calls = []
+    real = stage.measure_sensitivity
+    monkeypatch.setattr(stage, "measure_sensitivity", lambda *a, **k: calls.append(k.get("around")) or real(*a, **k))
+    cfg = SimpleNamespace(recipes=(), mixed=[MixedConfig(base="w4a16-g64", budget_over_base=0.3, samples=1, validate_layers=2),
+                                             MixedConfig(base="w4a16-g64", budget_over_base=0.3, samples=1, fused=False)])
+    calib = Calibration(ids, 2)
+    first = stage.build_mixed(m, cfg, calib, ids[:2, :16], None, {}, tmp_path)
+    assert calls == [None]  # one sensitivity pass for both entries
+    calls.clear()
+    again = stage.build_mixed(m, cfg, calib, ids[:2, :16], None, {}, tmp_path)
+    assert calls == [] and again == first  # the cached sensitivities serve the rerun; same recipes
+
+
 def test_census_words():
     census = {"lifecycle": [{"dim": 507, "emerges": 3, "disappears": 28, "absmax_by_layer": [1.0, 2500.0],
                              "writer": {"path": "mlp.down_proj", "module": "mlp"},

@@ -160,7 +160,9 @@ def build_mixed(model: nn.Module, cfg, calib: Calibration, probe_ids: torch.Tens
         cached = read_json_or_none(sensitivity_path(out, base.name)) or {}
         state = json.dumps({"samples": m.samples, "state": key["state"], "grid_block": block}, sort_keys=True)
         twin = same_state.get(state)
-        if twin is not None and (s is None or cached.get("key") != key):  # e.g. w4a16-g64-gptq after w4a16-g64
+        if twin is not None and twin.base == base.name:  # a second entry over the same base: its sensitivities
+            s = twin
+        elif twin is not None and (s is None or cached.get("key") != key):  # e.g. w4a16-g64-gptq after w4a16-g64
             s = dataclasses.replace(twin, base=base.name)
             log(f"mixed: sensitivities of {base.name} are those of {twin.base} (same options, same model state)")
             sensitivity_path(out, base.name).parent.mkdir(exist_ok=True)
