@@ -136,7 +136,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
     n_out, n = w.shape
     g = spec.group_size if spec.granularity == "group" else None
     static = g is not None and (act_order or static_groups)
-    sc, ze = _fit(w, spec if g is None else _channel_spec(spec), mse)  # before dead columns are zeroed, as the reference
+    if g is None:  # with groups the reference's whole-row fit here is overwritten below: skipped (mse made it slow)
+        sc, ze = _fit(w, spec, mse)  # before dead columns are zeroed, as the reference
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
