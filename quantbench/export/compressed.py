@@ -31,7 +31,6 @@ from ..quant.qlinear import QuantLinear
 from ..quant.spec import QuantSpec
 
 
-
 @dataclass
 class CtExport:
     path: Path

@@ -172,6 +172,7 @@ def measure_sensitivity(model: nn.Module, base: Recipe, calib: Calibration, samp
     score = {n: [0.0] * len(opts) for n in names}
     n_tok = 0
     dev = next(model.parameters()).device
+    avail = {n: [o.fits(as_linear(mods[n]).in_features, grid_block) for o in opts] for n in names}
     subst = {}
     if around:
         if any(o.activations is not None for o in opts):
@@ -192,14 +193,13 @@ def measure_sensitivity(model: nn.Module, base: Recipe, calib: Calibration, samp
                     lin = as_linear(mods[n])
                     y = F.linear(x, lin.weight, lin.bias)  # x is already through any online transform
                     for k, o in enumerate(opts):
-                        if (o.weights is None and o.activations is None) or not o.fits(lin.in_features, grid_block):
+                        if (o.weights is None and o.activations is None) or not avail[n][k]:
                             continue
                         e = _qlinear(n, mods[n], o, absmax.get(n))(x) - y  # [T, out]
                         score[n][k] += 0.5 * float((g2 * e.float().pow(2)).sum())
-    score = {n: [s / max(n_tok, 1) if o.fits(as_linear(mods[n]).in_features, grid_block) else UNAVAILABLE
-                 for s, o in zip(v, opts)] for n, v in score.items()}
-    bits = {n: [option_bits(n, mods[n], o, absmax.get(n)) if o.fits(as_linear(mods[n]).in_features, grid_block)
-                else UNAVAILABLE for o in opts] for n in names}
+    score = {n: [s / max(n_tok, 1) if ok else UNAVAILABLE for s, ok in zip(v, avail[n])] for n, v in score.items()}
+    bits = {n: [option_bits(n, mods[n], o, absmax.get(n)) if ok else UNAVAILABLE for o, ok in zip(opts, avail[n])]
+            for n in names}
     fp_plan = prepare(model, Recipe(name="fp"))
     total_fp = measure_size(model, fp_plan, Effects(), n_params).total_bits
     rest = total_fp - sum(option_bits(n, mods[n], Option("fp", None, None), None) for n in names)

@@ -160,22 +160,20 @@ def divisor_hint(n: int, g: int) -> int:
     return max(d for d in range(8, min(n, g) + 1) if n % d == 0 and d & (d - 1) == 0) if n >= 8 else n
 
 
-__all__ = ["LinearPlan", "Plan", "resolve_plan", "check_plan", "kv_linears", "divisor_hint", "asdict"]
-
-
 FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM runs each set as one matmul
 
 
 def fused_sets(names: list[str]) -> list[list[str]]:
     """`names` partitioned into the sets vLLM fuses into one matmul (a layer's q/k/v, its gate/up), which
     must share one scheme to load there; every other linear is a set of its own. Order follows `names`."""
-    key = {}
+    groups: dict = {}
     for n in names:
         head, _, leaf = n.rpartition(".")
         shard = next((i for i, s in enumerate(FUSED_SHARDS) if leaf in s), None)
-        key[n] = (head, shard) if shard is not None else n
-    groups: dict = {}
-    for n in names:
-        groups.setdefault(key[n], []).append(n)
+        groups.setdefault((head, shard) if shard is not None else n, []).append(n)
     return list(groups.values())
+
+
+__all__ = ["LinearPlan", "Plan", "resolve_plan", "check_plan", "kv_linears", "divisor_hint", "asdict", "FUSED_SHARDS",
+           "fused_sets"]
 

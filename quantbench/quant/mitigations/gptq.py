@@ -58,8 +58,8 @@ still targets the original W.
 
 Options: damp (0.01, fraction of mean diag H), block (128), act_order (false), static_groups (false),
 calib_samples (8), token_norm (true), skip_first (0), sequential (see SEQUENTIAL_DEFAULT), mse (false; slow:
-every fit tries 80 ranges, ~0.4 s for one group of a [1536, 64] slice on one core here, so many minutes
-per model).
+every fit tries 80 ranges, ~0.1 s for one group of a [1536, 64] slice on one core here, about 10x plain
+GPTQ per linear).
 """
 from __future__ import annotations
 
