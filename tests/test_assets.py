@@ -32,7 +32,7 @@ def test_cached_assets_are_reused_without_download(monkeypatch):
     def no_download(*a, **k):
         raise AssertionError("cache miss: tried to download again")
 
-    monkeypatch.setattr(assets.subprocess, "run", no_download)
+    monkeypatch.setattr(assets, "run_pip", no_download)
     assert (assets.ensure_default_model() / "config.json").exists()
     assert assets.ensure_corpus("wiki")["eval"].stat().st_size > 1_000_000
     assert {r["name"] for r in offline.list_assets() if r["cached"] == "True"} >= {"default", "wiki"}

