@@ -218,10 +218,20 @@ def _map_error(e: BaseException, spec: str) -> QuantbenchError:
     return QuantbenchError(f"cannot place model '{spec}' with this device_map: {_first(e)}")
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_implementation: str = "sdpa",
+def _attn_error(e: BaseException, spec: str, attn: str | None) -> QuantbenchError | None:
+    """An attention implementation the architecture does not support: named as such, never as damage."""
+    text = str(e)
+    if attn and ("attention implementation" in text or "attn_implementation" in text):
+        return QuantbenchError(f"model '{spec}' does not support attn_implementation={attn!r}: {_first(e)}")
+    return None
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_implementation: str | None = None,
                placement: dict | None = None) -> LoadedModel:
     """placement: from_pretrained's device_map / max_memory / offload_folder (config `placement:`);
-    the model is then placed by accelerate instead of moved to `device`."""
+    the model is then placed by accelerate instead of moved to `device`. attn_implementation None lets
+    transformers choose what the architecture supports (sdpa where it can, else eager; the census
+    switches to eager only while it collects attention probabilities); the choice is recorded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .train import modeling as _quantbench_lm  # noqa: F401  registers model_type "quantbench_lm"
@@ -240,6 +250,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
         model = AutoModelForCausalLM.from_pretrained(s.src, dtype=tdtype, attn_implementation=attn_implementation,
                                                      **gguf, **extra)
     except Exception as e:  # noqa: BLE001 - hub failures, and local files the libraries cannot parse
+        if (err := _attn_error(e, spec, attn_implementation)) is not None:
+            raise err from None
         if placed and isinstance(e, (ValueError, RuntimeError, KeyError, TypeError, AssertionError)):
             raise _map_error(e, spec) from None
         if s.local is None and isinstance(e, (OSError, ValueError)):
@@ -264,7 +276,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
     n_params = sum(p.numel() for p in model.parameters())
     if placed:
         dev = next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
-    info.update(model_type=model.config.model_type, n_params=n_params, device=str(dev), dtype=str(tdtype),
+    info.update(model_type=model.config.model_type, n_params=n_params,
+                attn_implementation=getattr(model.config, "_attn_implementation", None), device=str(dev), dtype=str(tdtype),
                 fingerprint=model_fingerprint(model), n_layers=getattr(model.config, "num_hidden_layers", None))
     folder = s.local if s.local is not None else _hub_folder(spec, info.get("content_fingerprint"))
     return LoadedModel(model, tokenizer, info, None if s.gguf_file else folder)

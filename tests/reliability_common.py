@@ -31,16 +31,24 @@ def corpus_text(n_paras: int = 40, words: int = 40, shift: int = 0) -> str:
     return "\n\n".join(" ".join(WORDS[(i + j + shift) % len(WORDS)] for j in range(words)) for i in range(n_paras))
 
 
-def save_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama (hidden 32) with a word-level tokenizer over WORDS, as an HF folder."""
-    import torch
+def word_tokenizer():
+    """A word-level tokenizer over WORDS (ids 0-2: <unk>, <s>, </s>; fewer than 40 ids in all)."""
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *dict.fromkeys(WORDS)])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return tf.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama (hidden 32) with a word-level tokenizer over WORDS, as an HF folder."""
+    import torch
+    import transformers as tf
+
+    tok = word_tokenizer()
+    vocab = tok.get_vocab()
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
