@@ -136,6 +136,10 @@ def recommend(
     if mixed or budget is not None or max_kept is not None or base is not None:
         if not mixed:
             raise QuantbenchError("--budget, --max-kept and --base go with --mixed")
+        if min_task_retention is not None:
+            raise QuantbenchError("--min-task-retention does not apply with --mixed: the per-layer plan is chosen from "
+                                  "perplexity sensitivities, no task is scored; drop it, or add the plan's recipe to "
+                                  "the run and use recommend without --mixed")
         from .mixed.stage import recommend_mixed
 
         ppl = _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else None

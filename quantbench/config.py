@@ -277,11 +277,41 @@ def _yaml_error(p: Path, e: yaml.YAMLError) -> str:
     return f"config {p} is not valid YAML{where}: {' '.join(str(problem).split())}"
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping key given twice (1-based line numbers of both)."""
+
+    def __init__(self, key: Any, first: int, second: int):
+        where = f"lines {first} and {second}" if first != second else f"both on line {first}"
+        super().__init__(f"key {key!r} appears twice ({where})")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (safe_load keeps the last silently).
+    Keys brought in by a merge (`<<: *anchor`) may still be overridden: that is what merging is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:
+                continue  # unhashable: SafeLoader says so itself
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A YAML file's top-level mapping plus the non-None overrides; one-line errors."""
+    """A YAML file's top-level mapping plus the non-None overrides; one-line errors (a key given twice
+    in one mapping, at any depth, is one: YAML's last-wins would drop the first silently)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKey as e:
+        raise ConfigError(f"config {p}: {e}") from None
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
     except UnicodeDecodeError as e:

@@ -44,11 +44,24 @@ SPLIT_NOTE = (f"one text split disjointly: the last {assets.CALIB_FRACTION:.0%} 
 HUB_DOCS = 20000  # documents read from a hub split
 
 
+C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz",  # the first shard of each split of allenai/c4 'en'
+             "validation": "en/c4-validation.00000-of-00008.json.gz"}
+
+
+def _c4_files(config: str | None, split: str) -> dict:
+    """allenai/c4 is ~1000 files per split: read only the requested split's first shard."""
+    if config not in (None, "en"):
+        raise QuantbenchError(f"corpus allenai/c4: config '{config}' is not supported; use hf:allenai/c4:en:<split>")
+    if split not in C4_SHARDS:
+        raise QuantbenchError(f"corpus allenai/c4: unknown split '{split}' (known: {', '.join(C4_SHARDS)})")
+    return {"data_files": {split: C4_SHARDS[split]}}
+
+
 def _hub_text(dataset: str, config: str | None, split: str) -> str:
     from datasets import load_dataset
 
-    kw = {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}} if dataset == "allenai/c4" else {}
-    ds = load_dataset(dataset, config, split=split if not kw else "validation", **kw)
+    kw = _c4_files(config, split) if dataset == "allenai/c4" else {}
+    ds = load_dataset(dataset, config, split=split, **kw)
     col = "text" if "text" in ds.column_names else ds.column_names[0]
     return "\n\n".join(t for t in ds[col][:HUB_DOCS] if t and t.strip())
 
@@ -64,6 +77,8 @@ def _hub_corpus(name: str, dataset: str, config: str | None, calib_split: str | 
             calib, ev = _hub_text(dataset, config, calib_split), _hub_text(dataset, config, eval_split)
             split = (f"calibration: split '{calib_split}', evaluation: split '{eval_split}' "
                      f"(first {HUB_DOCS} documents of each; disjoint splits)")
+    except QuantbenchError:
+        raise
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one line
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise QuantbenchError(f"cannot load corpus '{name}' from the Hugging Face hub ({first}); "

@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from quantbench.config import dump_config, load_config, parse_config
+from quantbench.config import dump_config, load_config, parse_config, read_yaml_mapping
 from quantbench.errors import ConfigError
 from quantbench.quant.recipes import PRESETS
 
@@ -20,6 +20,8 @@ from quantbench.quant.recipes import PRESETS
     ({"recipes": [{"name": "x", "activations": {"granularity": "token", "dynamic": False}}]}, "recipes", "static"),
     ({"recipes": [{"name": "x", "weights": {"bits": 1}}]}, "weights.bits", "greater than or equal"),
     ({"recipes": ["fp", "fp"]}, "<root>", "unique"),
+    ({"recipes": [{"name": "kvt", "kv": {"bits": 8, "granularity": "tensor"}}]}, "recipes[0] (kvt)",
+     "kv granularity 'tensor' is not supported"),
     ({"recipes": []}, "recipes", "non-empty"),
 ])
 def test_config_errors_name_the_key(data, key, words):
@@ -66,3 +68,39 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "error: config: evall: unknown key"
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("model: default\nseed: 1\neval:\n  seq_len: 64\nrecipes: [fp]\n\n\n\neval:\n  seq_len: 32\n",
+     "eval", "lines 3 and 9"),
+    ("eval:\n  seq_len: 64\n  stride: 32\n  seq_len: 128\n", "seq_len", "lines 2 and 4"),
+    ("recipes:\n- name: a\n  weights: {bits: 4, bits: 8}\n", "bits", "both on line 3"),
+    ("recipes:\n- name: a\n  mitigations:\n  - {name: smoothquant, options: {alpha: 0.5}}\n"
+     "  - name: clip\n    options:\n      ratio: 1\n      ratio: 2\n", "ratio", "lines 7 and 8"),
+])
+def test_duplicate_yaml_key_at_any_depth_is_an_error(tmp_path, text, key, lines):
+    p = tmp_path / "dup.yaml"
+    p.write_text(text)
+    assert yaml.safe_load(text)  # plain YAML keeps the last value silently
+    with pytest.raises(ConfigError) as e:
+        read_yaml_mapping(p)
+    assert str(e.value) == f"config {p}: key '{key}' appears twice ({lines})"
+
+
+def test_merge_keys_and_equal_keys_in_separate_mappings_are_not_duplicates(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text("base: &b {bits: 4, symmetric: true}\nw: {<<: *b, bits: 8}\n"
+                 "recipes:\n- {name: a, weights: {bits: 4}}\n- {name: b, weights: {bits: 8}}\n")
+    data = read_yaml_mapping(p)
+    assert data["w"] == {"bits": 8, "symmetric": True}
+    assert [r["weights"]["bits"] for r in data["recipes"]] == [4, 8]
+
+
+def test_cli_refuses_a_config_with_a_duplicate_key(tmp_path, capsys):
+    from reliability_common import assert_error, cli
+
+    p = tmp_path / "dup.yaml"
+    p.write_text("model: default\nrecipes: [fp]\nseed: 1\nseed: 2\nnot_a_key: 0\n")  # never a run, even if undetected
+    assert_error(cli(capsys, "run", "-c", p, "--out", tmp_path / "out"),
+                 f"config {p}: key 'seed' appears twice (lines 3 and 4)")
+    assert not (tmp_path / "out").exists()

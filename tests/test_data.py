@@ -81,3 +81,51 @@ def test_wiki_calibration_and_evaluation_are_disjoint(wiki):
     assert "Anarchism" in eval_docs
     assert not eval_docs & calib_docs
     assert "[[" not in wiki.eval_text and "{{" not in wiki.eval_text and "<ref" not in wiki.eval_text
+
+
+class _FakeHubSplit:
+    """What load_dataset returns, enough for _hub_text: a text column of distinct documents."""
+    column_names = ["text", "url"]
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def __getitem__(self, col):
+        return [f"{self.tag} document {i} " * 5 for i in range(40)]
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kw):
+        calls.append({"path": path, "name": name, "split": split, **kw})
+        return _FakeHubSplit(f"{path}/{split}")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    return calls
+
+
+@pytest.mark.parametrize("split, shard", [("train", "en/c4-train.00000-of-01024.json.gz"),
+                                          ("validation", "en/c4-validation.00000-of-00008.json.gz")])
+def test_c4_loads_the_first_shard_of_the_requested_split(hub_calls, split, shard):
+    c = load_corpus(f"hf:allenai/c4:en:{split}")
+    assert hub_calls == [{"path": "allenai/c4", "name": "en", "split": split, "data_files": {split: shard}}]
+    assert f"split '{split}'" in c.split and f"allenai/c4/{split} document" in c.eval_text
+
+
+def test_c4_unknown_split_is_one_line_and_loads_nothing(hub_calls):
+    with pytest.raises(QuantbenchError) as e:
+        load_corpus("hf:allenai/c4:en:test")
+    assert "unknown split 'test'" in str(e.value) and "train" in str(e.value) and "\n" not in str(e.value)
+    assert hub_calls == []
+
+
+def test_builtin_c4_and_other_hub_datasets_pass_the_split_through(hub_calls):
+    load_corpus("c4")  # the built-in: c4's validation split, divided disjointly
+    load_corpus("hf:wikitext:wikitext-2-raw-v1:train")
+    assert hub_calls == [{"path": "allenai/c4", "name": "en", "split": "validation",
+                          "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}},
+                         {"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "train"}]

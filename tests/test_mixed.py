@@ -313,6 +313,25 @@ def test_recommend_mixed_from_a_run_dir(planted, tmp_path):
     assert proc.stderr.strip().splitlines()[0].startswith("error: ") and "no such run directory" in proc.stderr
 
 
+
+def test_recommend_mixed_refuses_min_task_retention(planted, tmp_path, capsys):
+    """The mixed plan is chosen from perplexity sensitivities and scores no task: a task tolerance with
+    --mixed is refused before any work (it was silently ignored and a plan printed)."""
+    from reliability_common import assert_error, cli
+
+    m, ids = planted
+    base = PRESETS.get("w4a16-g64")
+    s = measure_sensitivity(m, base, Calibration(ids, 2), samples=1)
+    sensitivity_path(tmp_path, base.name).parent.mkdir()
+    sensitivity_path(tmp_path, base.name).write_text(json.dumps({"key": {}, "sensitivity": s.to_json()}))
+    argv = ["recommend", tmp_path, "--mixed", "--base", "w4a16-g64", "--budget", "9"]
+    assert cli(capsys, *argv).rc == 0  # the same run answers without the task tolerance
+    res = cli(capsys, *argv, "--min-task-retention", "99%")
+    assert_error(res, "--min-task-retention does not apply with --mixed")
+    assert res.out == ""
+    assert_error(cli(capsys, "recommend", tmp_path / "nope", "--mixed", "--budget", "5", "--min-task-retention", "99%"),
+                 "--min-task-retention does not apply with --mixed")
+
 def test_pipeline_evaluates_the_mixed_recipe_as_a_row(tmp_path):
     """A `mixed:` entry becomes a row after the uniform ones, within its budget, with its plan explained."""
     from quantbench import pipeline

@@ -139,3 +139,17 @@ def test_kv_rejected_clearly_where_it_cannot_work():
         prepare(tiny_model("llama"), Recipe(name="kv", kv=QuantSpec(bits=8, granularity="group", group_size=24)))
     with pytest.raises(ValueError):
         Recipe(name="kv", kv=QuantSpec(bits=8, granularity="tensor", dynamic=False))
+
+
+def test_kv_per_tensor_is_refused_because_its_range_would_see_future_tokens():
+    """A dynamic per-tensor range over a k/v output [B, T, D] spans every position: token 0's cached key
+    would depend on token 3's value (shown on the primitive), which no KV cache can do; the recipe is refused."""
+    spec = QuantSpec(bits=4, granularity="tensor", dynamic=True)
+    y = torch.tensor([[[0.3, -0.2], [0.1, 0.4], [0.2, 0.1], [0.05, 0.1]]])  # [1, T=4, D=2]
+    later = y.clone()
+    later[0, 3] = torch.tensor([8.0, -8.0])  # only a future token changes
+    assert not torch.equal(fake_quant(y, spec)[0, 0], fake_quant(later, spec)[0, 0])
+    with pytest.raises(ValueError, match="future tokens included"):
+        Recipe(name="kv", kv=spec)
+    with pytest.raises(ValueError, match="future tokens included"):
+        Recipe(name="kv", overrides=[{"match": "k_proj", "kv": {"bits": 8, "granularity": "tensor"}}])

@@ -111,3 +111,14 @@ def test_n_to_resolve_gives_about_80pct_power_at_the_observed_difference():
         q2, f2, t2 = _units(rng, need, 0.004, noise=0.02)
         resolved += stats.ppl_change(q2, f2, t2, resamples=400, seed=i).lo > 0
     assert 0.6 < resolved / 150 < 0.97
+
+
+def test_interval_holds_its_estimate_where_the_posterior_cannot_reach_it():
+    """All 30 documents flip: Δacc = −1 exactly, but θ_c − θ_b > −1 on every Dirichlet draw, so the raw
+    2.5% quantile is above the estimate; the reported interval is widened to hold it (stats module doc)."""
+    iv = stats.accuracy_delta([0] * 30, [1] * 30)
+    theta = np.random.default_rng(stats.SEED).dirichlet([0.5, 30.5, 0.5, 0.5], size=stats.RESAMPLES)  # a, b, c, d
+    raw_lo, raw_hi = np.quantile(theta[:, 2] - theta[:, 1], [0.025, 0.975])
+    assert iv.estimate == -1.0 and raw_lo > -1.0
+    assert iv.lo == -1.0 and iv.hi == pytest.approx(raw_hi, abs=1e-12)
+    assert iv.contains(iv.estimate)

@@ -143,8 +143,12 @@ def check_specs(w: QuantSpec | None, a: QuantSpec | None, kv: QuantSpec | None) 
             raise ValueError("activations cannot be per-channel (the scale would not factor out of the matmul)")
         if not a.dynamic and a.granularity == "token":
             raise ValueError("static activations need granularity 'tensor' or 'group' (per-token ranges are dynamic by nature)")
+    if kv is not None and kv.granularity == "tensor":
+        raise ValueError("kv granularity 'tensor' is not supported: its dynamic range would span the whole sequence, "
+                         "future tokens included, which no KV cache knows when it writes a token; use 'token' or "
+                         "'group' (group_size = head_dim)")
     if kv is not None and (not kv.dynamic or kv.granularity == "channel"):
-        raise ValueError("kv quantization is dynamic, per 'tensor', 'token' (all heads of a token) or "
+        raise ValueError("kv quantization is dynamic, per 'token' (all heads of a token) or "
                          "'group' (group_size = head_dim: one scale per head and token)")
     if w is not None and w.granularity == "token":
         raise ValueError("weights cannot be per-token; use channel or group")
