@@ -1,6 +1,7 @@
 """Run manifest: everything needed to know what produced a result."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata as md
 import json
@@ -19,6 +20,21 @@ PACKAGES = ("quantbench", "torch", "transformers", "accelerate", "bitsandbytes",
 # Packages whose version can change a row's numbers (kernels, tokenization, task scoring, loading).
 NUMERIC_PACKAGES = ("quantbench", "torch", "transformers", "tokenizers", "accelerate", "bitsandbytes",
                     "optimum-quanto", "lm-eval", "compressed-tensors", "torchao", "gguf", "safetensors")
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 of quantbench's own source: every .py file of the imported package, by relative path.
+    Part of every row's inputs key, so rows computed by other code are set aside and recomputed."""
+    return tree_fingerprint(Path(__file__).resolve().parent)
+
+
+def tree_fingerprint(root: Path) -> str:
+    """Short sha256 over the relative paths and bytes of every .py file below `root`."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
@@ -59,13 +75,15 @@ def build_manifest(cfg, model_info: dict, corpus_info: dict, protocol: dict) -> 
         "corpus": corpus_info,
         "eval_protocol": protocol,
         "config_fingerprint": cfg.fingerprint(),
+        "quantbench_code": code_fingerprint(),
     }
 
 
 # ---------------------------------------------------------------- what the rows depend on
 def run_inputs(cfg, model_info: dict, corpus_fingerprint: dict) -> dict:
     """Everything besides the recipe that changes a row: model content, corpus content, the
-    settings of evaluation/calibration/tasks, the device and dtype, and package versions."""
+    settings of evaluation/calibration/tasks, the device and dtype, package versions, and
+    quantbench's own code (code_fingerprint)."""
     settings = cfg.model_dump(mode="json", exclude={"run_id", "output_dir", "recommend", "recipes", "model",
                                                     "threads", "device", "census", "export",
                                                     "models", "executor",  # executor: same rows anywhere
@@ -77,7 +95,8 @@ def run_inputs(cfg, model_info: dict, corpus_fingerprint: dict) -> dict:
             "corpus": dict(corpus_fingerprint),
             "settings": settings,
             "device": str(model_info.get("device", "")).split(":")[0],
-            "packages": package_versions(NUMERIC_PACKAGES)}
+            "packages": package_versions(NUMERIC_PACKAGES),
+            "code": code_fingerprint()}
 
 
 def inputs_key(inputs: dict, census: dict | None = None) -> str:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 
 import pytest
@@ -174,6 +175,26 @@ def test_changed_package_version_starts_fresh_rows(capsys, env, done, calls, mon
     monkeypatch.setattr(manifest, "package_versions", lambda *a: {**real(*a), "torch": "9.9.9"})
     old = rows_lines(done)
     _assert_fresh(_ok_rerun(capsys, env), done, old, "packages.torch")
+
+
+def test_changed_quantbench_code_starts_fresh_rows(capsys, env, done, calls, monkeypatch):
+    from quantbench import manifest
+
+    monkeypatch.setattr(manifest, "code_fingerprint", lambda: "0123456789abcdef")
+    old = rows_lines(done)
+    _assert_fresh(_ok_rerun(capsys, env), done, old, "code")
+    assert calls == RECIPES
+
+
+def test_code_fingerprint_changes_with_any_source_byte(tmp_path):
+    from quantbench import manifest
+
+    tree = tmp_path / "quantbench"
+    shutil.copytree(Path(manifest.__file__).parent, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    assert manifest.tree_fingerprint(tree) == manifest.code_fingerprint()  # the installed package's own code
+    f = tree / "quant" / "primitives.py"
+    f.write_text(f.read_text() + "\n")
+    assert manifest.tree_fingerprint(tree) != manifest.code_fingerprint()
 
 
 def test_changed_setting_in_the_same_run_id_starts_fresh_rows(capsys, env, done, calls):
