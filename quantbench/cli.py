@@ -179,7 +179,7 @@ def tables(
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="a run directory (results/<run-id>)"),
-    recipe: str = typer.Option(..., "--recipe", help="name of a recipe of that run"),
+    recipe: str = typer.Option(..., "--recipe", help="name of a recipe of that run (mixed ones included)"),
     out: Path = typer.Option(..., "--out", help="folder to write the Hugging Face model (or .gguf) into"),
     format: Optional[str] = typer.Option(None, "--format", help="compressed-tensors | gguf (default: gguf for "
                                          "gguf-* recipes, compressed-tensors otherwise)"),
@@ -187,12 +187,13 @@ def export(
     """Re-apply a measured recipe exactly as the run did, write a real checkpoint, reload it through the
     runtime's own loader and verify it (weights bit for bit, perplexity); records it in the run."""
     from .export.context import load_run_context
-    from .export.job import export_recipe, summary
+    from .export.job import check_request, export_recipe, summary
     from .export.record import record_export
     from .rundir import RunLock
 
     if not (run_dir / "config.yaml").exists():
         raise QuantbenchError(f"{run_dir} is not a run directory (no config.yaml)")
+    check_request(run_dir, recipe, format)  # before the model is loaded
     with RunLock(run_dir):  # the export adds to the run's rows and report
         rc = load_run_context(run_dir)
         cols = record_export(rc.run_dir, rc.cfg, recipe, export_recipe(rc, recipe, out, format))

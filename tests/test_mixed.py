@@ -388,3 +388,42 @@ def test_adding_a_mixed_entry_keeps_the_uniform_rows(tmp_path):
     assert lines[:len(first)] == first  # the earlier rows were kept, not rewritten
     assert [json.loads(x)["recipe"] for x in lines[len(first):]] == ["mixed-w4a16-g64-b+0.1"]
     assert not (out / "rows.stale.jsonl").exists()
+
+
+def test_every_mixed_recipe_a_run_reports_can_be_exported(tmp_path, capsys, monkeypatch):
+    """A searched mixed recipe is kept with its plan in <run>/mixed/ and exported from the run directory
+    alone (export read only the config's recipes); so is one `recommend --mixed` writes. The recipe and
+    format are checked before any model is loaded."""
+    from quantbench import models, pipeline
+    from reliability_common import assert_error, cli
+
+    d = save_tiny_llama(tmp_path / "tiny")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"the model reads sentence {i} . then another one , and {i * 7} follows"
+                                  for i in range(400)))
+    out = pipeline.run(parse_config({
+        "model": str(d), "output_dir": str(tmp_path / "out"), "run_id": "t",
+        "corpus": {"name": str(corpus), "calib_samples": 2, "calib_seq_len": 32},
+        "eval": {"seq_len": 64, "max_windows": 2, "batch_size": 2}, "census": {"enabled": False},
+        "recipes": ["fp", "w4a16-g64"], "mixed": [{"base": "w4a16-g64", "budget_over_base": 0.5, "samples": 1}]}))
+    name = "mixed-w4a16-g64-b+0.5"
+    kept = json.loads((out / "mixed" / f"{name}.recipe.json").read_text())
+    assert kept["name"] == name and kept["overrides"]  # the per-linear plan travels with the recipe
+    res = cli(capsys, "export", out, "--recipe", name, "--out", tmp_path / "exp")
+    assert res.rc == 0, res.err[-2000:]
+    row = pipeline.load_rows(out / "rows.jsonl")[name]
+    assert row["export_verified"] is True and row["export_weights_equal"].split("/")[0] == row["export_weights_equal"].split("/")[1]
+    res = cli(capsys, "recommend", out, "--mixed", "--budget", "16")
+    assert res.rc == 0, res.err[-1000:]
+    text = res.out
+    assert "saved: " in text and (out / "mixed" / "mixed-w4a16-g64-b16.recipe.json").exists(), text[-500:]
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    monkeypatch.setattr("quantbench.export.context.load_model", no_model)
+    assert_error(cli(capsys, "export", out, "--recipe", "mixed-w4a16-g64-b+0.6", "--out", tmp_path / "x"),
+                 "has no recipe 'mixed-w4a16-g64-b+0.6'", "did you mean", name)
+    res = cli(capsys, "export", out, "--recipe", "mixed-w4a16-g64-b16", "--out", tmp_path / "y", "--format", "nope")
+    assert res.rc == 2 and "Traceback" not in res.err

@@ -34,14 +34,25 @@ class RunContext:
         return next(self.lm.model.parameters()).device
 
     def recipe(self, name: str) -> Recipe:
-        by_name = {r.name: r for r in self.cfg.recipes}
-        if name not in by_name:
-            raise QuantbenchError(f"run {self.run_dir} has no recipe '{name}'{suggest(name, list(by_name))} "
-                                  f"(recipes: {', '.join(by_name)})")
+        return run_recipe(self.run_dir, self.cfg, name)
+
+
+def run_recipe(run_dir: Path, cfg: RunConfig, name: str) -> Recipe:
+    """A recipe of the run: one of its config's, or a mixed recipe the run (or `recommend --mixed`)
+    searched and kept in <run>/mixed/ with its plan."""
+    from ..mixed.stage import saved_recipe, saved_recipes
+
+    by_name = {r.name: r for r in cfg.recipes}
+    if name in by_name:
         return by_name[name]
+    kept = saved_recipe(run_dir, name)
+    if kept is not None:
+        return kept
+    known = [*by_name, *saved_recipes(run_dir)]
+    raise QuantbenchError(f"run {run_dir} has no recipe '{name}'{suggest(name, known)} (recipes: {', '.join(known)})")
 
 
-def _read(run_dir: Path) -> tuple[RunConfig, dict]:
+def read_run(run_dir: Path) -> tuple[RunConfig, dict]:
     if not (run_dir / "config.yaml").exists():
         raise QuantbenchError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
@@ -56,7 +67,7 @@ def load_run_context(run_dir: str | Path) -> RunContext:
     """Model, windows and calibration batches exactly as the run built them (one-line errors when the
     model or the corpus no longer match the fingerprints the run recorded)."""
     run_dir = Path(run_dir)
-    cfg, manifest = _read(run_dir)
+    cfg, manifest = read_run(run_dir)
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

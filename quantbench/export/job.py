@@ -146,6 +146,15 @@ def _verify(rc: RunContext, sim: nn.Module, reloaded: nn.Module) -> dict:
             "export_logit_maxdiff": tee.max_abs_diff, "export_tok_s": round(rc.windows.input_ids.numel() / secs, 1)}
 
 
+def check_request(run_dir: Path, name: str, fmt: str | None) -> None:
+    """The recipe and format of an export request, checked from the run directory before any model is
+    loaded (one-line errors: unknown recipe, a format that cannot express it)."""
+    from .context import read_run, run_recipe
+
+    recipe = run_recipe(run_dir, read_run(run_dir)[0], name)
+    check_recipe(recipe, export_format(recipe, fmt))
+
+
 def export_recipe(rc: RunContext, name: str, out: str | Path, fmt: str | None = None) -> dict:
     """Export recipe `name` of the run to `out` and prove it; returns the row's export columns."""
     recipe = rc.recipe(name)
@@ -204,4 +213,4 @@ def export_list(rc: RunContext, names: tuple[str, ...] | list[str]) -> None:
         log(summary(name, record_export(rc.run_dir, rc.cfg, name, cols)))
 
 
-__all__ = ["export_recipe", "export_list", "summary", "MARKER"]
+__all__ = ["check_request", "export_recipe", "export_list", "summary", "MARKER"]

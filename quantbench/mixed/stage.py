@@ -34,6 +34,35 @@ def base_recipe(base: str, recipes: tuple[Recipe, ...] = ()) -> Recipe:
     return PRESETS.get(base)
 
 
+def recipe_path(out: Path, name: str) -> Path:
+    """Where a searched mixed recipe is kept, resolved with its per-linear plan, so that export and a
+    rerun can rebuild it from the run directory alone."""
+    return out / "mixed" / f"{name}.recipe.json"
+
+
+def save_recipe(out: Path, r: Recipe) -> Path:
+    path = recipe_path(out, r.name)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_text(path, json.dumps(r.model_dump(mode="json"), indent=1) + "\n")
+    return path
+
+
+def saved_recipe(out: Path, name: str) -> Recipe | None:
+    """A mixed recipe kept by save_recipe, None when there is none; a damaged file is one line."""
+    path = recipe_path(out, name)
+    if not path.exists():
+        return None
+    try:
+        return Recipe.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is damaged ({type(e).__name__}); rerun `quantbench run` (or `recommend "
+                          f"--mixed`) to write it again") from None
+
+
+def saved_recipes(out: Path) -> list[str]:
+    return sorted(p.name.removesuffix(".recipe.json") for p in (out / "mixed").glob("*.recipe.json"))
+
+
 def sensitivity_path(out: Path, base: str) -> Path:
     return out / "mixed" / f"sensitivity-{base}.json"
 
@@ -185,6 +214,7 @@ def build_mixed(model: nn.Module, cfg, calib: Calibration, probe_ids: torch.Tens
         r = to_recipe(base, c, m.label())
         text = explain_plan(c, r, census, base_row)
         atomic_write_text(out / "mixed" / f"{r.name}.txt", text + "\n")
+        save_recipe(out, r)
         log(text.split("\n")[0])
         recipes.append(r)
     return recipes
@@ -220,4 +250,6 @@ def recommend_mixed(run_dir: Path, base: str | None, budget: float | None, max_p
              else f"k{max_kept:g}") + ("" if fused else "-unfused")
     r = to_recipe(base_recipe(base, recipes), c, f"mixed-{base}-{label}")
     census = read_json_or_none(run_dir / "census.json")
-    return explain_plan(c, r, census, base_row)
+    path = save_recipe(run_dir, r)
+    return (explain_plan(c, r, census, base_row) + f"\nsaved: {path} (export it with `quantbench export "
+            f"{run_dir} --recipe {r.name} --out DIR`)")
