@@ -140,9 +140,13 @@ def recommend(
             raise QuantbenchError("--min-task-retention does not apply with --mixed: the per-layer plan is chosen from "
                                   "perplexity sensitivities, no task is scored; drop it, or add the plan's recipe to "
                                   "the run and use recommend without --mixed")
+        from .config import MixedConfig, validate_options
         from .mixed.stage import recommend_mixed
 
         ppl = _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else None
+        if sum(v is not None for v in (budget, ppl, max_kept)) == 1:  # how many: recommend_mixed says
+            validate_options(MixedConfig, {"budget": ("--budget", budget), "max_ppl_increase": ("--max-ppl-increase", ppl),
+                                           "max_kept": ("--max-kept", max_kept)})
         typer.echo(recommend_mixed(run_dir, base, budget, ppl, max_kept, fused))
         return
     from .config import load_config

@@ -15,7 +15,7 @@ from .quant.spec import Recipe
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every number finite
 
 
 class CorpusConfig(_Strict):
@@ -267,6 +267,18 @@ def validate(cls: type[BaseModel], data: dict[str, Any] | None):
         return cls.model_validate(data or {})
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
+
+
+def validate_options(cls: type[BaseModel], options: dict[str, tuple[str, Any]]) -> None:
+    """Command-line options checked by the config's own model: {field: (option name, value)}; a
+    mistake is one ConfigError naming the option (the same bounds as in a config file)."""
+    try:
+        cls.model_validate({k: v for k, (_, v) in options.items() if v is not None})
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = str(e["loc"][0]) if e["loc"] else ""
+        name = options.get(field, (field or "options", None))[0]
+        raise ConfigError(f"{name}: {e['msg'].removeprefix('Value error, ')}") from None
 
 
 def _yaml_error(p: Path, e: yaml.YAMLError) -> str:

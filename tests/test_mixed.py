@@ -427,3 +427,23 @@ def test_every_mixed_recipe_a_run_reports_can_be_exported(tmp_path, capsys, monk
                  "has no recipe 'mixed-w4a16-g64-b+0.6'", "did you mean", name)
     res = cli(capsys, "export", out, "--recipe", "mixed-w4a16-g64-b16", "--out", tmp_path / "y", "--format", "nope")
     assert res.rc == 2 and "Traceback" not in res.err
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--budget", "nan", "--budget: "), ("--budget", "inf", "--budget: "), ("--budget", "1e9", "less than or equal to 16"),
+    ("--max-kept", "nan", "--max-kept: "), ("--max-kept", "-1", "greater than 0"), ("--max-kept", "0", "greater than 0"),
+    ("--max-kept", "inf", "--max-kept: "), ("--max-ppl-increase", "nan", "--max-ppl-increase: ")])
+def test_recommend_mixed_numbers_get_the_config_files_checks(planted, tmp_path, capsys, option, value, words):
+    """Every numeric option of recommend --mixed goes through the config's own bounds (nan was a
+    traceback; -1, inf, 1e9 and 0 were accepted)."""
+    from reliability_common import assert_error, cli
+
+    m, ids = planted
+    s = measure_sensitivity(m, PRESETS.get("w4a16-g64"), Calibration(ids, 2), samples=1)
+    sensitivity_path(tmp_path, "w4a16-g64").parent.mkdir()
+    sensitivity_path(tmp_path, "w4a16-g64").write_text(json.dumps({"key": {}, "sensitivity": s.to_json()}))
+    res = cli(capsys, "recommend", tmp_path, "--mixed", "--base", "w4a16-g64", option, value)
+    assert_error(res, words)
+    with pytest.raises(ConfigError):  # the config file refuses the same number
+        parse_config({"recipes": ["fp"], "mixed": [{"base": "w4a16-g64",
+                                                    option.lstrip("-").replace("-", "_"): float(value)}]})
