@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import yaml
 
 from quantbench.errors import QuantbenchError
 from quantbench.quant.apply import apply_recipe, prepare
@@ -102,3 +103,16 @@ def test_census_named_layers_kept_in_8_bit_on_the_default_model(default_lm, wiki
     with torch.no_grad():
         err = [(q(input_ids=ids).logits - model(input_ids=ids).logits).pow(2).mean().item() for q in (qa, qb)]
     assert err[1] < err[0]  # spending bits where the census points helps
+
+
+@pytest.mark.parametrize("where", ["override", "exclude"])
+def test_a_regex_that_does_not_compile_is_a_config_error(where, tmp_path, capsys):
+    """'re:(' was a traceback from re.compile mid-run (exit 1); now the config is refused in one line."""
+    from reliability_common import assert_error, cli
+
+    bad = {"preset": "w4a16-g64", "name": "bad"}
+    bad.update({"overrides": [{"match": "re:layers.(0", "weights": None}]} if where == "override"
+               else {"exclude": ["re:lm_head[", "lm_head"]})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(tmp_path / "nowhere"), "recipes": ["fp", bad]}))
+    assert_error(cli(capsys, "run", "-c", cfg), "is not a valid regular expression")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..registry import Registry, UnknownName
 
@@ -89,6 +89,18 @@ class MitigationSpec(_Frozen):
         return self
 
 
+def check_pattern(pattern: str) -> str:
+    """A module-name pattern whose 're:' regular expression compiles (ValueError otherwise)."""
+    if pattern.startswith("re:"):
+        import re
+
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({e})") from None
+    return pattern
+
+
 class Override(_Frozen):
     """Replace specs for the linears whose names match `match` (exact, dotted suffix, glob, or
     're:<regex>'). A field left out keeps the recipe's value; `null` means full precision."""
@@ -98,6 +110,11 @@ class Override(_Frozen):
     activations: QuantSpec | None = None
     kv: QuantSpec | None = None
     backend: str | None = None
+
+    @field_validator("match")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        return check_pattern(v)
 
     def replaces(self) -> set[str]:
         """The fields this override sets (explicit nulls included)."""
@@ -116,6 +133,11 @@ class Recipe(_Frozen):
     backend_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {threshold: 6.0} for bnb-int8
     exclude: tuple[str, ...] = ("lm_head",)
     overrides: tuple[Override, ...] = ()
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_pattern(p) for p in v)
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
