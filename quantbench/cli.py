@@ -208,7 +208,7 @@ def export(
 def score(
     checkpoint: Path = typer.Argument(..., help="checkpoint folder: an export (results/<run>/export/<recipe>) or HF model"),
     task: list[str] = typer.Option(["qb_wiki_cloze"], "--task", help="task name (repeat); offline pack or lm-eval"),
-    limit: Optional[int] = typer.Option(30, help="documents per task (same fixed sample as a run)"),
+    limit: Optional[int] = typer.Option(250, help="documents per task (same fixed sample as a run)"),
     num_fewshot: int = typer.Option(0, help="few-shot examples"),
     backend: str = typer.Option("vllm", help="vllm (lm-eval's vLLM backend) | hf (HFLM with a device map)"),
     tensor_parallel_size: int = typer.Option(1, help="vllm: GPUs to shard the model over"),
@@ -216,10 +216,10 @@ def score(
     include_path: Optional[str] = typer.Option(None, help="folder with your own lm-eval task YAMLs"),
 ) -> None:
     """Downstream accuracy of a checkpoint folder through lm-eval (vLLM backend, or HFLM)."""
-    from .eval.checkpoint import check_backend, score_checkpoint
+    from .eval.checkpoint import check_request, score_checkpoint
     from .eval.downstream import TaskSettings, load_tasks
 
-    check_backend(backend)
+    check_request(checkpoint, backend, dtype, limit, tensor_parallel_size)
     tasks = load_tasks(TaskSettings(tuple(task), limit=limit, num_fewshot=num_fewshot, include_path=include_path))
     if tasks is None:
         raise QuantbenchError(f"none of the tasks {', '.join(task)} can be scored here (see above)")

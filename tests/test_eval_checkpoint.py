@@ -51,7 +51,38 @@ def test_hf_backend_on_the_folder_equals_the_in_memory_model(setup):
 
 def test_not_a_checkpoint_folder_and_unknown_backend_are_one_line(setup, tmp_path):
     tasks = setup[3]
-    with pytest.raises(QuantbenchError, match="is not a checkpoint folder \\(no config.json\\)"):
+    with pytest.raises(QuantbenchError, match="is empty: not a checkpoint folder"):
         checkpoint.score_checkpoint(tmp_path, tasks, backend="hf")
     with pytest.raises(QuantbenchError, match="unknown scoring backend 'trt' \\(choose: vllm, hf\\)"):
         checkpoint.score_checkpoint(tmp_path, tasks, backend="trt")
+
+
+@pytest.mark.parametrize("case, argv, words", [
+    ("no tokenizer", [], "has no tokenizer files"),
+    ("fine", ["--limit", "0"], "--limit: must be at least 1"),
+    ("fine", ["--limit", "-1"], "--limit: must be at least 1"),
+    ("fine", ["--dtype", "fp17"], "--dtype: unknown dtype 'fp17'"),
+    ("fine", ["--tensor-parallel-size", "0"], "--tensor-parallel-size: must be at least 1"),
+    ("bad config", [], "config.json is damaged"),
+    ("gguf", [], "is a GGUF export"),
+    ("empty", [], "is empty: not a checkpoint folder"),
+    ("missing", [], "checkpoint folder not found"),
+])
+def test_score_refuses_bad_input_in_one_line(setup, tmp_path, capsys, case, argv, words):
+    """Each was a traceback or a misleading message (issue 21); all are checked before any work."""
+    import shutil
+
+    from reliability_common import assert_error, cli
+
+    folder = tmp_path / "m"
+    if case != "missing":
+        folder.mkdir()
+    if case in ("no tokenizer", "fine", "bad config"):
+        for f in (setup[0] / "model").iterdir():
+            if case != "no tokenizer" or not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                shutil.copy(f, folder / f.name)
+    if case == "bad config":
+        (folder / "config.json").write_text('{"model_type": "llama",')
+    if case == "gguf":
+        (folder / "model-Q4_0.gguf").write_bytes(b"GGUF")
+    assert_error(cli(capsys, "score", folder, "--backend", "hf", *argv), words)

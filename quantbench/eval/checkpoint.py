@@ -28,12 +28,44 @@ def vllm_available() -> bool:
     return find_spec("vllm") is not None
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _folder(path: str | Path) -> Path:
+    """A folder lm-eval can load: config.json that parses, and tokenizer files (one line otherwise)."""
     p = Path(path).expanduser()
+    if not p.is_dir():
+        raise QuantbenchError(f"checkpoint folder not found: {p}")
     if not (p / "config.json").is_file():
-        raise QuantbenchError(f"{p} is not a checkpoint folder (no config.json); give an export folder "
+        if any(p.glob("*.gguf")):
+            raise QuantbenchError(f"{p} is a GGUF export: its perplexity is measured by llama.cpp at export "
+                                  "(export_llama_cpp_* columns); score takes Hugging Face folders")
+        what = "is empty" if not any(p.iterdir()) else "has no config.json"
+        raise QuantbenchError(f"{p} {what}: not a checkpoint folder; give an export folder "
                               "(results/<run>/export/<recipe>) or an HF model folder")
+    try:
+        import json
+
+        json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise QuantbenchError(f"{p / 'config.json'} is damaged ({type(e).__name__}); re-export or re-save the model") from None
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise QuantbenchError(f"{p} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                              "beside the model (tokenizer.save_pretrained)")
     return p
+
+
+def check_request(path: str | Path, backend: str, dtype: str, limit: int | None, tensor_parallel_size: int) -> None:
+    """Every option of `quantbench score` checked before any work (one line each)."""
+    if limit is not None and limit < 1:
+        raise QuantbenchError(f"--limit: must be at least 1 document per task (or left out for all), got {limit}")
+    if dtype not in DTYPES:
+        raise QuantbenchError(f"--dtype: unknown dtype '{dtype}' (choose: {', '.join(DTYPES)})")
+    if tensor_parallel_size < 1:
+        raise QuantbenchError(f"--tensor-parallel-size: must be at least 1, got {tensor_parallel_size}")
+    check_backend(backend)
+    _folder(path)
 
 
 def check_backend(backend: str) -> None:
@@ -62,6 +94,10 @@ def score_checkpoint(path: str | Path, tasks: LoadedTasks, backend: str = "vllm"
         from lm_eval.models.huggingface import HFLM
 
         gpu = torch.cuda.is_available()  # parallelize: accelerate's device map over the GPUs, offload beyond
-        lm = HFLM(pretrained=str(folder), dtype=dtype, batch_size=s.batch_size, parallelize=gpu,
-                  device="cuda" if gpu else "cpu")
+        try:
+            lm = HFLM(pretrained=str(folder), dtype=dtype, batch_size=s.batch_size, parallelize=gpu,
+                      device="cuda" if gpu else "cpu")
+        except (OSError, ValueError, KeyError) as e:  # files transformers cannot read
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise QuantbenchError(f"cannot load {folder} with transformers: {first}") from None
     return score_lm(lm, tasks)
