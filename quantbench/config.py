@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,6 +148,13 @@ class ExecutorConfig(_Strict):
     def _shorthand(cls, v: Any) -> Any:
         return {"kind": v} if isinstance(v, str) else v  # `executor: ray`
 
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> "ExecutorConfig":
+        if self.kind == "serial" and self.address is not None:
+            raise ValueError(f"a Ray address ({self.address!r}) is given but the executor is serial: add "
+                             "--executor ray (kind: ray), or drop the address")
+        return self
+
 
 class MixedConfig(_Strict):
     """One census-guided mixed-precision recipe, searched after the uniform rows and evaluated like
@@ -183,7 +191,16 @@ class MixedConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    run_id: str | None = None
+    run_id: str | None = None  # a plain name: the folder under output_dir
+
+    @field_validator("run_id")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (v in (".", "..") or not re.fullmatch(r"[A-Za-z0-9._+=-]+", v)):
+            raise ValueError(f"must be a plain folder name (letters, digits, . _ + = -), got {v!r}: "
+                             "the run directory is <output_dir>/<run_id>")
+        return v
+
     seed: int = 0
     model: str = "default"
     models: tuple[str, ...] = ()  # several checkpoints: one run directory each, cells = models x recipes

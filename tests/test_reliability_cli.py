@@ -136,6 +136,23 @@ def test_duplicate_and_empty_recipes(capsys, setup):
     _config_case(capsys, setup, "recipes: []\n", "recipes: must be a non-empty list")
 
 
+@pytest.mark.parametrize("run_id", ["..", ".", "/tmp/elsewhere", "a/b", "../up", ""])
+def test_run_id_with_path_parts_is_refused(capsys, setup, run_id):
+    """A run id is the folder under the output root: '..', '.', an absolute path or a nested path wrote
+    outside the root or into it directly (issue 21)."""
+    root, model, corpus = setup
+    cfg = write_config(root, model, corpus)
+    assert_error(cli(capsys, "run", "-c", cfg, "--run-id", run_id), "run_id", "plain folder name")
+    assert not (root / "out").exists()
+
+
+def test_ray_address_without_the_ray_executor_is_refused(capsys, setup):
+    root, model, corpus = setup
+    cfg = write_config(root, model, corpus)
+    assert_error(cli(capsys, "run", "-c", cfg, "--ray-address", "auto"), "executor is serial", "--executor ray")
+    assert not (root / "out").exists()
+
+
 def test_stride_longer_than_window(capsys, setup):
     _config_case(capsys, setup, "eval: {seq_len: 32, stride: 64}\n", "eval:", "stride (64) must not exceed seq_len (32)")
 
