@@ -264,6 +264,16 @@ def test_compare_missing_run_dir(capsys, tmp_path):
     assert_error(cli(capsys, "compare", tmp_path), "not a run directory")
 
 
+def test_compare_a_run_with_itself_and_a_run_without_rows(capsys, finished_run, tmp_path):
+    """The same run twice repeated every column; a run stopped before its first row was called 'not a
+    run directory' (issue 21)."""
+    assert_error(cli(capsys, "compare", finished_run, finished_run / "."), "is the same run as", "give each run once")
+    started = tmp_path / "started"
+    started.mkdir()
+    shutil.copy(finished_run / "config.yaml", started / "config.yaml")
+    assert_error(cli(capsys, "compare", started), "holds no rows yet", "rerun it")
+
+
 def test_empty_rows_jsonl_without_results_csv(capsys, finished_run):
     (finished_run / "results.csv").unlink()
     (finished_run / "rows.jsonl").write_text("")

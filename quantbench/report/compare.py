@@ -61,6 +61,8 @@ def load_run(run_dir: Path) -> pd.DataFrame:
         if not recs:
             raise QuantbenchError(f"{rows} holds no rows yet (the run finished no recipe); rerun it")
         return to_frame(list(latest_by_recipe(recs).values()))
+    if (run_dir / "config.yaml").exists():  # started, stopped before its first row
+        raise QuantbenchError(f"{run_dir} holds no rows yet (the run finished no recipe); rerun it")
     raise QuantbenchError(f"{run_dir}: not a run directory (no results.csv or rows.jsonl)")
 
 
@@ -73,6 +75,11 @@ def compare(run_dirs: list[Path], metrics: tuple[str, ...] = METRICS) -> pd.Data
     """Rows: recipes (first-seen order); columns: '<metric> [<run>]'. Missing recipe/metric: empty."""
     if not run_dirs:
         raise QuantbenchError("compare needs at least one run directory")
+    seen: dict[Path, Path] = {}
+    for d in run_dirs:
+        if d.resolve() in seen:
+            raise QuantbenchError(f"compare: {d} is the same run as {seen[d.resolve()]}; give each run once")
+        seen[d.resolve()] = d
     labels = _labels(run_dirs)
     frames = []
     for d, label in zip(run_dirs, labels):
