@@ -447,3 +447,15 @@ def test_recommend_mixed_numbers_get_the_config_files_checks(planted, tmp_path, 
     with pytest.raises(ConfigError):  # the config file refuses the same number
         parse_config({"recipes": ["fp"], "mixed": [{"base": "w4a16-g64",
                                                     option.lstrip("-").replace("-", "_"): float(value)}]})
+
+
+@pytest.mark.parametrize("damage", ["{", '{"key": {}, "sensitivity": {"base": 1}}', ""])
+def test_damaged_sensitivity_file_is_named_with_its_repair(planted, tmp_path, capsys, damage):
+    """It said "no sensitivities for base 'w4a16-g64' (have: w4a16-g64)" (issue 21)."""
+    from reliability_common import assert_error, cli
+
+    path = sensitivity_path(tmp_path, "w4a16-g64")
+    path.parent.mkdir()
+    path.write_text(damage)
+    assert_error(cli(capsys, "recommend", tmp_path, "--mixed", "--base", "w4a16-g64", "--budget", "9"),
+                 str(path), "is damaged", "rerun the same `quantbench run`")

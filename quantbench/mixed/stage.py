@@ -81,9 +81,20 @@ def state_key(base: Recipe) -> dict:
             "overrides": [o.model_dump(mode="json") for o in base.overrides]}
 
 
-def load_sensitivity(out: Path, base: str) -> Sensitivity | None:
-    d = read_json_or_none(sensitivity_path(out, base))
-    return Sensitivity.from_json(d["sensitivity"]) if d else None
+def load_sensitivity(out: Path, base: str, strict: bool = False) -> Sensitivity | None:
+    """The cached sensitivities of `base`; None when absent or (strict=False: the run measures them
+    again) damaged. strict: a damaged file is one line naming it and the repair."""
+    path = sensitivity_path(out, base)
+    d = read_json_or_none(path)
+    try:
+        if d is not None:
+            return Sensitivity.from_json(d["sensitivity"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass
+    if strict and path.exists():
+        raise ConfigError(f"{path} is damaged; rerun the same `quantbench run` command to measure the "
+                          f"sensitivities of '{base}' again")
+    return None
 
 
 def _scale(s: Sensitivity, base_row: dict | None) -> float:
@@ -238,7 +249,7 @@ def recommend_mixed(run_dir: Path, base: str | None, budget: float | None, max_p
             raise ConfigError(f"{run_dir}: the run has no `mixed:` section, so no sensitivities; add one "
                               "(e.g. mixed: [{base: w4a16-g64, budget_over_base: 0.5}]) and rerun")
         base = cfg.mixed[0].base
-    s = load_sensitivity(run_dir, base)
+    s = load_sensitivity(run_dir, base, strict=True)
     if s is None:
         have = sorted(p.stem.removeprefix("sensitivity-") for p in (run_dir / "mixed").glob("sensitivity-*.json"))
         raise ConfigError(f"{run_dir}: no sensitivities for base '{base}'"
