@@ -87,6 +87,7 @@ class RayExecutor:
         if addr and addr != "auto":
             _probe(addr)
         if ray.is_initialized():  # the caller's Ray (a test, a notebook): use it, leave it running
+            self._check_resources()
             return
         try:
             ray.init(address=addr, num_cpus=self.cfg.local_cpus if not addr else None,
@@ -97,6 +98,19 @@ class RayExecutor:
         self.started = True
         log(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPU, {ray.cluster_resources().get('GPU', 0):g} GPU "
             f"({addr or 'local'})")
+        self._check_resources()
+
+    def _check_resources(self) -> None:
+        """A cell no node can ever hold would wait forever: refuse it before any work."""
+        import ray
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        for key, want, option in (("CPU", self.cfg.num_cpus, "num_cpus"), ("GPU", self.cfg.num_gpus, "num_gpus")):
+            most = max((r.get(key, 0.0) for r in nodes), default=0.0)
+            if want > most:
+                self.close()
+                raise ExecutorError(f"executor ray: each cell asks for {want:g} {key}, but no node of the cluster "
+                                    f"has more than {most:g}; lower executor.{option} (or add such a node)")
 
     def run(self, cells: list[Cell], local: Local, remote: Remote, done: Done) -> list[Cell]:
         import ray

@@ -151,6 +151,15 @@ def test_bad_executor_settings_are_one_line(executor, says, tmp_path):
     assert str(e.value).startswith(says) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("ask, says", [({"num_cpus": 4}, "asks for 4 CPU, but no node of the cluster has more than 2"),
+                                       ({"num_gpus": 1}, "asks for 1 GPU, but no node of the cluster has more than 0")])
+def test_cells_no_node_can_hold_are_refused_before_any_work(tiny_dir, corpus, tmp_path, local_ray, ask, says):
+    """They waited forever (issue 21)."""
+    with pytest.raises(QuantbenchError, match=says):
+        pipeline.run(_cfg(tiny_dir, corpus, tmp_path / "o", executor="ray", **ask))
+    assert not (tmp_path / "o" / "t" / "rows.jsonl").exists()
+
+
 def test_models_and_model_together_are_refused():
     with pytest.raises(QuantbenchError, match="config: <root>: set either `model` or `models`, not both"):
         parse_config({"model": "a", "models": ["b", "c"]})
