@@ -132,7 +132,7 @@ NOT_RESULTS = {"placement", "calibration"}  # settings that do not change a row 
 
 
 class ExecutorConfig(_Strict):
-    """Where the recipe cells run (docs: README "Sweeps on Ray"). `serial`: this process, one after
+    """Where the recipe cells run (docs/ray.md). `serial`: this process, one after
     another. `ray`: one Ray task per (model, recipe) cell, with these resources per task; the driver
     writes every row through the same rows.jsonl. Results do not depend on it (not in the fingerprint)."""
 

@@ -67,7 +67,7 @@ class RunLock:
             return self
         try:
             import fcntl
-        except ImportError:  # not Linux/macOS: no lock (documented in README)
+        except ImportError:  # not Linux/macOS: no lock (documented in docs/limits.md)
             return self
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
