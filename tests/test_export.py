@@ -137,26 +137,52 @@ def test_compressed_tensors_reload_is_the_simulated_model(run, name, monkeypatch
     assert cols["export_reproduces_row"] is True  # the re-applied recipe is the measured one
 
 
-def test_stored_codes_are_what_compressed_tensors_computes(run):
-    """Independent reference: the library's own compressor, fed our dequantized weight and our scales,
-    writes exactly the tensors we wrote (packed int4 with asymmetric zero points, and int8)."""
+_W8, _A8_STATIC = {"num_bits": 8, "strategy": "channel"}, {"num_bits": 8, "strategy": "tensor", "dynamic": False}
+CT_SCHEMES = {  # recipe -> compressed-tensors (weights, input activations) args, written from the recipe's spec
+    "w4g32-asym": ({"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 32}, None),
+    "w4a16-g64-gptq": ({"num_bits": 4, "strategy": "group", "group_size": 64}, None),
+    "w4a16-channel": ({"num_bits": 4, "strategy": "channel"}, None),
+    "w8a16": (_W8, None),
+    "w8g32": ({"num_bits": 8, "strategy": "group", "group_size": 32}, None),
+    "w8a8-token": (_W8, {"num_bits": 8, "strategy": "token", "dynamic": True}),
+    "w8a8-tensor-static": (_W8, _A8_STATIC),
+    "w8a8-tensor-static-sq": (_W8, _A8_STATIC),
+    "w8a8-fp8": ({"num_bits": 8, "type": "float", "strategy": "channel"},
+                 {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(CT_SCHEMES))
+def test_stored_tensors_are_compressed_tensors_own_compression_of_our_quantized_weights(run, name, monkeypatch):
+    """Independent reference: compressed-tensors' own compressor (the one its format inference picks for
+    the scheme written above) is given what the simulated model computes with (each QuantLinear's
+    quantized weight) and our scales / zero points; it quantizes and packs them itself (codes, int32
+    packing, packed asymmetric zero points, fp8 casts), and every tensor it writes equals ours bit for bit."""
     from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from safetensors.torch import load_file
 
-    for name in ("w4g32-asym", "w8a8-tensor-static"):
-        rc, cols = _export(run, name)
-        folder = cols["export_path"]
-        stored = load_file(f"{folder}/model.safetensors")
-        qc = QuantizationConfig.model_validate(json.loads(open(f"{folder}/config.json").read())["quantization_config"])
-        scheme = next(iter(qc.config_groups.values()))
-        mod = "model.layers.0.mlp.down_proj"
-        local = {k.removeprefix(mod + "."): v for k, v in stored.items() if k.startswith(mod + ".")}
-        dense = BaseCompressor.get_value_from_registry(qc.format).decompress(local, scheme)
-        again = BaseCompressor.get_value_from_registry(qc.format).compress(
-            {"weight": dense["weight"], **{k: v for k, v in dense.items() if k != "weight"}}, scheme)
-        for key, value in again.items():
-            assert torch.equal(value, local[key]), (name, key)
+    w_args, a_args = CT_SCHEMES[name]
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**w_args),
+                                input_activations=QuantizationArgs(**a_args) if a_args else None)
+    fmt = infer_module_format(torch.nn.Linear, scheme).value
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    rc, cols, sim = _export_sim(run, name, monkeypatch)
+    folder = cols["export_path"]
+    assert json.loads(open(f"{folder}/config.json").read())["quantization_config"]["format"] == fmt
+    stored = load_file(f"{folder}/model.safetensors")
+    qlinears = {n: q for n, q in _qlinears(sim).items() if q.qweight is not None}
+    assert len(qlinears) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    for mod, q in qlinears.items():
+        given = {"weight": q.weight.detach(), "weight_scale": q.qweight.scale}
+        if not scheme.weights.symmetric:
+            given["weight_zero_point"] = q.qweight.zero_point
+        lib = compressor.compress(given, scheme)
+        ours = {k.removeprefix(mod + "."): v for k, v in stored.items() if k.startswith(mod + ".")}
+        assert set(lib) == set(ours) - {"input_scale", "input_zero_point", "bias"}, (name, mod)
+        for key, value in lib.items():
+            assert value.dtype == ours[key].dtype and torch.equal(value, ours[key]), (name, mod, key)
 
 
 def test_gguf_backend_is_the_package_and_its_sizes():

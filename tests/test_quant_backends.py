@@ -149,3 +149,57 @@ def test_bnb_int8_stores_llm_int8_vectorwise_codes(tokens):
     expected = x @ (sd["weight"].float() * absmax[:, None] / 127).T
     with torch.no_grad():
         assert torch.allclose(mod(x), expected, rtol=1e-4, atol=1e-5)
+
+
+# --- only real unavailability may become a skip (BackendUnavailable); a bug must surface -----------------------
+
+
+def _our_bug(*a, **k):
+    raise AttributeError("'Linear' object has no attribute 'wieght'")  # a typo-class bug in our own code
+
+
+def _bug_at_forward(old, new):  # our online-transform reattachment installs a broken hook: fails in the smoke test
+    new.register_forward_pre_hook(lambda mod, args: _our_bug())
+
+
+@pytest.mark.parametrize("target", ["as_linear", "reattach_online"])
+def test_bnb_bug_in_our_code_propagates_not_skipped(tokens, monkeypatch, target):
+    pytest.importorskip("bitsandbytes")
+    import quantbench.quant.backends.bnb as qbnb
+
+    monkeypatch.setattr(qbnb, target, _our_bug if target == "as_linear" else _bug_at_forward)
+    with pytest.raises(AttributeError, match="wieght"):
+        apply_recipe(tiny_model("llama", hidden=128), PRESETS["bnb-nf4"], tokens, CPU)
+
+
+def test_bnb_argument_error_raised_inside_bitsandbytes_propagates(tokens, monkeypatch):
+    """bitsandbytes' own argument check ("invalid blocksize") is our bad call, not a missing kernel."""
+    pytest.importorskip("bitsandbytes")
+    from quantbench.quant.backends.bnb import BnbNF4
+
+    def bad_layer(self, bnb, lin, lp, opts, device):
+        bnb.functional.quantize_4bit(lin.weight.data, blocksize=3, quant_type="nf4")
+
+    monkeypatch.setattr(BnbNF4, "_layer", bad_layer)
+    with pytest.raises(ValueError, match="invalid blocksize 3"):
+        apply_recipe(tiny_model("llama", hidden=128), PRESETS["bnb-nf4"], tokens, CPU)
+
+
+def _missing_kernel_real(bnb):  # bitsandbytes' own path for a native function this build lacks
+    bnb.functional.elementwise_func("no_such_kernel", torch.zeros(4), None, 0.0)
+
+
+def _missing_kernel_simulated(bnb):  # a "no kernel" NotImplementedError whose raising frame is bitsandbytes' file
+    code = compile("raise NotImplementedError('no kernel image is available for execution on the device')",
+                   bnb.functional.__file__, "exec")
+    exec(code, {})
+
+
+@pytest.mark.parametrize("raiser", [_missing_kernel_real, _missing_kernel_simulated])
+def test_bnb_missing_kernel_inside_bitsandbytes_is_unavailable(tokens, monkeypatch, raiser):
+    pytest.importorskip("bitsandbytes")
+    from quantbench.quant.backends.bnb import BnbNF4
+
+    monkeypatch.setattr(BnbNF4, "_layer", lambda self, bnb, *a: raiser(bnb))
+    with pytest.raises(BackendUnavailable, match=r"^bitsandbytes bnb-nf4 cannot run on cpu: \S"):
+        apply_recipe(tiny_model("llama", hidden=128), PRESETS["bnb-nf4"], tokens, CPU)

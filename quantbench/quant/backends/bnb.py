@@ -14,7 +14,10 @@ Models must run under torch.no_grad(), not inference_mode (bitsandbytes CPU laye
 """
 from __future__ import annotations
 
+import re
+import traceback
 from abc import abstractmethod
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -29,6 +32,12 @@ from ._common import reattach_online
 
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
+# What bitsandbytes (or torch's op dispatcher / CUDA init, called by it) says when this build or this machine
+# cannot run a kernel. Anything else, e.g. "invalid blocksize 3" or an AttributeError in our own code, is a bug.
+_UNAVAILABLE = re.compile(r"not implemented|no kernel|could not run|not available|not supported|"
+                          r"not compiled with cuda|cuda is required|no cuda|no gpu|native code method|"
+                          r"no compatible .*binary|failed to load backend", re.I)
+
 
 def _bnb():
     try:
@@ -36,6 +45,23 @@ def _bnb():
     except Exception as e:  # ImportError, or a broken native library
         raise BackendUnavailable(f"bitsandbytes cannot be imported: {e}") from None
     return bnb
+
+
+def _within(filename: str, package) -> bool:
+    return Path(filename).resolve().is_relative_to(Path(package.__file__).resolve().parent)
+
+
+def _is_unavailability(e: BaseException, bnb) -> bool:
+    """True when `e` is bitsandbytes saying it cannot run here: raised inside the bitsandbytes package
+    (the innermost frame outside torch is a bitsandbytes file: torch frames are its dispatcher, `torch._check`,
+    CUDA init) with a NotImplementedError or an unavailability message. Errors from our code, transformers,
+    or a bitsandbytes argument check are not."""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if _within(frame.filename, bnb):
+            return isinstance(e, NotImplementedError) or bool(_UNAVAILABLE.search(str(e)))
+        if not _within(frame.filename, torch):
+            return False
+    return False
 
 
 class _BnB(Backend):
@@ -48,6 +74,8 @@ class _BnB(Backend):
         bnb = _bnb()
         if ctx.device.type not in ("cpu", "cuda"):
             raise BackendUnavailable(f"bitsandbytes does not run on device {ctx.device.type}")
+        if ctx.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("bitsandbytes: CUDA requested but not available")
         try:
             for name in names:
                 old = model.get_submodule(name)
@@ -55,9 +83,12 @@ class _BnB(Backend):
                 replace_module(model, name, new)
                 reattach_online(old, new)
             model(input_ids=ctx.calib.batches[:1, :8].to(ctx.device))  # smoke test: fail here, not mid-evaluation
-        except (RuntimeError, AttributeError, ValueError) as e:  # RuntimeError includes "not implemented" errors
+        except Exception as e:
+            if not _is_unavailability(e, bnb):
+                raise  # a bug (ours or a bad argument), not a missing kernel: never a silent skip
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise BackendUnavailable(f"bitsandbytes {self.name} cannot run on {ctx.device.type}: "
-                                     f"{str(e).splitlines()[0][:160]}") from None
+                                     f"{first.strip()[:160]}") from None
         return model
 
 
