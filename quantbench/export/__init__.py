@@ -7,6 +7,7 @@ and prove it is the model the run measured (README, "Export").
     compressed.py  compressed-tensors checkpoints (vLLM, transformers) from our codes and scales
     gguf*.py       GGUF files (llama.cpp, transformers) through the `gguf` package
     verify.py      reload + bit-for-bit weight comparison + perplexity / max |Δlogit|
-    runtime.py     file size, load time and memory, tokens/s (transformers, torchao int8, llama.cpp)
+    runtime.py     file size, load time and memory, tokens/s (transformers, torchao int8, llama.cpp, vLLM)
+    *_probe.py     llama.cpp / vLLM scoring the windows in a child process
     record.py      export columns in the run's rows, tables, exports.md and report
 """

@@ -30,7 +30,7 @@ from ..quant.spec import Recipe
 from .context import RunContext
 from .record import row_check
 from .refuse import check_effects, check_recipe, export_format
-from .runtime import llama_cpp_eval, model_mb, torchao_eval, vllm_note
+from .runtime import llama_cpp_eval, model_mb, torchao_eval, vllm_eval
 from .verify import (VERIFY_PPL_TOL, Tee, compare_weights, packed_asymmetric, reload_compressed, reload_gguf,
                      tokenizer_matches)
 
@@ -176,7 +176,7 @@ def export_recipe(rc: RunContext, name: str, out: str | Path, fmt: str | None = 
     if fmt == "gguf":
         cols.update(llama_cpp_eval(Path(cols["export_path"]), rc.windows))
     else:
-        cols["export_vllm"] = vllm_note()
+        cols.update(vllm_eval(Path(cols["export_path"]), rc.windows))
         cols.update(torchao_eval(sim, rc.windows, rc.cfg.eval.batch_size, rc.device))
     cols["export_s"] = round(time.perf_counter() - t0, 1)
     (out / MARKER).write_text(json.dumps({"run_dir": str(rc.run_dir), "recipe": recipe.model_dump(mode="json"),

@@ -12,7 +12,10 @@
 - llama.cpp (GGUF files): through quantbench/export/llama_cpp_probe.py in the Python named by
   $QUANTBENCH_LLAMA_CPP_PYTHON (one with the `cyllama` wheel); prefill tokens/s and perplexity,
   unverified (llama.cpp's own kernels and activation rounding).
-- vLLM: needs a CUDA machine with vllm installed; `vllm serve DIR` is how to run it.
+- vLLM (compressed-tensors folders), where vllm is installed and a CUDA GPU is visible: through
+  quantbench/export/vllm_probe.py in a child process, vLLM's own loader and kernels score the windows;
+  perplexity and prefill tokens/s, unverified (its kernels, its dtype: fp16 for an fp32 checkpoint).
+  Otherwise `export_vllm` says exactly why not ("not measured: vllm not installed", "... no CUDA GPU").
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import json
 import math
 import os
 import subprocess
+import sys
 import tempfile
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,7 @@ from ..quant.qlinear import QuantLinear
 from ..surgery import replace_module
 
 LLAMA_CPP_ENV = "QUANTBENCH_LLAMA_CPP_PYTHON"
+VLLM_TIMEOUT_S = 3600
 
 
 def model_mb(model: nn.Module) -> float:
@@ -48,12 +54,30 @@ def model_mb(model: nn.Module) -> float:
     return total / 2**20
 
 
-def vllm_note() -> str:
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # noqa: BLE001 - not installed, or broken without CUDA
-        return "not measured: vLLM is not installed here (it needs a CUDA machine; run `vllm serve DIR` there)"
-    return "not measured: vLLM is installed but quantbench does not drive it; run `vllm serve DIR`"
+def vllm_eval(path: Path, windows: Windows) -> dict:
+    """vLLM's perplexity and prefill tokens/s on the windows (vllm_probe.py in a child process), or
+    'not measured: <exact reason>'."""
+    if find_spec("vllm") is None:
+        return {"export_vllm": "not measured: vllm not installed"}
+    if not torch.cuda.is_available():
+        return {"export_vllm": "not measured: no CUDA GPU visible (vLLM runs on CUDA)"}
+    free, total = torch.cuda.mem_get_info()
+    util = round(0.9 * free / total, 3)  # vLLM's budget: what this process leaves free
+    with tempfile.TemporaryDirectory() as tmp:
+        npz, out = Path(tmp) / "windows.npz", Path(tmp) / "vllm.json"
+        np.savez(npz, ids=windows.input_ids.numpy(), score_from=windows.score_from.numpy())
+        try:
+            proc = subprocess.run([sys.executable, "-m", "quantbench.export.vllm_probe", str(path), str(npz),
+                                   str(util), str(out)], capture_output=True, text=True, timeout=VLLM_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return {"export_vllm": f"not measured: vLLM did not finish within {VLLM_TIMEOUT_S} s"}
+        if proc.returncode != 0 or not out.exists():
+            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1][:160]
+            return {"export_vllm": f"not measured: vLLM failed here ({last})"}
+        r = json.loads(out.read_text())
+    return {"export_vllm": f"vLLM {r['version']} (its loader and kernels, {r['dtype']})",
+            "export_vllm_ppl": math.exp(r["nll_sum"] / max(r["n_tokens"], 1)),
+            "export_vllm_tok_s": round(r["tokens"] / max(r["seconds"], 1e-9), 1)}
 
 
 def _torchao_reason(sim: nn.Module) -> str | None:

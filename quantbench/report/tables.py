@@ -26,7 +26,8 @@ TASK_PREFIXES = ("acc:", "acc_norm:", "acc_se:", "n:", "acc_delta_lo:", "acc_del
 # written by `quantbench export` (quantbench/export): the real checkpoint, beside the simulated columns
 EXPORT_COLUMNS = ["export_format", "export_verified", "export_ppl", "export_sim_ppl", "export_ppl_delta_pct",
                   "export_logit_maxdiff", "export_weights_equal", "export_file_mb", "export_load_s", "export_load_mb",
-                  "export_tok_s", "export_torchao_tok_s", "export_llama_cpp_ppl", "export_llama_cpp_tok_s"]
+                  "export_tok_s", "export_torchao_tok_s", "export_llama_cpp_ppl", "export_llama_cpp_tok_s",
+                  "export_vllm_ppl", "export_vllm_tok_s"]
 
 
 def num(v) -> float | None:
