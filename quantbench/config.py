@@ -88,11 +88,16 @@ class RecommendConfig(_Strict):
     min_task_retention_pct: float | None = Field(None, gt=0, le=100)
 
 
+AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")  # one device accelerate can place weights on ('disk' is a map entry's)
+
+
 class PlacementConfig(_Strict):
     """Where the weights live, through accelerate (docs/scale.md). device_map: 'auto' | 'balanced' |
     'balanced_low_0' | 'sequential' | one device ('cpu', 'cuda:0') | {module name: device}, where a device
-    is 'cpu', 'disk', 'cuda[:N]' or a GPU index; max_memory: {device: bytes or '20GiB'} for the automatic
-    maps; offload_folder: where 'disk' entries are written. None: the whole model on `device`.
+    is 'cpu', 'disk', 'cuda[:N]' or a GPU index, '' places every module no other entry places, and no
+    entry lies inside another; max_memory: {device: bytes or '20GiB'} for the automatic maps;
+    offload_folder: where 'disk' entries are written (needed by them). None: the whole model on `device`.
     Placement does not change results, so it is not part of a run's fingerprint."""
 
     device_map: str | dict[str, str | int] | None = None
@@ -101,10 +106,27 @@ class PlacementConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PlacementConfig":
-        if self.max_memory is not None and not isinstance(self.device_map, str):
+        dm = self.device_map
+        if self.max_memory is not None and dm not in AUTO_MAPS:
             raise ValueError("max_memory needs device_map 'auto', 'balanced', 'balanced_low_0' or 'sequential'")
-        if isinstance(self.device_map, dict) and not self.device_map:
-            raise ValueError("device_map: an empty mapping places nothing")
+        if isinstance(dm, str) and dm not in AUTO_MAPS and not _DEVICE.fullmatch(dm):
+            raise ValueError(f"device_map: {dm!r} is neither {', '.join(AUTO_MAPS)} nor one device (cpu, cuda, cuda:N)")
+        if isinstance(dm, dict):
+            if not dm:
+                raise ValueError("device_map: an empty mapping places nothing")
+            for k, v in dm.items():
+                if not (isinstance(v, int) and v >= 0) and not (isinstance(v, str) and (v == "disk" or _DEVICE.fullmatch(v))):
+                    raise ValueError(f"device_map: {k!r}: unknown device {v!r} (cpu, disk, cuda, cuda:N or a GPU index)")
+                outer = next((o for o in dm if o and k.startswith(o + ".")), None)
+                if outer is not None:
+                    raise ValueError(f"device_map: {k!r} lies inside {outer!r}, which is placed already: give each module "
+                                     f"one entry (place the parts of {outer!r} one by one, or drop {k!r})")
+            if "disk" in dm.values() and self.offload_folder is None:
+                disk = next(k for k, v in dm.items() if v == "disk")
+                raise ValueError(f"device_map: {disk!r} goes to disk, which needs offload_folder (where its weights are written)")
+        for k in self.max_memory or {}:
+            if not (isinstance(k, int) and k >= 0) and not (isinstance(k, str) and (k == "disk" or _DEVICE.fullmatch(k))):
+                raise ValueError(f"max_memory: unknown device {k!r} (cpu, disk, cuda:N or a GPU index)")
         return self
 
     def load_kwargs(self) -> dict:
@@ -233,15 +255,21 @@ class RunConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"recipe names must be unique; repeated: {', '.join(sorted(dup))}")
-        for m in self.mixed:
+        for i, m in enumerate(self.mixed):  # everything the search needs that no model decides: checked here
+            from .mixed.options import base_problem
             from .quant.recipes import PRESETS
             from .registry import suggest
 
+            where = f"mixed[{i}] ({m.label()})"
             if m.base not in names and m.base not in PRESETS.names():
-                raise ValueError(f"mixed: base '{m.base}' is neither a recipe of this config nor a preset"
+                raise ValueError(f"{where}: base '{m.base}' is neither a recipe of this config nor a preset"
                                  f"{suggest(m.base, names + list(PRESETS.names()))}")
             if m.label() in names:
-                raise ValueError(f"mixed: name '{m.label()}' repeats a recipe name")
+                raise ValueError(f"{where}: name '{m.label()}' repeats a recipe name")
+            base = next((r for r in self.recipes if r.name == m.base), None) or PRESETS.get(m.base)
+            why = base_problem(base, m.refine)
+            if why is not None:
+                raise ValueError(f"{where}: {why}")
             names = names + [m.label()]
         for name in self.export:
             if name not in names:
@@ -268,6 +296,9 @@ class RunConfig(_Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
+_NAMES_ITS_KEY = re.compile(r"^[a-z_]+(\[\d+\])?( \([^)]*\))?: ")  # 'export: ...', 'mixed[0] (name): ...'
+
+
 def _format_error(err: ValidationError, prefix: str = "config: ") -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
@@ -275,6 +306,8 @@ def _format_error(err: ValidationError, prefix: str = "config: ") -> str:
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if not loc and _NAMES_ITS_KEY.match(msg):  # a whole-config check that names the key itself
+        return f"{prefix}{msg}{more}"
     return f"{prefix}{loc or '<root>'}: {msg}{more}"
 
 

@@ -23,7 +23,7 @@ LAYERS = {
     "rundir": 5, "pipeline": 5, "executor": 5, "train": 5, "cli": 6,
 }
 # a lower layer may still reach these (data classes every layer shares)
-ALLOWED_UP = {("config", "quant"), ("config", "census")}  # the run config holds recipes and census settings
+ALLOWED_UP = {("config", "quant"), ("config", "census"), ("config", "mixed")}  # the run config holds recipes and census settings, and checks mixed entries by the search's own rule
 
 
 def _modules() -> dict[str, Path]:

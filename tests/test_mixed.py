@@ -26,6 +26,7 @@ from quantbench.quant.calibration import Calibration
 from quantbench.quant.recipes import PRESETS, resolve_recipe
 
 from conftest import tiny_model, save_tiny_llama
+from reliability_common import env  # noqa: F401  (fixture)
 
 PLANTED = "model.layers.0.mlp.down_proj"
 REPO = Path(__file__).resolve().parents[1]
@@ -459,3 +460,33 @@ def test_damaged_sensitivity_file_is_named_with_its_repair(planted, tmp_path, ca
     path.write_text(damage)
     assert_error(cli(capsys, "recommend", tmp_path, "--mixed", "--base", "w4a16-g64", "--budget", "9"),
                  str(path), "is damaged", "rerun the same `quantbench run`")
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"base": "fp", "budget": 5}, ("mixed[0] (mixed-fp-b5): base recipe 'fp' quantizes no weights",)),
+    ({"base": "w8a8-tensor-static", "max_kept": 2, "refine": 1},
+     ("mixed[0] (mixed-w8a8-tensor-static-k2-r1): refine needs a weight-only base", "quantizes activations")),
+    ({"base": "w4a4-kv4", "budget": 5}, ("mixed[0] (mixed-w4a4-kv4-b5)", "quantizes the KV cache")),
+    ({"base": "quanto-w4-g64", "budget": 5}, ("mixed[0] (mixed-quanto-w4-g64-b5): backend quanto", "the same way")),
+])
+def test_a_mixed_entry_the_search_cannot_take_is_refused_before_any_work(capsys, env, entry, words):
+    """(issue 21) it failed only after the whole sweep had run and written its rows."""
+    from reliability_common import assert_error, cli, write_config
+
+    root, model, corpus = env
+    assert_error(cli(capsys, "run", "-c", write_config(root, model, corpus, mixed=[entry])), "config: ", *words)
+    assert not (root / "out").exists()  # no row, no run directory
+
+
+def test_validate_layers_in_a_run_leaves_the_model_whole(capsys, env):
+    """validate_layers swapped each sampled linear with surgery.replace_module, whose callback in a run
+    (quantbench/pristine.py) freed the FP linear's weights: the next forward failed on an empty tensor."""
+    from reliability_common import cli, rows_by_recipe, write_config
+
+    root, model, corpus = env
+    res = cli(capsys, "run", "-c", write_config(root, model, corpus, recipes=["fp", "w4a16-channel"], mixed=[
+        {"base": "w4a16-channel", "max_kept": 2, "samples": 1, "validate_layers": 2}]))
+    assert res.rc == 0, res.err[-2000:]
+    rows = rows_by_recipe(root / "out" / "r")
+    assert rows["mixed-w4a16-channel-k2"]["status"] == "ok"
+    assert rows["w4a16-channel"]["ppl"] > 1 and "Spearman" in res.err

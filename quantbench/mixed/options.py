@@ -43,13 +43,53 @@ def _label(w: QuantSpec | None, a: QuantSpec | None) -> str:
     return f"{w.short() if w else 'w16'} | {a.short() if a else 'a16'}"
 
 
+def base_problem(base: Recipe, refine: int = 0) -> str | None:
+    """Why the search cannot take `base` (with `refine` passes), or None: what needs no model, so a
+    config is refused before any work (config.RunConfig) and not after the whole sweep."""
+    if base.weights is None:
+        return (f"base recipe '{base.name}' quantizes no weights, so there is nothing to search; pick a quantized "
+                "base (e.g. w4a16-g64 or w8a8-tensor-static)")
+    if base.kv is not None:
+        return f"base recipe '{base.name}' quantizes the KV cache, which the mixed search does not support"
+    if refine and base.activations is not None:
+        return (f"refine needs a weight-only base ('{base.name}' quantizes activations, whose rounding passes no "
+                "gradient); drop refine, or pick a weight-only base such as w4a16-g64")
+    return _backend_problem(base)
+
+
+def _backend_problem(base: Recipe) -> str | None:
+    """A real backend that cannot run the base format beside one of the options the search may pick
+    (e.g. quanto runs every linear the same way): every plan that moves a linear would fail."""
+    if base.backend == "simulated":
+        return None
+    from ..quant.plan import LinearPlan, Plan
+    from ..quant.spec import BACKENDS
+
+    backend = BACKENDS.get(base.backend)()
+    for o in _ladder(base)[1:]:
+        if o.weights is None and o.activations is None:
+            continue  # full precision: the linear leaves the plan, every backend takes that
+        lin = {n: LinearPlan(n, w, a, None, base.backend)
+               for n, (w, a) in {"a": (base.weights, base.activations), "b": (o.weights, o.activations)}.items()}
+        try:
+            reason = backend.supports(Plan(base, lin), list(lin))
+        except Exception:  # noqa: BLE001 - a backend whose check needs the model: it is checked when the plan is
+            reason = None
+        if reason:
+            return (f"backend {base.backend} of base recipe '{base.name}' cannot run the formats the search moves "
+                    f"linears to ({o.label}: {reason.removeprefix('b: ')}); pick a base on the simulated backend")
+    return None
+
+
 def options_for(base: Recipe) -> list[Option]:
     """Option 0 = the base format; then the ways to spend more bits on one linear."""
-    if base.weights is None:
-        raise ConfigError(f"mixed: base recipe '{base.name}' quantizes no weights; pick a quantized base "
-                          "(e.g. w4a16-g64 or w8a8-tensor-static)")
-    if base.kv is not None:
-        raise ConfigError(f"mixed: base recipe '{base.name}' quantizes the KV cache; not supported by the mixed search")
+    why = base_problem(base)
+    if why is not None:
+        raise ConfigError(f"mixed: {why}")
+    return _ladder(base)
+
+
+def _ladder(base: Recipe) -> list[Option]:
     w, a = base.weights, base.activations
     opts = [Option("base " + _label(w, a), w, a)]
     if a is not None:  # activation ladder: keep this linear's input at 16 bits

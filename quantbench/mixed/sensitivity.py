@@ -40,8 +40,8 @@ from ..quant.plugin import QuantContext
 from ..quant.qlinear import QuantLinear
 from ..quant.size import measure_size
 from ..quant.spec import MITIGATIONS, Recipe
-from ..surgery import as_linear
-from .options import Option, options_for
+from ..surgery import as_linear, model_device
+from .options import Option, base_problem, options_for
 
 
 UNAVAILABLE = float("inf")  # score and bits of an option a linear cannot take (Option.fits)
@@ -171,13 +171,13 @@ def measure_sensitivity(model: nn.Module, base: Recipe, calib: Calibration, samp
     ids = calib.subset(samples)
     score = {n: [0.0] * len(opts) for n in names}
     n_tok = 0
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     avail = {n: [o.fits(as_linear(mods[n]).in_features, grid_block) for o in opts] for n in names}
     subst = {}
     if around:
-        if any(o.activations is not None for o in opts):
-            raise QuantbenchError(f"mixed: refining around a plan needs a weight-only base ('{base.name}' quantizes "
-                                  "activations, whose rounding passes no gradient)")
+        why = base_problem(base, refine=1)
+        if why is not None:
+            raise QuantbenchError(f"mixed: {why}")
         subst = {n: _qlinear(n, mods[n], opts[around[n]], None) for n in names
                  if opts[around[n]].weights is not None}
     with torch.enable_grad(), _capture(model, mods, subst) as (xs, gs):

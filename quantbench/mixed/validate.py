@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from ..quant.backends._common import reattach_online
 from ..quant.calibration import Calibration
 from ..quant.spec import Recipe
-from ..surgery import replace_module
 from .options import options_for
 from .sensitivity import Sensitivity, _qlinear, mitigated, static_absmax
 
@@ -33,6 +32,13 @@ def sample_linears(s: Sensitivity, n: int, option: int = 0) -> list[str]:
     return [ranked[j] for j in idx]
 
 
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at `name` for one measurement. Not surgery.replace_module: during a run its callback
+    (quantbench/pristine.py) frees the weights of the module taken out, and the FP linear comes back here."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 @torch.no_grad()
 def _logp(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(model(input_ids=ids).logits[:, 1:-1].float(), -1)  # [W, T-2, V]: BOS excluded
@@ -51,11 +57,11 @@ def single_layer_kl(model: nn.Module, base: Recipe, names: list[str], ids: torch
     for n in names:
         q = _qlinear(n, mods[n], opt, absmax.get(n))
         reattach_online(mods[n], q)
-        replace_module(model, n, q)
+        _swap(model, n, q)
         try:
             lq = _logp(model, ids)
         finally:
-            replace_module(model, n, mods[n])
+            _swap(model, n, mods[n])
         out[n] = float((ref.exp() * (ref - lq)).sum(-1).mean())
     return out
 
