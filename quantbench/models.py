@@ -214,6 +214,74 @@ def _check_map(model: torch.nn.Module, device_map) -> None:
             raise QuantbenchError(f"device_map: no entry places {n} (add its module or a parent, or '' for the rest)")
 
 
+def _skeleton(src: str, gguf: dict) -> torch.nn.Module | None:
+    """The model's modules on the meta device (no weights read), to check and complete an explicit map
+    before loading; None when the config cannot be built that way (from_pretrained then says why)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src, **gguf))
+    except Exception:  # noqa: BLE001 - e.g. a config only from_pretrained understands
+        return None
+
+
+def _has_tensors(m: torch.nn.Module) -> bool:
+    return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
+
+
+def explicit_map(model: torch.nn.Module, device_map: dict) -> dict:
+    """The map with '' ("the rest") written out as the modules no other entry places. accelerate takes
+    '' only alone: beside other entries it hooks the whole model on that device and fails on the modules
+    offloaded to disk ("weight is on the meta device, we need a `value`...")."""
+    if "" not in device_map or len(device_map) == 1:
+        return device_map
+    rest, keys = device_map[""], [k for k in device_map if k != ""]
+    out = {k: device_map[k] for k in keys}
+
+    def walk(prefix: str, module: torch.nn.Module) -> None:
+        own = [n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+        if own:
+            raise QuantbenchError(f"device_map: '' cannot place {prefix or 'the model'}'s own tensors "
+                                  f"({own[0]}) apart from its submodules that other entries place; map "
+                                  f"{prefix or 'each module'} explicitly")
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if any(full == k or full.startswith(k + ".") for k in keys) or not _has_tensors(child):
+                continue
+            if any(k.startswith(full + ".") for k in keys):
+                walk(full, child)  # partly placed by other entries: the rest of it, module by module
+            else:
+                out[full] = rest
+    walk("", model)
+    return out
+
+
+def _gpu_index(device) -> int | None:
+    """The CUDA index a map device names (0 for 'cuda'), None for cpu / disk / others."""
+    if isinstance(device, int):
+        return device
+    d = str(device)
+    if d == "cuda":
+        return 0
+    return int(d.split(":", 1)[1]) if d.startswith("cuda:") and d.split(":", 1)[1].isdigit() else None
+
+
+def check_devices(placement: dict) -> None:
+    """Every GPU a device map or max_memory names exists here (else accelerate's own message, e.g.
+    'Cannot access accelerator device when none is available')."""
+    dm, mm = placement.get("device_map"), placement.get("max_memory") or {}
+    named = [("device_map", dm)] if isinstance(dm, str) else [(f"device_map: {k!r}", v) for k, v in (dm or {}).items()]
+    named += [("max_memory", k) for k in mm]
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for what, dev in named:
+        i = _gpu_index(dev)
+        if i is not None and i >= have:
+            raise QuantbenchError(f"{what} names GPU {i}, but torch sees {have or 'no'} CUDA device{'' if have == 1 else 's'}"
+                                  " here; place it on cpu or disk, or run on a machine with that GPU")
+
+
 def _map_error(e: BaseException, spec: str) -> QuantbenchError:
     return QuantbenchError(f"cannot place model '{spec}' with this device_map: {_first(e)}")
 
@@ -244,6 +312,12 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
     pq, extra = prequant.before_load(spec, s.src, s.local / s.gguf_file if s.gguf_file else None)  # prequant.py
     placed = dict(placement or {})
     if placed:
+        check_devices(placed)
+        if isinstance(placed.get("device_map"), dict):  # checked and completed on the skeleton, before loading
+            skeleton = _skeleton(s.src, gguf)
+            if skeleton is not None:
+                _check_map(skeleton, placed["device_map"])
+                placed["device_map"] = explicit_map(skeleton, placed["device_map"])
         extra = {**extra, **placed}
     try:
         tokenizer = AutoTokenizer.from_pretrained(s.src, **gguf)

@@ -36,6 +36,7 @@ from .quant.effects import Effects
 from .quant.plugin import BackendUnavailable, QuantContext
 from .quant.sequential import sequential_input_stats
 from .quant.size import measure_size
+from .surgery import model_device
 from .report import finish_report
 from .report.tables import markdown, to_frame, write_tables
 
@@ -82,7 +83,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     corpus = load_corpus(cfg.corpus.name)  # cheap checks first: a bad corpus fails before the model loads
     t0 = time.perf_counter()
     lm = load_model(cfg.model, cfg.device, cfg.dtype, placement=cfg.placement.load_kwargs())
-    model, tok, device = lm.model, lm.tokenizer, next(lm.model.parameters()).device
+    model, tok, device = lm.model, lm.tokenizer, model_device(lm.model)  # not meta when the embedding is offloaded
     log(f"model: {lm.info['source']} ({lm.info['n_params'] / 1e6:.1f}M params, {lm.info['dtype']}, {device}) "
         f"loaded in {time.perf_counter() - t0:.1f}s")
     if lm.info.get("caveat"):
@@ -205,7 +206,8 @@ def _add_mixed(r: _Run) -> None:
     from .mixed.stage import build_mixed
 
     census = fileio.read_json_or_none(r.out / "census.json")
-    extra = build_mixed(r.p.lm.model, r.cfg, r.p.calib, r.p.windows.input_ids[:2, :256], census, r.done, r.out)
+    with onloaded(r.p.lm.model):  # the sensitivity pass reads the weights (offloaded ones made real for it)
+        extra = build_mixed(r.p.lm.model, r.cfg, r.p.calib, r.p.windows.input_ids[:2, :256], census, r.done, r.out)
     # the searched recipes become plain recipes (a worker re-validates this config: no `mixed:` left to re-search)
     r.cfg = r.cfg.model_copy(update={"recipes": (*r.cfg.recipes, *extra), "mixed": ()})
     keys = {x.name: _recipe_key(x) for x in extra}
@@ -225,7 +227,8 @@ def _finish(r: _Run) -> None:
         from .export.context import RunContext
         from .export.job import export_list
 
-        export_list(RunContext(r.out, r.cfg, r.p.manifest, r.p.lm, r.p.windows, r.p.calib), r.cfg.export)
+        with onloaded(r.p.lm.model):  # export copies and rewrites the weights (offloaded ones made real)
+            export_list(RunContext(r.out, r.cfg, r.p.manifest, r.p.lm, r.p.windows, r.p.calib), r.cfg.export)
 
 
 STATE = "inputs.json"  # the keys of what the rows and the census in this directory were computed from

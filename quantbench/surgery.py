@@ -128,7 +128,19 @@ def linear_modules(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[tupl
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where input ids go. Under an accelerate device map whose input embedding is offloaded ('disk', or
+    'cpu' beside a GPU) the first parameter sits on the meta device: the embedding's execution device
+    then; else the first parameter not on meta (the CPU when there is none)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    h = getattr(emb, "_hf_hook", None)
+    for hook in getattr(h, "hooks", None) or ([h] if h is not None else []):  # a SequentialHook holds several
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 def no_cache(model: nn.Module) -> dict:
