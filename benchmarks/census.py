@@ -48,8 +48,8 @@ def _timed(fn) -> tuple[float, float]:
 def measure(model, batches: torch.Tensor, batch_size: int, repeats: int) -> dict:
     from quantbench.census import run_census
     from quantbench.census.core import _collect
-    from quantbench.hooks import eager_attention
-    from quantbench.config import CensusConfig
+    from quantbench.core.hooks import eager_attention
+    from quantbench.run.config import CensusConfig
 
     cfg = CensusConfig(plots=False)
 
@@ -76,9 +76,9 @@ def measure(model, batches: torch.Tensor, batch_size: int, repeats: int) -> dict
 
 
 def main() -> None:
-    from quantbench.arch import arch_of
-    from quantbench.data import calibration_batches, load_corpus
-    from quantbench.models import load_model
+    from quantbench.modeling.arch import arch_of
+    from quantbench.data.corpus import calibration_batches, load_corpus
+    from quantbench.modeling.load import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")

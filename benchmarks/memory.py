@@ -19,7 +19,7 @@ Phases:
                     hooked, whole model per batch (calibration.mode: parallel)
   calib-sequential  the same statistics one decoder layer at a time (calibration.mode: sequential)
   eval              FP reference pass + a scored pass (perplexity, KL, top-1) through quantbench.eval.lm
-  recipe-inplace    w8a8-tensor-static applied in place and restored (quantbench.pristine, the pipeline)
+  recipe-inplace    w8a8-tensor-static applied in place and restored (quantbench.modeling.pristine, the pipeline)
   recipe-deepcopy   the same on copy.deepcopy(model) (what the pipeline did before)
 Statistics that are the result (one Gram matrix per linear input) are proportional to depth by
 nature; "per layer" divides the growth by the number of layers, "marginal" is the growth added by
@@ -64,11 +64,11 @@ def _phase(name: str, model, folder: Path, vocab: int, args):
 
     import torch
 
-    from quantbench.config import CensusConfig
-    from quantbench.data import Windows
+    from quantbench.run.config import CensusConfig
+    from quantbench.data.corpus import Windows
     from quantbench.quant.calibration import Calibration, StatsRequest, collect_input_stats
     from quantbench.quant.sequential import sequential_input_stats
-    from quantbench.surgery import linear_modules
+    from quantbench.modeling.surgery import linear_modules
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (args.samples, args.seq_len), generator=g)
@@ -92,7 +92,7 @@ def _phase(name: str, model, folder: Path, vocab: int, args):
             evaluate_lm(model, w, args.batch_size, cpu, reference=ref)
             ref.close()
         return run
-    from quantbench.pristine import Pristine
+    from quantbench.modeling.pristine import Pristine
     from quantbench.quant.apply import apply_recipe
     from quantbench.quant.recipes import PRESETS
 

@@ -19,10 +19,10 @@ import warnings
 
 import torch
 
-from quantbench.data import calibration_batches, load_corpus
-from quantbench.models import load_model
+from quantbench.data.corpus import calibration_batches, load_corpus
+from quantbench.modeling.load import load_model
 from quantbench.quant.apply import apply_recipe
-from quantbench.surgery import run_batches
+from quantbench.modeling.surgery import run_batches
 from quantbench.quant.recipes import PRESETS
 
 MITIGATION_RECIPE = {

@@ -23,7 +23,7 @@ COSTS = {"calib_stats_reused", "peak_mem_mb"}  # and every column in seconds (`*
 
 
 def _cfg(base, out: Path, name: str, executor: dict):
-    from quantbench.config import parse_config
+    from quantbench.run.config import parse_config
 
     d = base.model_dump(mode="json")
     d.update(output_dir=str(out), run_id=name, threads=1, executor=executor)
@@ -33,14 +33,14 @@ def _cfg(base, out: Path, name: str, executor: dict):
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    from quantbench.fileio import read_rows
+    from quantbench.core.fileio import read_rows
 
     return {r["recipe"]: {k: v for k, v in r.items() if k not in COSTS and not k.endswith("_s")}
             for r in read_rows(out / "rows.jsonl")}
 
 
 def _timed(cfg) -> tuple[float, Path]:
-    from quantbench.pipeline import run
+    from quantbench.run.pipeline import run
 
     t0 = time.perf_counter()
     out = run(cfg)
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/ray_sweep")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from quantbench.config import load_config
+    from quantbench.run.config import load_config
 
     base = load_config(args.config)
     base = base.model_copy(update={

@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from quantbench.config import load_config
-from quantbench.data import calibration_batches, eval_windows, load_corpus
+from quantbench.run.config import load_config
+from quantbench.data.corpus import calibration_batches, eval_windows, load_corpus
 from quantbench.eval.lm import evaluate_lm
-from quantbench.models import load_model
+from quantbench.modeling.load import load_model
 from quantbench.quant.apply import apply_recipe
 
 

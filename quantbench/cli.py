@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .errors import QuantbenchError
+from .core.errors import QuantbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="How compressible is a causal LM checkpoint, why, and which quantization recipe to ship.")
@@ -34,8 +34,8 @@ def run(
                                               "(default: start a local Ray)"),
 ) -> None:
     """Census, quantize every recipe, evaluate, and write the results table."""
-    from .config import parse_config, read_yaml_mapping
-    from .pipeline import run_all
+    from .run.config import parse_config, read_yaml_mapping
+    from .run.pipeline import run_all
 
     data = read_yaml_mapping(config, _overrides(output_dir=out, run_id=run_id, device=device, dtype=dtype))
     if model:  # one --model replaces `model`/`models`; several sweep them
@@ -60,8 +60,8 @@ def profile(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="take census settings from this config"),
 ) -> None:
     """Run the outlier census alone: census.json, census.md and plots in --out (see docs/census.md)."""
-    from .config import RunConfig, load_config
-    from .pipeline import profile as run_profile
+    from .run.config import RunConfig, load_config
+    from .run.pipeline import profile as run_profile
 
     cfg = load_config(config) if config else RunConfig()
     path = run_profile(model, corpus, out, cfg)
@@ -112,7 +112,7 @@ def compare(
         typer.echo(line)
     typer.echo(table.to_markdown(index=False, floatfmt=".4g"))
     if csv is not None:
-        from .fileio import atomic_write_text
+        from .core.fileio import atomic_write_text
 
         atomic_write_text(csv, table.to_csv(index=False))
 
@@ -140,7 +140,7 @@ def recommend(
             raise QuantbenchError("--min-task-retention does not apply with --mixed: the per-layer plan is chosen from "
                                   "perplexity sensitivities, no task is scored; drop it, or add the plan's recipe to "
                                   "the run and use recommend without --mixed")
-        from .config import MixedConfig, validate_options
+        from .run.config import MixedConfig, validate_options
         from .mixed.stage import recommend_mixed
 
         ppl = _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else None
@@ -149,7 +149,7 @@ def recommend(
                                            "max_kept": ("--max-kept", max_kept)})
         typer.echo(recommend_mixed(run_dir, base, budget, ppl, max_kept, fused))
         return
-    from .config import load_config
+    from .run.config import load_config
     from .report import recommend_run
     from .report.compare import load_run
     from .report.recommend import Tolerance
@@ -193,7 +193,7 @@ def export(
     from .export.context import load_run_context
     from .export.job import check_request, export_recipe, summary
     from .export.record import record_export
-    from .rundir import RunLock
+    from .run.rundir import RunLock
 
     if not (run_dir / "config.yaml").exists():
         raise QuantbenchError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -235,7 +235,7 @@ def assets_fetch(
                                "verified registry files (repairs a damaged cache)"),
 ) -> None:
     """Download, verify and convert the default model, corpora and task pack (once; cached)."""
-    from . import offline
+    from .data import offline
 
     for p in offline.fetch_all(force=force):
         typer.echo(str(p))
@@ -244,7 +244,7 @@ def assets_fetch(
 @assets_app.command("list")
 def assets_list() -> None:
     """List the offline assets and whether they are cached."""
-    from . import offline
+    from .data import offline
 
     for r in offline.list_assets():
         typer.echo(f"{r['name']:<8} {r['kind']:<7} cached={r['cached']:<5} {r['source']:<22} {r['about']}")
@@ -253,7 +253,7 @@ def assets_list() -> None:
 @assets_app.command("path")
 def assets_path(name: str = typer.Argument(..., help="default | wiki | news")) -> None:
     """Print the cache path of an asset (fetching it if needed)."""
-    from . import assets
+    from .data import assets
 
     if name == "default":
         typer.echo(str(assets.ensure_default_model()))
@@ -314,10 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     file or path), 130 Ctrl-C, 143 SIGTERM (finished rows kept; rerun to resume)."""
     import signal as _signal
 
-    from .memory import return_freed_memory
-    from .rundir import Interrupted
+    from .modeling.memory import return_freed_memory
+    from .run.rundir import Interrupted
 
-    return_freed_memory()  # freed tensors go back to the system (quantbench/memory.py)
+    return_freed_memory()  # freed tensors go back to the system (quantbench/modeling/memory.py)
 
     usage_err, no_args, click_err, abort = _click_exceptions()
     got = {"signum": _signal.SIGINT}

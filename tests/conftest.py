@@ -32,12 +32,12 @@ def _threads(request):
 def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 128,
                attn_implementation: str = "eager") -> torch.nn.Module:
     """A tiny random causal LM of family `kind`, fp32, eval mode: llama | gpt2 | opt as below, or any
-    family of quantbench.families.FAMILIES (gemma, phi3, mixtral, ...; norm weights and biases moved off
+    family of quantbench.testing.families.FAMILIES (gemma, phi3, mixtral, ...; norm weights and biases moved off
     their initial values)."""
     import transformers as tf
 
     if kind not in ("llama", "gpt2", "opt"):
-        from quantbench.families import tiny_family
+        from quantbench.testing.families import tiny_family
 
         return tiny_family(kind, seed=seed, layers=layers, hidden=hidden, vocab=vocab,
                            attn_implementation=attn_implementation)
@@ -73,14 +73,14 @@ def tokens():
 @pytest.fixture(scope="session")
 def default_lm():
     """The real default model (SmolLM2-135M), loaded once per test session."""
-    from quantbench.models import load_model
+    from quantbench.modeling.load import load_model
 
     return load_model("default", device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def wiki():
-    from quantbench.data import load_corpus
+    from quantbench.data.corpus import load_corpus
 
     return load_corpus("wiki")
 
@@ -89,7 +89,7 @@ def save_tiny_llama(d, seed: int = 0):
     """A tiny random 2-layer Llama saved as an HF folder at `d` with the real default tokenizer."""
     import transformers as tf
 
-    from quantbench import assets
+    from quantbench.data import assets
 
     tok = tf.AutoTokenizer.from_pretrained(assets.ensure_default_model())
     torch.manual_seed(seed)

@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from quantbench import cli, fileio, pipeline, rundir
+from quantbench import cli
+from quantbench.core import fileio
+from quantbench.run import pipeline, rundir
 
 
 def _ready(path: str) -> None:

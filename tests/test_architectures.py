@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from quantbench.coverage import COLUMNS, RECIPES, run_matrix
-from quantbench.coverage_doc import README_BEGIN, README_END, readme_section, render
+from quantbench.testing.coverage import COLUMNS, RECIPES, run_matrix
+from quantbench.testing.coverage_doc import README_BEGIN, README_END, readme_section, render
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt2",
@@ -19,7 +19,7 @@ SANDWICH = {"gemma2", "gemma3_text", "olmo2"}  # residual written through weight
 
 @pytest.fixture(scope="module")
 def matrix():
-    m = run_matrix()  # every family of quantbench.families (the required ones and more)
+    m = run_matrix()  # every family of quantbench.testing.families (the required ones and more)
     assert set(REQUIRED) <= set(m.cells)
     return m
 

@@ -1,8 +1,8 @@
 """Offline assets: pinned, verified, cached."""
 import pytest
 
-from quantbench import assets, offline
-from quantbench.errors import AssetError
+from quantbench.data import assets, offline
+from quantbench.core.errors import AssetError
 
 
 def test_pins_are_complete():

@@ -8,7 +8,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from quantbench.arch import arch_of
+from quantbench.modeling.arch import arch_of
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.mitigations._util import find_pairs
 from quantbench.quant.mitigations.awq import block_of, search_pair

@@ -30,7 +30,7 @@ import pytest
 import torch
 import transformers as tf
 
-from quantbench.arch import arch_of
+from quantbench.modeling.arch import arch_of
 from quantbench.quant.apply import mitigate, prepare
 from quantbench.quant.calibration import Calibration
 from quantbench.quant.plugin import QuantContext
@@ -63,7 +63,7 @@ def _mha_llama(seed: int = 0) -> torch.nn.Module:
 def _pairs(model) -> list[tuple[str, str, list[str]]]:
     """(kind, prev path, target paths) per layer, in the order our mitigations fold them."""
     a, out = arch_of(model), []
-    for i in range(a.n_layers):  # the traced, verified pairs (quantbench.topology), layer by layer
+    for i in range(a.n_layers):  # the traced, verified pairs (quantbench.modeling.topology), layer by layer
         base = f"{a.layers}.{i}."
         out += [(p.kind, base + p.prev, [base + t for t in p.targets]) for p in a.layer(i).pairs]
     return out

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantbench import pipeline
+from quantbench.run import pipeline
 from quantbench.quant.calibration import StatsRequest, collect_input_stats
 from quantbench.quant.sequential import sequential_input_stats
-from quantbench.surgery import linear_modules
+from quantbench.modeling.surgery import linear_modules
 
 from conftest import tiny_model
 from test_pipeline import _cfg, text_file, tiny_dir  # noqa: F401  (fixtures)

@@ -5,8 +5,8 @@ import sys
 import pytest
 import yaml
 
-from quantbench.config import dump_config, load_config, parse_config, read_yaml_mapping
-from quantbench.errors import ConfigError
+from quantbench.run.config import dump_config, load_config, parse_config, read_yaml_mapping
+from quantbench.core.errors import ConfigError
 from quantbench.quant.recipes import PRESETS
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 
 from conftest import tiny_model
-from quantbench.data import Windows
+from quantbench.data.corpus import Windows
 from quantbench.eval.fidelity import capture_probe, compare_to_probe
 from quantbench.eval.lm import count_words, evaluate_lm
 
@@ -92,8 +92,8 @@ def test_layer_probe_is_zero_for_the_same_model_and_locates_a_perturbed_layer():
 def test_hub_corpora_fail_offline_with_one_clear_line():
     import pytest
 
-    from quantbench.data import load_corpus
-    from quantbench.errors import QuantbenchError
+    from quantbench.data.corpus import load_corpus
+    from quantbench.core.errors import QuantbenchError
 
     for name in ("wikitext2", "c4"):
         with pytest.raises(QuantbenchError) as e:

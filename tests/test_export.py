@@ -16,7 +16,7 @@ from conftest import tiny_model
 import compressed_tensors  # noqa: E402,F401  (dependencies: a missing one fails, never skips)
 import gguf  # noqa: E402
 
-from quantbench.errors import QuantbenchError  # noqa: E402
+from quantbench.core.errors import QuantbenchError  # noqa: E402
 from quantbench.export.context import load_run_context  # noqa: E402
 from quantbench.export.job import export_recipe  # noqa: E402
 from quantbench.export.refuse import ExportRefused  # noqa: E402
@@ -60,8 +60,8 @@ def run(tmp_path_factory):
     """A finished sweep of RECIPES on a tiny tied Llama, and its rebuilt context."""
     import transformers as tf
 
-    from quantbench import pipeline
-    from quantbench.config import parse_config
+    from quantbench.run import pipeline
+    from quantbench.run.config import parse_config
 
     base = tmp_path_factory.mktemp("export")
     tok = _tokenizer()
@@ -259,7 +259,7 @@ def test_gguf_backend_rejects_what_it_cannot_run():
 def test_cli_export_records_the_row_and_refuses_in_one_line(run, tmp_path, monkeypatch, capsys):
     """Through the CLI's main(): the row gets the export columns; a refusal is one `error:` line, exit 2."""
     from quantbench import cli
-    from quantbench.pipeline import load_rows
+    from quantbench.run.pipeline import load_rows
 
     rc, base = run
     argv = ["quantbench", "export", str(rc.run_dir), "--recipe"]
@@ -301,8 +301,8 @@ def test_config_export_list_runs_after_the_sweep_and_is_kept_on_resume(run, monk
     stop the others); rerunning the same config keeps the verified export instead of redoing it."""
     import yaml
 
-    from quantbench import pipeline
-    from quantbench.config import parse_config
+    from quantbench.run import pipeline
+    from quantbench.run.config import parse_config
     from quantbench.export import job
 
     rc, _ = run

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from quantbench.data import Windows
+from quantbench.data.corpus import Windows
 from quantbench.export import runtime
 from quantbench.export.vllm_probe import window_nll
 

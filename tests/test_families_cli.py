@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from quantbench.families import FAMILIES, tiny_family
+from quantbench.testing.families import FAMILIES, tiny_family
 from reliability_common import cli, corpus_text, word_tokenizer, write_config
 
 RECIPES = ["fp", "w8a8-token", "w4a16-g64", "w8a8-tensor-static-sq"]
@@ -58,8 +58,8 @@ def test_every_family_runs_from_a_saved_folder(family_folders, tmp_path, capsys)
 
 
 def test_an_unsupported_attention_implementation_is_named_as_such(family_folders):
-    from quantbench.errors import QuantbenchError
-    from quantbench.models import load_model
+    from quantbench.core.errors import QuantbenchError
+    from quantbench.modeling.load import load_model
 
     with pytest.raises(QuantbenchError) as e:
         load_model(str(family_folders["gemma2"]), "cpu", attn_implementation="sdpa")

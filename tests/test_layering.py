@@ -1,29 +1,44 @@
 """The package's layering (docs/architecture.md): no import cycles between modules, counting imports
-inside functions too, and no module importing a layer above its own."""
+inside functions too, and no module importing a layer above its own. The layers are read from the
+table in docs/architecture.md, so documentation and test cannot disagree."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import quantbench
 
 ROOT = Path(quantbench.__file__).parent
 
-# layer of each module or subpackage, by longest dotted prefix under quantbench (lower = lower layer)
-LAYERS = {
-    "errors": 0, "log": 0, "registry": 0, "surgery": 0, "hooks": 0, "__init__": 0,
-    "pristine": 0, "offload": 0, "memory": 0,
-    "fileio": 0, "stats": 0,
-    "arch": 1, "models": 1, "assets": 1, "taskpack": 1, "offline": 1, "data": 1, "config": 1, "manifest": 1,
-    "topology": 1, "prequant": 1, "archspec": 1, "trace": 1, "pairs": 1, "moe": 1, "families": 1,
-    "train.modeling": 1, "train.attention": 1,  # model definitions (loadable checkpoints), not orchestration
-    "quant": 2,
-    "census": 3, "eval": 3,
-    "report": 4, "export": 4, "coverage": 4, "coverage_doc": 4, "mixed": 4,
-    "rundir": 5, "pipeline": 5, "executor": 5, "train": 5, "cli": 6,
-}
-# a lower layer may still reach these (data classes every layer shares)
-ALLOWED_UP = {("config", "quant"), ("config", "census"), ("config", "mixed")}  # the run config holds recipes and census settings, and checks mixed entries by the search's own rule
+DOC = ROOT.parent / "docs" / "architecture.md"
+
+
+def _doc_table(marker: str) -> list[list[str]]:
+    """The rows of the table between <!-- MARKER --> and <!-- MARKER: end --> in docs/architecture.md:
+    per row, its cells' backticked names (the layering is written once, there)."""
+    text = DOC.read_text()
+    body = text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- {marker}: end -->", 1)[0]
+    rows = [ln.split("|")[1:-1] for ln in body.splitlines() if ln.startswith("|") and "---" not in ln]
+    return rows[1:]  # the header row dropped
+
+
+def _layers() -> dict[str, int]:
+    """{package or module under quantbench: layer}, from the layering table."""
+    out = {}
+    for cells in _doc_table("layering"):
+        for name in re.findall(r"`([\w.]+)`", cells[1]):
+            out[name] = int(cells[0].strip())
+    return out
+
+
+def _allowed_up() -> set[tuple[str, str]]:
+    return {(re.findall(r"`([\w.]+)`", cells[0])[0], b) for cells in _doc_table("layering exceptions")
+            for b in re.findall(r"`([\w.]+)`", cells[1])}
+
+
+LAYERS = _layers()
+ALLOWED_UP = _allowed_up()
 
 
 def _modules() -> dict[str, Path]:
@@ -98,7 +113,7 @@ def test_no_module_imports_a_layer_above_its_own():
         for d in deps:
             a, b = _top(m), _top(d)
             if a not in LAYERS or b not in LAYERS:
-                bad.append(f"{m} -> {d}: layer of {a if a not in LAYERS else b} unknown (add it to LAYERS)")
+                bad.append(f"{m} -> {d}: layer of {a if a not in LAYERS else b} unknown (add it to the layering table in docs/architecture.md)")
             elif LAYERS[b] > LAYERS[a] and (a, b) not in ALLOWED_UP:
                 bad.append(f"{m} -> {d}")
     assert not bad, bad

@@ -1,4 +1,4 @@
-"""quantbench/memory.py: weights memory-mapped by transformers become process memory after loading,
+"""quantbench/modeling/memory.py: weights memory-mapped by transformers become process memory after loading,
 with the file's values, and glibc's mmap threshold can be fixed (Linux/glibc, where CI runs)."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import save_tiny_llama
-from quantbench.memory import mapped_files, own_mapped_weights, return_freed_memory
-from quantbench.models import load_model
+from quantbench.modeling.memory import mapped_files, own_mapped_weights, return_freed_memory
+from quantbench.modeling.load import load_model
 
 
 def _in_mapping(model) -> list[str]:

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantbench.config import parse_config
-from quantbench.errors import ConfigError, QuantbenchError
+from quantbench.run.config import parse_config
+from quantbench.core.errors import ConfigError, QuantbenchError
 from quantbench.mixed.explain import census_reasons
 from quantbench.mixed.recipe import recipe_yaml, to_recipe
 from quantbench.mixed.search import by_budget, by_count, mckp
@@ -256,7 +256,7 @@ def test_refined_sensitivity_is_the_fisher_score_on_the_quantized_model(planted)
 def test_entries_over_one_base_measure_it_once_and_a_rerun_measures_nothing(planted, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from quantbench.config import MixedConfig
+    from quantbench.run.config import MixedConfig
     from quantbench.mixed import stage
 
     m, ids = planted
@@ -335,7 +335,7 @@ def test_recommend_mixed_refuses_min_task_retention(planted, tmp_path, capsys):
 
 def test_pipeline_evaluates_the_mixed_recipe_as_a_row(tmp_path):
     """A `mixed:` entry becomes a row after the uniform ones, within its budget, with its plan explained."""
-    from quantbench import pipeline
+    from quantbench.run import pipeline
 
     d = save_tiny_llama(tmp_path / "tiny")
     corpus = tmp_path / "corpus.txt"
@@ -371,7 +371,7 @@ def test_pipeline_evaluates_the_mixed_recipe_as_a_row(tmp_path):
 def test_adding_a_mixed_entry_keeps_the_uniform_rows(tmp_path):
     """The `mixed:` list is not an input of the uniform rows: adding an entry to a finished run resumes
     it (uniform and earlier mixed rows kept as they were, nothing moved to rows.stale.jsonl)."""
-    from quantbench import pipeline
+    from quantbench.run import pipeline
 
     d = save_tiny_llama(tmp_path / "tiny")
     corpus = tmp_path / "corpus.txt"
@@ -395,7 +395,8 @@ def test_every_mixed_recipe_a_run_reports_can_be_exported(tmp_path, capsys, monk
     """A searched mixed recipe is kept with its plan in <run>/mixed/ and exported from the run directory
     alone (export read only the config's recipes); so is one `recommend --mixed` writes. The recipe and
     format are checked before any model is loaded."""
-    from quantbench import models, pipeline
+    from quantbench.modeling import load as models
+    from quantbench.run import pipeline
     from reliability_common import assert_error, cli
 
     d = save_tiny_llama(tmp_path / "tiny")
@@ -480,7 +481,7 @@ def test_a_mixed_entry_the_search_cannot_take_is_refused_before_any_work(capsys,
 
 def test_validate_layers_in_a_run_leaves_the_model_whole(capsys, env):
     """validate_layers swapped each sampled linear with surgery.replace_module, whose callback in a run
-    (quantbench/pristine.py) freed the FP linear's weights: the next forward failed on an empty tensor."""
+    (quantbench/modeling/pristine.py) freed the FP linear's weights: the next forward failed on an empty tensor."""
     from reliability_common import cli, rows_by_recipe, write_config
 
     root, model, corpus = env

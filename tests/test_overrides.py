@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from quantbench.errors import QuantbenchError
+from quantbench.core.errors import QuantbenchError
 from quantbench.quant.apply import apply_recipe, prepare
 from quantbench.quant.primitives import quantize_weight
 from quantbench.quant.qlinear import QuantLinear
@@ -90,8 +90,8 @@ def test_census_named_layers_kept_in_8_bit_on_the_default_model(default_lm, wiki
     """The census names the down_proj that writes the massive activation and the one that cancels it;
     keeping exactly those in 8 bits changes only them, and the size grows by exactly their bits."""
     from quantbench.census import run_census
-    from quantbench.config import CensusConfig
-    from quantbench.data import calibration_batches
+    from quantbench.run.config import CensusConfig
+    from quantbench.data.corpus import calibration_batches
 
     model, tok = default_lm.model, default_lm.tokenizer
     ids = calibration_batches(tok, wiki.calib_text, 2, 64, 0)

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from quantbench import pipeline
-from quantbench.config import parse_config
-from quantbench.errors import QuantbenchError
-from quantbench.models import load_model
+from quantbench.run import pipeline
+from quantbench.run.config import parse_config
+from quantbench.core.errors import QuantbenchError
+from quantbench.modeling.load import load_model
 
 from conftest import save_tiny_llama
 

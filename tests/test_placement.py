@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantbench import pipeline
-from quantbench.config import parse_config
-from quantbench.errors import ConfigError, QuantbenchError
-from quantbench.models import load_model
-from quantbench.offload import is_offloaded, offloaded_modules
-from quantbench.pristine import Pristine
+from quantbench.run import pipeline
+from quantbench.run.config import parse_config
+from quantbench.core.errors import ConfigError, QuantbenchError
+from quantbench.modeling.load import load_model
+from quantbench.modeling.offload import is_offloaded, offloaded_modules
+from quantbench.modeling.pristine import Pristine
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.recipes import PRESETS
-from quantbench.surgery import model_device
+from quantbench.modeling.surgery import model_device
 
 from reliability_common import env  # noqa: F401  (fixture)
 from test_pipeline import _cfg, text_file, tiny_dir  # noqa: F401  (fixtures)
@@ -67,7 +67,7 @@ def test_recipe_on_offloaded_model_is_undone(tiny_dir, tmp_path):  # noqa: F811
         before = lm.model(x).logits
     n_off = len(offloaded_modules(lm.model))
     pr = Pristine(lm.model, lm.folder)
-    from quantbench.offload import onload
+    from quantbench.modeling.offload import onload
 
     onload(lm.model)
     assert not is_offloaded(lm.model)
@@ -176,7 +176,7 @@ def _doc_placements() -> list[dict]:
 def test_every_placement_example_in_the_docs_is_accepted(tiny_dir, tmp_path):  # noqa: F811
     """Each map docs/scale.md shows parses through PlacementConfig and places the tiny model (the same
     logits as loaded whole), or, naming a GPU this machine lacks, is refused in our one line."""
-    from quantbench.config import PlacementConfig, validate
+    from quantbench.run.config import PlacementConfig, validate
 
     examples = _doc_placements()
     assert len(examples) >= 2 and any(isinstance(e["device_map"], dict) and "disk" in e["device_map"].values()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantbench.config import parse_config
-from quantbench.errors import ConfigError
+from quantbench.run.config import parse_config
+from quantbench.core.errors import ConfigError
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.spec import MITIGATIONS, MitigationSpec, QuantSpec, Recipe
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from quantbench import prequant
+from quantbench.modeling import prequant
 from quantbench.census import run_census
-from quantbench.config import CensusConfig
-from quantbench.errors import QuantbenchError
-from quantbench.models import load_model
+from quantbench.run.config import CensusConfig
+from quantbench.core.errors import QuantbenchError
+from quantbench.modeling.load import load_model
 from quantbench.quant.apply import apply_recipe, prepare
 from quantbench.quant.recipes import PRESETS
 

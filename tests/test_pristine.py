@@ -1,4 +1,4 @@
-"""Recipes quantize the loaded model in place and quantbench.pristine puts it back exactly: after any
+"""Recipes quantize the loaded model in place and quantbench.modeling.pristine puts it back exactly: after any
 preset is applied and restored, every parameter, buffer, module type, tie, hook and config value equals
 a deep copy taken before (the independent reference), and a sweep's rows equal the deep-copy path's."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers as tf
 
-from quantbench import pipeline
-from quantbench.errors import QuantbenchError
-from quantbench.models import load_model
-from quantbench.pristine import Pristine
+from quantbench.run import pipeline
+from quantbench.core.errors import QuantbenchError
+from quantbench.modeling.load import load_model
+from quantbench.modeling.pristine import Pristine
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.plugin import BackendUnavailable
 from quantbench.quant.recipes import PRESETS

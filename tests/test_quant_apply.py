@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from quantbench.quant.apply import apply_recipe
-from quantbench.surgery import linear_modules
+from quantbench.modeling.surgery import linear_modules
 from quantbench.quant.qlinear import QuantLinear
 from quantbench.quant.recipes import PRESETS
 

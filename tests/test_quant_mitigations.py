@@ -123,7 +123,7 @@ def test_outlier_tokens_found_and_kept_out_of_static_ranges(tokens):
     ids = tokens.clone()
     ids[:, ::5] = 9
     r0 = Recipe(name="s", weights=QuantSpec(bits=8), activations=QuantSpec(bits=8, granularity="tensor", dynamic=False))
-    from quantbench.arch import arch_of
+    from quantbench.modeling.arch import arch_of
 
     assert find_outlier_ids(m, ids, arch_of(m), 64.0, 0.5) == [9]
     ref = m(input_ids=ids).logits
@@ -173,7 +173,7 @@ def test_composed_presets_beat_their_unmitigated_recipe_on_a_model_with_outliers
 
 
 def test_recipes_a_mitigation_cannot_serve_are_rejected_before_any_work():
-    from quantbench.errors import QuantbenchError
+    from quantbench.core.errors import QuantbenchError
     from quantbench.quant.apply import prepare
 
     m = tiny_model("llama")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from quantbench.errors import QuantbenchError
+from quantbench.core.errors import QuantbenchError
 from quantbench.quant.apply import apply_recipe, prepare
 from quantbench.quant.primitives import FP8_MAX, block_range, blocks, fake_quant, qparams_from_range
 from quantbench.quant.mitigations.int8_decomp import KeepChannels

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from quantbench.arch import arch_of
-from quantbench.errors import QuantbenchError
+from quantbench.modeling.arch import arch_of
+from quantbench.core.errors import QuantbenchError
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.mitigations._hadamard import hadamard, hadamard_factors
 from quantbench.quant.mitigations.rotate import fuse_norms, make_rotation
@@ -179,7 +179,7 @@ def test_no_hadamard_falls_back_to_random_orthogonal():
 
 @pytest.mark.integration
 def test_default_model_transforms_keep_logits_and_rotation_removes_outliers(default_lm, wiki):
-    from quantbench.data import calibration_batches
+    from quantbench.data.corpus import calibration_batches
 
     model, tok = default_lm.model, default_lm.tokenizer
     calib = calibration_batches(tok, wiki.calib_text, 4, 64, 0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from quantbench.config import RunConfig
+from quantbench.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

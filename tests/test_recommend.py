@@ -113,7 +113,7 @@ def test_task_retention_holds_at_the_lower_bound_of_the_paired_change():
                                 {"min_task_retention_pct": 101.0}, {"min_task_retention_pct": 0.0},
                                 {"min_task_retention_pct": math.inf}])
 def test_impossible_tolerances_are_one_line_errors(kw):
-    from quantbench.errors import QuantbenchError
+    from quantbench.core.errors import QuantbenchError
 
     with pytest.raises(QuantbenchError) as e:
         Tolerance(**kw)

@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-from quantbench import assets
-from quantbench.data import load_corpus
+from quantbench.data import assets
+from quantbench.data.corpus import load_corpus
 from reliability_common import env, assert_error, cli, corpus_text, tiny_model, write_config
 
 
@@ -214,8 +214,8 @@ def test_cached_corpus_cut_in_half(capsys, env, news):
 
 @pytest.mark.integration  # converts the real default model again: all cores
 def test_fetch_force_repairs_model_and_corpus(capsys, env, news, monkeypatch):
-    import quantbench.offline as offline
-    import quantbench.taskpack as taskpack
+    import quantbench.data.offline as offline
+    import quantbench.data.taskpack as taskpack
 
     # the task pack is not this test's business (tests/test_taskpack.py): patched where `assets fetch` looks it up
     monkeypatch.setattr(offline, "ensure_task_pack", lambda force=False: taskpack.pack_dir())

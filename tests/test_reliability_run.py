@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from quantbench import pipeline, rundir
+from quantbench.run import pipeline, rundir
 from quantbench.quant.backends import BackendUnavailable
 from reliability_common import (env, assert_error, assert_rows_consistent, cli, corpus_text, results_recipes,
                                 rows_by_recipe, rows_lines, save_tiny_model, template_run, tiny_model, write_config)
@@ -169,7 +169,7 @@ def test_changed_model_weights_start_fresh_rows(capsys, env, done, calls):
 
 
 def test_changed_package_version_starts_fresh_rows(capsys, env, done, calls, monkeypatch):
-    from quantbench import manifest
+    from quantbench.run import manifest
 
     real = manifest.package_versions
     monkeypatch.setattr(manifest, "package_versions", lambda *a: {**real(*a), "torch": "9.9.9"})
@@ -178,7 +178,7 @@ def test_changed_package_version_starts_fresh_rows(capsys, env, done, calls, mon
 
 
 def test_changed_quantbench_code_starts_fresh_rows(capsys, env, done, calls, monkeypatch):
-    from quantbench import manifest
+    from quantbench.run import manifest
 
     monkeypatch.setattr(manifest, "code_fingerprint", lambda: "0123456789abcdef")
     old = rows_lines(done)
@@ -187,7 +187,7 @@ def test_changed_quantbench_code_starts_fresh_rows(capsys, env, done, calls, mon
 
 
 def test_code_fingerprint_changes_with_any_source_byte(tmp_path):
-    from quantbench import manifest
+    from quantbench.run import manifest
 
     tree = tmp_path / "quantbench"
     shutil.copytree(Path(manifest.__file__).parent, tree, ignore=shutil.ignore_patterns("__pycache__"))

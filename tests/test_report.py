@@ -24,9 +24,9 @@ def tiny_run(tmp_path_factory) -> Path:
     """`quantbench run` on a tiny random Llama (default tokenizer) with a local lm-eval task."""
     from transformers import AutoTokenizer
 
-    from quantbench.assets import ensure_default_model
-    from quantbench.config import parse_config
-    from quantbench.pipeline import run
+    from quantbench.data.assets import ensure_default_model
+    from quantbench.run.config import parse_config
+    from quantbench.run.pipeline import run
 
     root = tmp_path_factory.mktemp("tinyrun")
     tok = AutoTokenizer.from_pretrained(ensure_default_model())

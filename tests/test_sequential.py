@@ -12,13 +12,13 @@ import weakref
 import pytest
 import torch
 
-from quantbench.errors import QuantbenchError
+from quantbench.core.errors import QuantbenchError
 from quantbench.quant.apply import apply_recipe, prepare
 from quantbench.quant.calibration import StatsRequest, collect_input_stats
 from quantbench.quant.mitigations.gptq import gptq_quantize
 from quantbench.quant.sequential import run_sequential
 from quantbench.quant.spec import MitigationSpec, QuantSpec, Recipe
-from quantbench.surgery import get_weight, set_weight
+from quantbench.modeling.surgery import get_weight, set_weight
 
 from conftest import tiny_model
 
@@ -32,7 +32,7 @@ def _tokens(n: int = 6, t: int = 24, vocab: int = 128, seed: int = 1) -> torch.T
 def _layer_io(model, ids: torch.Tensor, batch_size: int) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """The model's own forward: per layer, per batch, the hidden states each decoder layer receives;
     and the last layer's outputs per batch."""
-    from quantbench.arch import decoder_layers
+    from quantbench.modeling.arch import decoder_layers
 
     layers = decoder_layers(model)
     seen: list[list[torch.Tensor]] = [[] for _ in layers]

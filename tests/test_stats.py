@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from quantbench import stats
+from quantbench.eval import intervals as stats
 
 
 def _units(rng, n: int, shift: float, noise: float = 0.05):

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from quantbench import assets, taskpack
+from quantbench.data import assets, taskpack
 from quantbench.eval.downstream import TaskSettings, load_tasks
 from reliability_common import assert_error, cli, tiny_model, write_config
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from quantbench.arch import arch_of, arch_or_none
-from quantbench.errors import QuantbenchError, UnsupportedArchitecture
-from quantbench.moe import ExpertList, unfuse_experts
+from quantbench.modeling.arch import arch_of, arch_or_none
+from quantbench.core.errors import QuantbenchError, UnsupportedArchitecture
+from quantbench.modeling.moe import ExpertList, unfuse_experts
 from quantbench.quant.apply import apply_recipe, prepare
 from quantbench.quant.recipes import PRESETS
 from quantbench.quant.spec import MitigationSpec, Recipe
@@ -19,7 +19,7 @@ from quantbench.quant.spec import MitigationSpec, Recipe
 CPU = torch.device("cpu")
 ATT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
-# The hand table quantbench.arch held before tracing (cross-check only; orders compared as sets).
+# The hand table quantbench.modeling.arch held before tracing (cross-check only; orders compared as sets).
 TABLE = {
     "llama": dict(layers="model.layers", embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
                   attn="self_attn", attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", qkv=ATT,
@@ -224,7 +224,7 @@ def test_post_norm_block_is_one_line_and_plain_quantization_still_runs():
 
 
 def test_the_traced_map_travels_with_deepcopy_and_is_traced_once(monkeypatch):
-    import quantbench.pairs as topo
+    import quantbench.modeling.pairs as topo
 
     m = tiny_model("llama")
     arch = arch_of(m)
@@ -275,7 +275,7 @@ def test_half_precision_trace_finds_the_same_pairs(family):
 def test_shared_norm_smoothing_compensates_attention_and_mlp(family):
     """Issue 9 §3: where one norm feeds attention and MLP, SmoothQuant must scale every reader's columns
     (before the fix only q/k/v were: logits moved by ~1.4x with one outlier channel)."""
-    from quantbench.coverage import _recipe
+    from quantbench.testing.coverage import _recipe
     from quantbench.quant.apply import mitigate
     from quantbench.quant.calibration import Calibration
     from quantbench.quant.plugin import QuantContext

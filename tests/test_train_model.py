@@ -89,7 +89,7 @@ def test_sigmoid_weights_are_unnormalised_and_scaled_by_visible_keys():
 def test_save_and_auto_load_round_trip(variant, ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from quantbench.arch import arch_of
+    from quantbench.modeling.arch import arch_of
 
     m = tiny(variant)
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_save_and_auto_load_round_trip(variant, ids, tmp_path):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_census_and_quantization_run_on_every_variant(variant):
     from quantbench.census import run_census
-    from quantbench.config import CensusConfig
+    from quantbench.run.config import CensusConfig
     from quantbench.quant.apply import apply_recipe
     from quantbench.quant.recipes import resolve_recipe
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from quantbench.errors import ConfigError
+from quantbench.core.errors import ConfigError
 from quantbench.train.config import parse_train_config
 
 TINY = {
@@ -69,8 +69,8 @@ def test_comparison_holds_the_run_numbers(trained):
 
 
 def test_checkpoint_loads_through_the_model_loader(trained):
-    from quantbench.arch import arch_of
-    from quantbench.models import load_model
+    from quantbench.modeling.arch import arch_of
+    from quantbench.modeling.load import load_model
 
     _, out = trained
     lm = load_model(str(out / "ca_scale" / "final"), device="cpu")

@@ -14,8 +14,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quantbench.coverage import run_matrix  # noqa: E402
-from quantbench.coverage_doc import readme_section, render, replace_readme_section  # noqa: E402
+from quantbench.testing.coverage import run_matrix  # noqa: E402
+from quantbench.testing.coverage_doc import readme_section, render, replace_readme_section  # noqa: E402
 
 
 def main(check: bool) -> int:

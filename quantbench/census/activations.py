@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..arch import ArchSpec, LayerTopo, get_module
-from ..hooks import first_tensor
-from ..moe import ExpertList
-from ..surgery import weight_view
+from ..modeling.arch import ArchSpec, LayerTopo, get_module
+from ..core.hooks import first_tensor
+from ..modeling.moe import ExpertList
+from ..modeling.surgery import weight_view
 from .stats import SiteStats
 
 EXPERT = re.compile(r"^(.*\bexperts\.\d+)\.")

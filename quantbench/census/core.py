@@ -8,13 +8,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..arch import arch_of, decoder_layers
-from ..config import CensusConfig
-from ..errors import UnsupportedArchitecture
+from ..modeling.arch import arch_of, decoder_layers
+from ..run.config import CensusConfig
+from ..core.errors import UnsupportedArchitecture
 from .activations import Collector, LayerStats
 from .experts import expert_rows, topology_summary
 from .analysis import Thresholds, class_shares, lifecycle, linkage, outlier_positions
-from ..hooks import eager_attention, forward_hooks
+from ..core.hooks import eager_attention, forward_hooks
 from .stats import Record, SiteStats, finite
 from .weights import weight_census
 

@@ -2,7 +2,7 @@
 weight outliers) and the traced topology in words (what the census and the coverage matrix report)."""
 from __future__ import annotations
 
-from ..arch import ArchSpec
+from ..modeling.arch import ArchSpec
 
 
 def topology_summary(arch: ArchSpec) -> dict:

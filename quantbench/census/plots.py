@@ -77,7 +77,7 @@ PLOTS = ("census_activations.png", "census_sinks.png", "census_weights.png", "ce
 
 
 def write_plots(c: dict, out: Path) -> list[Path]:
-    from ..fileio import atomic_path
+    from ..core.fileio import atomic_path
 
     paths = [out / name for name in PLOTS]
     for fn, p in zip((_activations, _sinks, _weights, _classes), paths):

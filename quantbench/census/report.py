@@ -97,7 +97,7 @@ def markdown(c: dict) -> str:
 
 def write_census(census: dict, out: Path, plots: bool = True) -> list[Path]:
     """Write census.json, census.md and (optionally) the plots into `out`; return the paths."""
-    from ..fileio import atomic_write_text
+    from ..core.fileio import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "census.json", out / "census.md"]

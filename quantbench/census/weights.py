@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ..prequant import dequantized_weight
-from ..surgery import is_linear, weight_view
+from ..modeling.prequant import dequantized_weight
+from ..modeling.surgery import is_linear, weight_view
 
 MAX_LISTED = 8  # rows/columns listed with their scores per module
 

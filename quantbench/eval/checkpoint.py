@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
-from ..errors import QuantbenchError
+from ..core.errors import QuantbenchError
 from .downstream import LoadedTasks, _quiet_lm_eval, score_lm
 
 BACKENDS = ("vllm", "hf")

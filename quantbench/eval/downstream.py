@@ -4,7 +4,7 @@ Tasks are loaded once per run (the offline task pack is on lm-eval's include pat
 name is an lm-eval task, which needs the hub) and evaluated on each model variant with the
 same documents (`limit` takes the first N of the fixed, pre-shuffled order) and few-shot seed.
 lm-eval's per-sample log (`log_samples=True`) gives each document's correctness, ordered by
-doc_id, so two variants can be compared document by document (paired intervals, quantbench.stats).
+doc_id, so two variants can be compared document by document (paired intervals, quantbench.eval.intervals).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ..errors import QuantbenchError
-from ..log import log
-from ..taskpack import PACK_TASKS, ensure_task_pack, unavailable_tasks
+from ..core.errors import QuantbenchError
+from ..core.log import log
+from ..data.taskpack import PACK_TASKS, ensure_task_pack, unavailable_tasks
 
 
 @dataclass(frozen=True)

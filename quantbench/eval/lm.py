@@ -1,6 +1,6 @@
 """Perplexity and fidelity to the FP model, in one pass over the evaluation windows.
 
-Protocol (recorded in the manifest): windows come from quantbench.data.eval_windows; the
+Protocol (recorded in the manifest): windows come from quantbench.data.corpus.eval_windows; the
 loss is the mean token-level negative log-likelihood of every scored next token; perplexity
 = exp(mean NLL). Fidelity compares next-token distributions with the FP model on the same
 scored positions: mean KL(P_fp || P_q) in nats and top-1 agreement.
@@ -16,7 +16,7 @@ keeps it within float32 rounding of a float64 computation even when KL is ~1e-6.
 Per-unit sums for intervals (`Units`): the scored positions of each window are cut into blocks
 of `block` consecutive positions (the last block of a window may be shorter; blocks never cross
 windows); every block carries its NLL sum, token count, KL sum and top-1 agreements. A paired
-bootstrap over these blocks (quantbench.stats) gives the intervals of the report.
+bootstrap over these blocks (quantbench.eval.intervals) gives the intervals of the report.
 
 Word-level perplexity (as lm-eval's `word_perplexity`) = exp(total NLL / number of words), where
 the words are the whitespace-separated words of the scored text (count_words); it does not
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..data import Windows
-from ..errors import QuantbenchError
-from ..surgery import no_cache
+from ..data.corpus import Windows
+from ..core.errors import QuantbenchError
+from ..modeling.surgery import no_cache
 
 DEFAULT_BLOCK = 128  # scored tokens per bootstrap unit (eval.ci_block)
 _CHUNK = 128  # positions per KL chunk: bounds the transient memory to a few [128, V] fp32 buffers

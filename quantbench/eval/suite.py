@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Windows
-from ..log import log
+from ..data.corpus import Windows
+from ..core.log import log
 from .cost import peak_memory
 from .downstream import LoadedTasks, TaskSettings, evaluate_tasks, load_tasks, task_columns
 from .fidelity import LayerProbe, capture_probe, compare_to_probe
@@ -63,7 +63,7 @@ class EvalSuite:
                                      "documents for tasks",
                    "intervals": "95%; paired percentile bootstrap over blocks (2000 resamples, seed 0) for "
                                 "delta_ppl and kl; Jeffreys-Dirichlet over the paired 2x2 document table for "
-                                "task accuracy deltas (quantbench.stats)"}
+                                "task accuracy deltas (quantbench.eval.intervals)"}
         if self.tasks is not None:
             s = self.tasks.settings
             p["tasks"] = {"names": list(s.names), "limit": s.limit, "num_fewshot": s.num_fewshot,

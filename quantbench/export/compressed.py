@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import QuantbenchError
+from ..core.errors import QuantbenchError
 from ..quant.plan import LinearPlan, Plan, fused_sets
 from ..quant.qlinear import QuantLinear
 from ..quant.spec import QuantSpec

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, load_config
-from ..data import Windows, calibration_batches, eval_windows, load_corpus
-from ..errors import QuantbenchError
-from ..log import log
-from ..models import LoadedModel, load_model
+from ..run.config import RunConfig, load_config
+from ..data.corpus import Windows, calibration_batches, eval_windows, load_corpus
+from ..core.errors import QuantbenchError
+from ..core.log import log
+from ..modeling.load import LoadedModel, load_model
 from ..quant.calibration import Calibration
 from ..quant.spec import Recipe
-from ..registry import suggest
+from ..core.registry import suggest
 
 
 @dataclass

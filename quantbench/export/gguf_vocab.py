@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from hashlib import sha256
 
-from ..errors import QuantbenchError
+from ..core.errors import QuantbenchError
 
 # llama.cpp identifies a BPE pre-tokenizer by sha256(str(tokenizer.encode(CHECK_TEXT))).
 CHECK_TEXT = (

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..arch import arch_or_none
-from ..errors import QuantbenchError
+from ..modeling.arch import arch_or_none
+from ..core.errors import QuantbenchError
 from ..eval.lm import evaluate_lm
-from ..log import log
+from ..core.log import log
 from ..quant.apply import mitigate, prepare, quantize
 from ..quant.plan import Plan
 from ..quant.plugin import BackendUnavailable, QuantContext

@@ -5,7 +5,7 @@ environment, so the project's environment needs neither. quantbench.export.runti
 
     $QUANTBENCH_LLAMA_CPP_PYTHON llama_cpp_probe.py FILE.gguf WINDOWS.npz THREADS  -> one JSON line
 
-WINDOWS.npz holds `ids` [N, T] and `score_from` [N] (quantbench.data.Windows). Each window is decoded
+WINDOWS.npz holds `ids` [N, T] and `score_from` [N] (quantbench.data.corpus.Windows). Each window is decoded
 in one batch with logits for every position (KV cache cleared between windows); the NLL of the scored
 next tokens is summed as quantbench.eval.lm does.
 """

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import fileio
-from ..config import RunConfig
-from ..log import log
+from ..core import fileio
+from ..run.config import RunConfig
+from ..core.log import log
 from ..report.tables import EXPORT_COLUMNS, to_frame, write_tables
 
 ROW_TOL = 1e-4

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import yaml
 
-from ..errors import QuantbenchError
+from ..core.errors import QuantbenchError
 from ..quant.recipes import PRESETS
 from ..quant.spec import MitigationSpec, Recipe
-from ..registry import suggest
+from ..core.registry import suggest
 
 FORMATS = ("compressed-tensors", "gguf")
 

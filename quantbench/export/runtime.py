@@ -33,11 +33,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..data import Windows
+from ..data.corpus import Windows
 from ..eval.lm import evaluate_lm
 from ..quant.backends._common import tensor_bytes
 from ..quant.qlinear import QuantLinear
-from ..surgery import replace_module
+from ..modeling.surgery import replace_module
 
 LLAMA_CPP_ENV = "QUANTBENCH_LLAMA_CPP_PYTHON"
 VLLM_TIMEOUT_S = 3600

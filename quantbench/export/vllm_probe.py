@@ -6,7 +6,7 @@ failed export):
 
     python -m quantbench.export.vllm_probe DIR WINDOWS.npz GPU_MEMORY_UTILIZATION OUT.json
 
-WINDOWS.npz holds `ids` [N, T] and `score_from` [N] (quantbench.data.Windows). Each window is one
+WINDOWS.npz holds `ids` [N, T] and `score_from` [N] (quantbench.data.corpus.Windows). Each window is one
 prompt of its token ids as given (no BOS added). vLLM loads DIR with its own loader and kernels
 (compressed-tensors int8 / int4 / fp8; dtype "auto": vLLM runs fp32 checkpoints in fp16) and returns
 the log-probability of every prompt token given the tokens before it (`prompt_logprobs`, from the raw

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..quant.spec import QuantSpec, Recipe
 
 W8_CH = QuantSpec(bits=8, granularity="channel")

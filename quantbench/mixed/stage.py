@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
-from ..fileio import atomic_write_text, read_json_or_none
-from ..log import log
+from ..core.errors import ConfigError
+from ..core.fileio import atomic_write_text, read_json_or_none
+from ..core.log import log
 from ..quant.calibration import Calibration
 from ..quant.recipes import PRESETS
 from ..quant.spec import Recipe
@@ -234,8 +234,8 @@ def build_mixed(model: nn.Module, cfg, calib: Calibration, probe_ids: torch.Tens
 def recommend_mixed(run_dir: Path, base: str | None, budget: float | None, max_ppl_increase: float | None,
                     max_kept: float | None, fused: bool = True) -> str:
     """`quantbench recommend RUN_DIR --mixed ...`: the plan from the run's cached sensitivities."""
-    from ..config import load_config
-    from ..fileio import read_rows, latest_by_recipe
+    from ..run.config import load_config
+    from ..core.fileio import read_rows, latest_by_recipe
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -34,7 +34,7 @@ def sample_linears(s: Sensitivity, n: int, option: int = 0) -> list[str]:
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` at `name` for one measurement. Not surgery.replace_module: during a run its callback
-    (quantbench/pristine.py) frees the weights of the module taken out, and the FP linear comes back here."""
+    (quantbench/modeling/pristine.py) frees the weights of the module taken out, and the FP linear comes back here."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 

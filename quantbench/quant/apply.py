@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .. import prequant
-from ..arch import arch_or_none
-from ..moe import check_experts
-from ..errors import QuantbenchError
-from ..surgery import model_device
+from ..modeling import prequant
+from ..modeling.arch import arch_or_none
+from ..modeling.moe import check_experts
+from ..core.errors import QuantbenchError
+from ..modeling.surgery import model_device
 from .calibration import Calibration
 from .effects import Effects
 from .plan import Plan, check_plan, resolve_plan

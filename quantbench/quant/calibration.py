@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..hooks import input_hooks
-from ..surgery import run_batches
+from ..core.hooks import input_hooks
+from ..modeling.surgery import run_batches
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import QuantbenchError, UnsupportedArchitecture
+from ..core.errors import QuantbenchError, UnsupportedArchitecture
 from .gguf_quant import block_size, check_qtype, gguf_fake_quant, stored_nbytes
 
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..errors import QuantbenchError
+from ..core.errors import QuantbenchError
 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # stored as values, not blocks
 TERNARY_TYPES = ("TQ1_0", "TQ2_0")  # BitNet-style {-1, 0, 1}·d: only for models trained ternary

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch.nn as nn
 
-from ..arch import ArchSpec, arch_or_none
-from ..errors import QuantbenchError
-from ..surgery import in_features, linear_modules, matches
+from ..modeling.arch import ArchSpec, arch_or_none
+from ..core.errors import QuantbenchError
+from ..modeling.surgery import in_features, linear_modules, matches
 from .spec import QuantSpec, Recipe
 
 

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import QuantbenchError
+from ..core.errors import QuantbenchError
 from .spec import QuantSpec
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn

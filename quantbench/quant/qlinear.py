@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..surgery import as_linear
+from ..modeling.surgery import as_linear
 from .effects import KeepPolicy
 from .plan import LinearPlan
 from .primitives import QTensor, block_range, blocks, fake_quant, qparams_from_range, quantize_weight

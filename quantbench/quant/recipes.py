@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
-from ..registry import Registry, UnknownName
+from ..core.errors import ConfigError
+from ..core.registry import Registry, UnknownName
 from .backends.gguf import GGUF_TYPES, gguf_weight_spec
 from .spec import MitigationSpec, QuantSpec, Recipe
 
@@ -35,7 +35,7 @@ def _m(name: str, **options) -> MitigationSpec:
 PRESETS: Registry[Recipe] = Registry("preset")
 for _recipe in [
     _r("fp"),
-    _r("as-loaded"),  # an already-quantized checkpoint, evaluated as it was loaded (quantbench/prequant.py)
+    _r("as-loaded"),  # an already-quantized checkpoint, evaluated as it was loaded (quantbench/modeling/prequant.py)
     _r("w8a16", W8_CH),
     _r("w8a8-token", W8_CH, A8_TOK),
     _r("w8a8-tensor-dynamic", W8_CH, A8_TENSOR_DYN),

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..registry import Registry, UnknownName
+from ..core.registry import Registry, UnknownName
 
 Granularity = Literal["tensor", "channel", "token", "group"]
 
@@ -68,7 +68,7 @@ def _check_options(registry: Registry, name: str, options: dict[str, Any], what:
         e = err.errors()[0]
         key = ".".join(str(p) for p in e["loc"]) or "options"
         if e["type"] == "extra_forbidden":
-            from ..registry import suggest
+            from ..core.registry import suggest
 
             known = sorted(opts_cls.model_fields)
             msg = f"unknown option{suggest(str(e['loc'][-1]), known)} (known: {', '.join(known) or 'none'})"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from ..log import log
+from ..core.log import log
 from .html import write_html
 from .recommend import Recommendation, Tolerance, recommend
 
@@ -40,7 +40,7 @@ def run_recipes(run_dir: Path) -> dict[str, dict]:
 
 def read_census(run_dir: Path) -> dict | None:
     """The run's census, or None when it is missing or damaged (`quantbench run` recomputes it)."""
-    from ..fileio import read_json_or_none
+    from ..core.fileio import read_json_or_none
 
     return read_json_or_none(run_dir / "census.json")
 
@@ -76,7 +76,7 @@ def finish_report(out: Path, df: pd.DataFrame, cfg) -> Recommendation:
     tol = Tolerance(r.max_ppl_increase_pct, r.min_task_retention_pct, cfg.tasks.metric)
     rec = recommend_run(out, df, tol)
     text = rec.text()
-    from ..fileio import atomic_write_text
+    from ..core.fileio import atomic_write_text
 
     atomic_write_text(out / "recommendation.txt", text + "\n")
     path = write_html(df, out, text, cfg.tasks.metric)

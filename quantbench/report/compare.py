@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import QuantbenchError
-from ..fileio import latest_by_recipe, read_json_or_none, read_rows
+from ..core.errors import QuantbenchError
+from ..core.fileio import latest_by_recipe, read_json_or_none, read_rows
 from .tables import to_frame
 
 METRICS = ("bits_per_weight", "ppl", "delta_ppl_pct", "kl", "top1", "task_acc_mean")

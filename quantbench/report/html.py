@@ -81,7 +81,7 @@ def build_html(df: pd.DataFrame, run_dir: Path, recommendation: str | None = Non
 
 
 def write_html(df: pd.DataFrame, run_dir: Path, recommendation: str | None = None, task_metric: str = "acc") -> Path:
-    from ..fileio import atomic_write_text
+    from ..core.fileio import atomic_write_text
 
     path = run_dir / "report.html"
     atomic_write_text(path, build_html(df, run_dir, recommendation, task_metric))

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import yaml
 
-from ..errors import QuantbenchError
-from ..stats import n_to_resolve
+from ..core.errors import QuantbenchError
+from ..eval.intervals import n_to_resolve
 from .tables import num as _num, task_names
 from .uncertainty import uncertainty_notes
 

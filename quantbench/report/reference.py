@@ -20,7 +20,7 @@ from typing import Callable
 import pandas as pd
 import yaml
 
-from ..errors import QuantbenchError
+from ..core.errors import QuantbenchError
 from .tables import num as _num
 
 BLOCK = re.compile(r"(<!-- reference: (?P<name>[\w.-]+)(?: columns=(?P<cols>[\w,]+))? -->\n)(?P<body>.*?)(<!-- /reference -->)",

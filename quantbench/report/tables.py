@@ -1,6 +1,6 @@
 """Result rows -> pandas table (+ paired 95% intervals) -> CSV / Markdown (+ the per-layer table in long format).
 
-Intervals (quantbench.stats) are computed here from the per-unit lists every row carries
+Intervals (quantbench.eval.intervals) are computed here from the per-unit lists every row carries
 (unit_nll, unit_tokens, unit_kl per block of ci_block tokens; doc_<metric>:<task> per document),
 paired with the FP row: delta_ppl_lo/hi (percent), kl_lo/hi (nats/token), acc_delta_lo/hi:<task>
 (change of the run's task metric vs FP, in accuracy units), task_delta_lo/hi (the same for the mean
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import stats
+from ..eval import intervals as stats
 
 COLUMNS = ["recipe", "status", "mode", "bits_per_weight", "size_mb", "compression_x", "ppl", "delta_ppl_pct",
            "delta_ppl_lo", "delta_ppl_hi", "word_ppl", "kl", "kl_lo", "kl_hi", "top1", "layer_err_max",
@@ -133,7 +133,7 @@ def markdown(df: pd.DataFrame, columns: list[str] | None = None) -> str:
 
 
 def write_tables(df: pd.DataFrame, out: Path) -> None:
-    from ..fileio import atomic_write_text  # every output: temporary file, then rename
+    from ..core.fileio import atomic_write_text  # every output: temporary file, then rename
 
     flat = scalar_frame(df)
     atomic_write_text(out / "results.csv", flat.to_csv(index=False))

@@ -4,7 +4,7 @@ For the recipes the decision turns on (the chosen one and every recipe whose poi
 meet the tolerance) the notes give the paired 95% interval of their perplexity change vs FP,
 say when a recipe and FP, or two recipes, cannot be told apart (the paired interval of their
 difference contains 0), and how many units would resolve the observed difference:
-n_needed ~ n * (Z_POWER * se / |gap|)^2 (quantbench.stats.n_to_resolve). For each task they say
+n_needed ~ n * (Z_POWER * se / |gap|)^2 (quantbench.eval.intervals.n_to_resolve). For each task they say
 which accuracy changes the documents can resolve at all, and how many documents the retention
 rule would need. Pairwise comparisons need the per-unit lists (rows.jsonl); a table read from
 results.csv alone gets the vs-FP intervals only.
@@ -15,7 +15,7 @@ import math
 
 import pandas as pd
 
-from .. import stats
+from ..eval import intervals as stats
 from .tables import as_list, num as _num
 
 

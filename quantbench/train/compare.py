@@ -1,4 +1,4 @@
-"""Per-variant census + quantization sweep (through quantbench.pipeline.run) and the comparison:
+"""Per-variant census + quantization sweep (through quantbench.run.pipeline.run) and the comparison:
 convergence, held-out perplexity, outlier statistics and Δperplexity per recipe, side by side."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import parse_config
+from ..run.config import parse_config
 from .config import TrainConfig
 from .loop import TrainLog, log
 
@@ -30,9 +30,9 @@ def sweep_config(cfg: TrainConfig, variant: str, final: Path, root: Path) -> dic
 def run_variant_census(cfg: TrainConfig, final: Path, dest: Path) -> dict:
     """quantbench.census.run_census on census_samples random context-length windows of the evaluation text."""
     from ..census import run_census
-    from ..config import CensusConfig
-    from ..data import calibration_batches, load_corpus
-    from ..models import load_model
+    from ..run.config import CensusConfig
+    from ..data.corpus import calibration_batches, load_corpus
+    from ..modeling.load import load_model
 
     if dest.exists():
         old = json.loads(dest.read_text())
@@ -67,7 +67,7 @@ def bias_slot_mass(model, batches: torch.Tensor) -> list[float]:
 
 def run_sweep(cfg: TrainConfig, variant: str, final: Path, root: Path) -> Path:
     """Census (census.json) and the quantization sweep (rows.jsonl) of one checkpoint under root/variant."""
-    from ..pipeline import run as run_pipeline
+    from ..run.pipeline import run as run_pipeline
 
     out = run_pipeline(parse_config(sweep_config(cfg, variant, final, root)), config_name=variant)
     run_variant_census(cfg, final, out / "census.json")
@@ -146,7 +146,7 @@ def add_convergence(summaries: list[dict], logs: dict[str, TrainLog], targets: l
 
 
 def load_sweep(sweep_dir: Path) -> tuple[dict | None, dict[str, dict]]:
-    from ..pipeline import load_rows
+    from ..run.pipeline import load_rows
 
     cpath = sweep_dir / "census.json"
     census = json.loads(cpath.read_text()) if cpath.exists() else None

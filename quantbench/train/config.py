@@ -1,6 +1,6 @@
 """Typed, validated config of the structural-outlier training experiment (`quantbench train`).
 
-Same style as quantbench.config: unknown keys, wrong types and impossible values are one-line
+Same style as quantbench.run.config: unknown keys, wrong types and impossible values are one-line
 ConfigErrors naming the key.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..config import read_yaml_mapping, validate
+from ..run.config import read_yaml_mapping, validate
 from ..quant.recipes import PRESETS
 from .attention import VARIANTS
 
@@ -65,7 +65,7 @@ class OptimConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    """Census + quantization sweep on every final checkpoint (quantbench.pipeline.run)."""
+    """Census + quantization sweep on every final checkpoint (quantbench.run.pipeline.run)."""
 
     enabled: bool = True
     recipes: tuple[str, ...] = ("fp", "w8a8-tensor-static", "w8a8-token", "w4a16-g64")

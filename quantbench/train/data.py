@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_corpus
-from ..errors import QuantbenchError
+from ..data.corpus import load_corpus
+from ..core.errors import QuantbenchError
 from .config import DataConfig
 
 _MARGIN = 256  # tokens skipped between held-out and training text (tokenization boundary effects)
@@ -44,7 +44,7 @@ class TokenData:
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    from .. import assets
+    from ..data import assets
 
     folder = assets.ensure_default_model() if spec == "default" else Path(spec).expanduser()
     if not Path(folder).is_dir():

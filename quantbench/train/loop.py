@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from ..errors import QuantbenchError
+from ..core.errors import QuantbenchError
 from .config import TrainConfig
-from ..log import log
+from ..core.log import log
 from .data import TokenData
 from .modeling import QuantbenchLMConfig, QuantbenchLMForCausalLM
 

@@ -5,7 +5,7 @@ Hugging Face compatible: `QuantbenchLMConfig` (model_type "quantbench_lm") and
 checkpoint folder loads with `AutoModelForCausalLM.from_pretrained(folder)` and runs through the
 census and the quantization sweep unchanged. Module names follow Llama (model.embed_tokens,
 model.layers[i].input_layernorm / self_attn.{q,k,v,o}_proj / post_attention_layernorm /
-mlp.{gate,up,down}_proj, model.norm, lm_head) so quantbench.arch's Llama row fits.
+mlp.{gate,up,down}_proj, model.norm, lm_head) so quantbench.modeling.arch's Llama row fits.
 No KV cache: every forward sees the whole sequence (enough for perplexity, the census and lm-eval
 loglikelihoods; `generate` works without a cache, slowly).
 """

@@ -10,7 +10,7 @@ import platform
 import torch
 
 from .. import __version__
-from ..models import resolve_device
+from ..modeling.load import resolve_device
 from .compare import BASELINE, add_convergence, default_targets, load_sweep, run_sweep, variant_summary
 from .config import TrainConfig
 from .data import load_tokenizer, load_tokens

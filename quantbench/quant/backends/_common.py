@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...surgery import attach_online
+from ...modeling.surgery import attach_online
 
 
 def reattach_online(old: nn.Module, new: nn.Module) -> None:

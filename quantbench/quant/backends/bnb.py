@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from ...surgery import as_linear, replace_module
+from ...modeling.surgery import as_linear, replace_module
 from ..plan import Plan
 from ..plugin import Backend, BackendUnavailable, Options, QuantContext
 from ..spec import BACKENDS

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...errors import QuantbenchError
-from ...surgery import replace_module
+from ...core.errors import QuantbenchError
+from ...modeling.surgery import replace_module
 from ..gguf_model import gguf_plan, llama_cpp_qtypes
 from ..gguf_quant import gguf_dequantize, gguf_quantize, stored_nbytes
 from ..plan import Plan

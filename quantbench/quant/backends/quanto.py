@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...surgery import run_batches
+from ...modeling.surgery import run_batches
 from ..plan import Plan
 from ..plugin import Backend, BackendUnavailable, QuantContext
 from ..spec import BACKENDS, QuantSpec

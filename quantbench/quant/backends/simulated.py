@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ...moe import borrow_static_ranges
-from ...surgery import replace_module, run_batches
+from ...modeling.moe import borrow_static_ranges
+from ...modeling.surgery import replace_module, run_batches
 from ..plan import Plan
 from ..plugin import Backend, QuantContext
 from ..qlinear import QuantLinear

@@ -1,6 +1,6 @@
 """Shared by the scaling mitigations (SmoothQuant, AWQ): smoothable pairs prev -> targets.
 
-The pairs are the traced architecture's (quantbench.topology / quantbench.pairs), each verified
+The pairs are the traced architecture's (quantbench.modeling.topology / quantbench.modeling.pairs), each verified
 exact on the model: norm -> every matrix reading its output (q/k/v; gate/up; a parallel block's one
 norm -> q/k/v and the MLP; an MoE norm -> router, every expert and the shared expert), up -> down
 (gated or ReLU MLPs; every expert), v -> o (v rows of a fused qkv projection included). Folding a
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ...arch import ArchSpec, PairSpec, get_module
-from ...surgery import get_weight, is_linear, scale_in, set_weight
+from ...modeling.arch import ArchSpec, PairSpec, get_module
+from ...modeling.surgery import get_weight, is_linear, scale_in, set_weight
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from ...surgery import get_weight, set_weight
+from ...modeling.surgery import get_weight, set_weight
 from ..calibration import StatsRequest
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext

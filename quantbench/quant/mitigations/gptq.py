@@ -69,8 +69,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from ...errors import QuantbenchError
-from ...surgery import get_weight, set_weight
+from ...core.errors import QuantbenchError
+from ...modeling.surgery import get_weight, set_weight
 from ..calibration import StatsRequest, collect_input_stats
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext

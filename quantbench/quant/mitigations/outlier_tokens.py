@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from ...arch import get_module
-from ...surgery import run_batches
+from ...modeling.arch import get_module
+from ...modeling.surgery import run_batches
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
 from ..spec import MITIGATIONS

@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from ...arch import arch_of, get_module
-from ...errors import QuantbenchError
-from ...surgery import attach_online, get_weight, scale_in, set_weight
+from ...modeling.arch import arch_of, get_module
+from ...core.errors import QuantbenchError
+from ...modeling.surgery import attach_online, get_weight, scale_in, set_weight
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
 from ..spec import MITIGATIONS

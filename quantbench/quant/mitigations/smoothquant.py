@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field, model_validator
 
-from ...hooks import input_hooks
-from ...surgery import get_weight, run_batches
+from ...core.hooks import input_hooks
+from ...modeling.surgery import get_weight, run_batches
 from ..calibration import StatsRequest
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext

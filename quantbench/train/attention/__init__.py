@@ -5,8 +5,8 @@ every public module of this package the first time a variant is looked up.
 """
 from __future__ import annotations
 
-from ...errors import ConfigError
-from ...registry import Registry, UnknownName
+from ...core.errors import ConfigError
+from ...core.registry import Registry, UnknownName
 from .base import BaseAttention
 
 VARIANTS: Registry[type[BaseAttention]] = Registry("attention variant", __name__)

@@ -162,7 +162,7 @@ def borrow_static_ranges(qlinears: dict[str, nn.Module]) -> list[str]:
 
 def check_experts(model: nn.Module, recipe) -> None:
     """A recipe that quantizes must not silently skip experts it cannot see as linear layers."""
-    from .errors import QuantbenchError
+    from ..core.errors import QuantbenchError
 
     if recipe.is_fp:
         return

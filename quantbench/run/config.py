@@ -10,9 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .quant.recipes import resolve_recipe
-from .quant.spec import Recipe
+from ..core.errors import ConfigError
+from ..quant.recipes import resolve_recipe
+from ..quant.spec import Recipe
 
 
 class _Strict(BaseModel):
@@ -256,9 +256,9 @@ class RunConfig(_Strict):
         if dup:
             raise ValueError(f"recipe names must be unique; repeated: {', '.join(sorted(dup))}")
         for i, m in enumerate(self.mixed):  # everything the search needs that no model decides: checked here
-            from .mixed.options import base_problem
-            from .quant.recipes import PRESETS
-            from .registry import suggest
+            from ..mixed.options import base_problem
+            from ..quant.recipes import PRESETS
+            from ..core.registry import suggest
 
             where = f"mixed[{i}] ({m.label()})"
             if m.base not in names and m.base not in PRESETS.names():
@@ -273,7 +273,7 @@ class RunConfig(_Strict):
             names = names + [m.label()]
         for name in self.export:
             if name not in names:
-                from .registry import suggest
+                from ..core.registry import suggest
 
                 raise ValueError(f"export: '{name}' is not one of the recipes{suggest(name, names)}")
         if self.models and "model" in self.model_fields_set:

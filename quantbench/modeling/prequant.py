@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import QuantbenchError
+from ..core.errors import QuantbenchError
 
 KEPT = {"gptq", "awq", "bitsandbytes", "hqq", "torchao", "quanto", "eetq", "aqlm", "exl2", "higgs", "vptq"}
 NEEDS = {"gptq": ("gptqmodel", "optimum"), "awq": ("gptqmodel",), "hqq": ("hqq",), "aqlm": ("aqlm",),

@@ -1,4 +1,4 @@
-"""The architecture coverage matrix: every family of quantbench.families x the census, the W8A8 /
+"""The architecture coverage matrix: every family of quantbench.testing.families x the census, the W8A8 /
 W4A16 recipes and every mitigation, each cell run on a tiny random model of that family.
 
 A cell is "✓" when it ran and held its promise, "refused: <reason>" when quantbench refuses it in
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .arch import arch_of
-from .errors import QuantbenchError
+from ..modeling.arch import arch_of
+from ..core.errors import QuantbenchError
 from .families import FAMILIES, tiny_family
 
 RECIPES = ("w8a8-token", "w8a8-tensor-static", "w4a16-g64")
@@ -56,8 +56,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _recipe(name: str, mitigation: str | None = None):
-    from .quant.recipes import PRESETS
-    from .quant.spec import MitigationSpec
+    from ..quant.recipes import PRESETS
+    from ..quant.spec import MitigationSpec
 
     r = PRESETS.get(name)
     if mitigation is None:
@@ -68,13 +68,13 @@ def _recipe(name: str, mitigation: str | None = None):
 
 
 def _run_recipe(model: nn.Module, recipe, ids: torch.Tensor):
-    from .quant.apply import apply_recipe
+    from ..quant.apply import apply_recipe
 
     return apply_recipe(model, recipe, ids, torch.device("cpu"), batch_size=4)
 
 
 def _check_quantized(q: nn.Module, applied, ids: torch.Tensor) -> str | None:
-    from .quant.qlinear import QuantLinear
+    from ..quant.qlinear import QuantLinear
 
     missing = [n for n, lp in applied.plan.linears.items() if lp.quantized and not isinstance(q.get_submodule(n), QuantLinear)]
     routers = [n for n in arch_of(q).names("routers") if isinstance(q.get_submodule(n), QuantLinear)]
@@ -89,9 +89,9 @@ def _check_quantized(q: nn.Module, applied, ids: torch.Tensor) -> str | None:
 
 def _mitigate_alone(model: nn.Module, name: str, ids: torch.Tensor) -> float:
     """Relative max logit change of the mitigation alone (the quantized recipe's specs steer its search)."""
-    from .quant.apply import mitigate, prepare
-    from .quant.calibration import Calibration
-    from .quant.plugin import QuantContext
+    from ..quant.apply import mitigate, prepare
+    from ..quant.calibration import Calibration
+    from ..quant.plugin import QuantContext
 
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -105,8 +105,8 @@ def _mitigate_alone(model: nn.Module, name: str, ids: torch.Tensor) -> float:
 
 
 def _census_cell(model: nn.Module, ids: torch.Tensor) -> Cell:
-    from .census import run_census
-    from .config import CensusConfig
+    from ..census import run_census
+    from ..run.config import CensusConfig
 
     c = run_census(model, ids, None, CensusConfig(plots=False, top_k=2))
     arch = arch_of(model)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .archspec import ArchSpec, LayerTopo, PairSpec
-from .errors import UnsupportedArchitecture
+from ..core.errors import UnsupportedArchitecture
 from .moe import ExpertList, fused_expert_modules, unfuse_experts
 from .surgery import in_features, out_features
 from .topology import (LayerGraph, RawLayer, Tracer, _expand_experts, _layer_list, _module_name, analyse_layer,

@@ -4,7 +4,7 @@ on the meta device and an AlignDevicesHook loads them from its weights map for e
 A forward through such a model works as is (the hooks stream the weights in). What reads or rewrites
 weights (the census's weight statistics, mitigations, backends) needs them real: `onloaded(model)`
 brings every offloaded module's tensors onto its execution device and takes its hook off for the
-duration; on exit the meta parameters and hooks come back (quantbench.pristine does the same after a
+duration; on exit the meta parameters and hooks come back (quantbench.modeling.pristine does the same after a
 recipe). While onloaded, the offloaded part of the model is held in memory.
 """
 from __future__ import annotations

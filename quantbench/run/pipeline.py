@@ -14,31 +14,33 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, fileio, rundir
-from .census import run_census, write_census
+from .. import __version__
+from ..core import fileio
+from . import rundir
+from ..census import run_census, write_census
 from .config import RunConfig, dump_config, validate
-from .data import Windows, calibration_batches, eval_windows, load_corpus
-from .errors import ConfigError, QuantbenchError
-from .eval.suite import EvalSuite
+from ..data.corpus import Windows, calibration_batches, eval_windows, load_corpus
+from ..core.errors import ConfigError, QuantbenchError
+from ..eval.suite import EvalSuite
 from .executor import Cell, Executor, make_executor
 from .manifest import build_manifest, changed_inputs, inputs_key, run_inputs
-from .models import LoadedModel, load_model
-from .arch import arch_or_none
-from .census.quick import outlier_note
-from .log import log
-from .offload import onload, onloaded
-from .memory import return_freed_memory
-from .pristine import Pristine
-from .quant.apply import mitigate, quantize
-from .quant.apply import prepare as plan_recipe
-from .quant.calibration import Calibration
-from .quant.effects import Effects
-from .quant.plugin import BackendUnavailable, QuantContext
-from .quant.sequential import sequential_input_stats
-from .quant.size import measure_size
-from .surgery import model_device
-from .report import finish_report
-from .report.tables import markdown, to_frame, write_tables
+from ..modeling.load import LoadedModel, load_model
+from ..modeling.arch import arch_or_none
+from ..census.quick import outlier_note
+from ..core.log import log
+from ..modeling.offload import onload, onloaded
+from ..modeling.memory import return_freed_memory
+from ..modeling.pristine import Pristine
+from ..quant.apply import mitigate, quantize
+from ..quant.apply import prepare as plan_recipe
+from ..quant.calibration import Calibration
+from ..quant.effects import Effects
+from ..quant.plugin import BackendUnavailable, QuantContext
+from ..quant.sequential import sequential_input_stats
+from ..quant.size import measure_size
+from ..modeling.surgery import model_device
+from ..report import finish_report
+from ..report.tables import markdown, to_frame, write_tables
 
 
 def run_dir_for(cfg: RunConfig, config_name: str = "run") -> Path:
@@ -203,7 +205,7 @@ def _open_run(r: _Run, config_name: str, drop_model: bool) -> None:
 def _add_mixed(r: _Run) -> None:
     """Search the config's mixed recipes on this run's sensitivities and add them to its recipes; rows
     of the same mixed recipe and inputs already in rows.jsonl are kept (resume)."""
-    from .mixed.stage import build_mixed
+    from ..mixed.stage import build_mixed
 
     census = fileio.read_json_or_none(r.out / "census.json")
     with onloaded(r.p.lm.model):  # the sensitivity pass reads the weights (offloaded ones made real for it)
@@ -224,8 +226,8 @@ def _finish(r: _Run) -> None:
     print(markdown(df))
     finish_report(r.out, df, r.cfg)
     if r.cfg.export:  # the `export:` list: write, reload and verify those recipes (quantbench/export)
-        from .export.context import RunContext
-        from .export.job import export_list
+        from ..export.context import RunContext
+        from ..export.job import export_list
 
         with onloaded(r.p.lm.model):  # export copies and rewrites the weights (offloaded ones made real)
             export_list(RunContext(r.out, r.cfg, r.p.manifest, r.p.lm, r.p.windows, r.p.calib), r.cfg.export)
@@ -268,7 +270,7 @@ def _resume(out: Path, store: fileio.RowStore, p: Prepared, cfg: RunConfig) -> d
 
 def _census(cfg: RunConfig, p: Prepared, out: Path) -> None:
     t1 = time.perf_counter()
-    with onloaded(p.lm.model):  # weight statistics need offloaded weights real (quantbench/offload.py)
+    with onloaded(p.lm.model):  # weight statistics need offloaded weights real (quantbench/modeling/offload.py)
         census = run_census(p.lm.model, p.census_batches, p.lm.tokenizer, cfg.census, cfg.eval.batch_size)
     write_census(census, out, cfg.census.plots)
     s = census["summary"]
@@ -371,7 +373,7 @@ def worker_cell(cfg_json: dict, recipe: str, inputs: dict) -> tuple[dict, dict |
     key = cfg.fingerprint()  # everything that changes results (not the output folder)
     if key not in _WORKER:
         _WORKER.clear()  # one checkpoint's weights per worker
-        return_freed_memory()  # freed tensors go back to the system (quantbench/memory.py)
+        return_freed_memory()  # freed tensors go back to the system (quantbench/modeling/memory.py)
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(cfg.threads or max(1, int(cfg.executor.num_cpus)))
         p = prepare(cfg)
@@ -403,7 +405,7 @@ class RecipeEnv:
 
 def capture_pristine(lm: LoadedModel) -> Pristine | None:
     """The loaded model's state, kept once: recipes quantize the model in place and it is restored after
-    each (quantbench/pristine.py); values stored in the model's safetensors files are read back from them."""
+    each (quantbench/modeling/pristine.py); values stored in the model's safetensors files are read back from them."""
     t0 = time.perf_counter()
     pr = Pristine(lm.model, lm.folder)
     log(f"pristine state kept ({pr.file_bytes / 2**20:.0f} MB read back from the model files, "

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .errors import QuantbenchError
+from ..core.errors import QuantbenchError
 
 HUB_CORPORA = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test"),

@@ -82,7 +82,7 @@ _ON_REPLACE: "weakref.WeakKeyDictionary[nn.Module, Callable[[nn.Module, nn.Modul
 
 def on_replace(model: nn.Module, fn: Callable[[nn.Module, nn.Module], None] | None) -> None:
     """fn(model, old) is called after replace_module takes `old` out of `model` (None: no callback).
-    quantbench.pristine uses it to free the storage of replaced weights it can read back."""
+    quantbench.modeling.pristine uses it to free the storage of replaced weights it can read back."""
     if fn is None:
         _ON_REPLACE.pop(model, None)
     else:

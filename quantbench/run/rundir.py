@@ -1,5 +1,5 @@
 """Run-directory handling: the output root, the run lock, and interruption (atomic writes and
-the rows store are in quantbench/fileio.py).
+the rows store are in quantbench/core/fileio.py).
 
 Guarantees (tests/test_reliability*.py check each):
 - one process at a time writes a run directory (an flock on `.quantbench.lock`, released by
@@ -13,8 +13,8 @@ import os
 import signal
 from pathlib import Path
 
-from .errors import QuantbenchError
-from .fileio import OutputError, _log, os_error_text
+from ..core.errors import QuantbenchError
+from ..core.fileio import OutputError, _log, os_error_text
 
 LOCK_NAME = ".quantbench.lock"
 

@@ -1,0 +1,1 @@
+"""Quantization: spec and per-linear plan, primitives, calibration, mitigations, backends and formats."""

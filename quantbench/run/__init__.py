@@ -1,0 +1,1 @@
+"""The run: config, manifest, run directory, executors and the sweep pipeline."""
