@@ -16,7 +16,7 @@ from pathlib import Path
 
 from quantbench import cli
 from quantbench.core import fileio
-from quantbench.run import pipeline, rundir
+from quantbench.run import cell, rundir
 
 
 def _ready(path: str) -> None:
@@ -27,7 +27,7 @@ def _ready(path: str) -> None:
 def main() -> None:
     mode, ready, at, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
     if mode == "pause":
-        real = pipeline._run_recipe
+        real = cell._run_recipe
 
         def run_recipe(model, recipe, *a, **k):
             row = real(model, recipe, *a, **k)
@@ -35,7 +35,7 @@ def main() -> None:
                 _ready(ready)
             return row
 
-        pipeline._run_recipe = run_recipe
+        cell._run_recipe = run_recipe
     elif mode == "cut":
         real_append = fileio.RowStore.append
 

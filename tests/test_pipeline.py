@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from quantbench.run import pipeline
+from quantbench.run import cell, pipeline
 from quantbench.run.config import parse_config
 from quantbench.core.errors import QuantbenchError
 from quantbench.modeling.load import load_model
@@ -52,7 +52,7 @@ def test_run_writes_all_outputs(tiny_dir, text_file, tmp_path):
 
 def test_interrupted_sweep_resumes_without_recomputing(tiny_dir, text_file, tmp_path, monkeypatch):
     cfg = _cfg(tiny_dir, text_file, tmp_path)
-    real = pipeline._run_recipe
+    real = cell._run_recipe
     calls = []
 
     def interrupt_on_third(model, recipe, *a, **k):
@@ -61,13 +61,13 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_dir, text_file, tmp_
             raise KeyboardInterrupt
         return real(model, recipe, *a, **k)
 
-    monkeypatch.setattr(pipeline, "_run_recipe", interrupt_on_third)
+    monkeypatch.setattr(cell, "_run_recipe", interrupt_on_third)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg)
     kept = pipeline.load_rows(tmp_path / "t" / "rows.jsonl")
     assert set(kept) == {"fp", "w8a8-token", "w8a8-tensor-static"}
     calls.clear()
-    monkeypatch.setattr(pipeline, "_run_recipe", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
+    monkeypatch.setattr(cell, "_run_recipe", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
     pipeline.run(cfg)
     assert calls == ["w4a16-g64"]
     rows = pipeline.load_rows(tmp_path / "t" / "rows.jsonl")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers as tf
 
-from quantbench.run import pipeline
+from quantbench.run import cell, pipeline
 from quantbench.core.errors import QuantbenchError
 from quantbench.modeling.load import load_model
 from quantbench.modeling.pristine import Pristine
@@ -110,7 +110,7 @@ def _metrics(rows: dict) -> dict:
 def test_rows_equal_the_deepcopy_path(tiny_dir, text_file, tmp_path, monkeypatch):  # noqa: F811
     cfg = _cfg(tiny_dir, text_file, tmp_path / "inplace", recipes=_RECIPES)
     inplace = pipeline.load_rows(pipeline.run(cfg) / "rows.jsonl")
-    monkeypatch.setattr(pipeline, "capture_pristine", lambda lm: None)  # every recipe on a deep copy
+    monkeypatch.setattr(cell, "capture_pristine", lambda lm: None)  # every recipe on a deep copy
     cfg = _cfg(tiny_dir, text_file, tmp_path / "copy", recipes=_RECIPES)
     copied = pipeline.load_rows(pipeline.run(cfg) / "rows.jsonl")
     assert all(r["status"] == "ok" for r in inplace.values())

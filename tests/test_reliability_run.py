@@ -15,7 +15,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from quantbench.run import pipeline, rundir
+from quantbench.eval.suite import EvalSuite
+from quantbench.run import cell, prepare, rundir
 from quantbench.quant.backends import BackendUnavailable
 from reliability_common import (env, assert_error, assert_rows_consistent, cli, corpus_text, results_recipes,
                                 rows_by_recipe, rows_lines, save_tiny_model, template_run, tiny_model, write_config)
@@ -28,9 +29,9 @@ RECIPES = ["fp", "w8a8-token", "w4a16-channel"]
 def calls(monkeypatch):
     """Names of the recipes whose work actually runs (the FP row comes from the reference pass)."""
     seen: list[str] = []
-    real_ref, real_run = pipeline.EvalSuite.reference, pipeline._run_recipe
-    monkeypatch.setattr(pipeline.EvalSuite, "reference", lambda self, m: seen.append("fp") or real_ref(self, m))
-    monkeypatch.setattr(pipeline, "_run_recipe", lambda m, r, *a, **k: seen.append(r.name) or real_run(m, r, *a, **k))
+    real_ref, real_run = EvalSuite.reference, cell._run_recipe
+    monkeypatch.setattr(EvalSuite, "reference", lambda self, m: seen.append("fp") or real_ref(self, m))
+    monkeypatch.setattr(cell, "_run_recipe", lambda m, r, *a, **k: seen.append(r.name) or real_run(m, r, *a, **k))
     return seen
 
 
@@ -152,7 +153,7 @@ def test_tables_of_stale_rows_go_with_them(capsys, env, done, monkeypatch):
     def interrupted(self, model):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.EvalSuite, "reference", interrupted)
+    monkeypatch.setattr(EvalSuite, "reference", interrupted)
     res = run(capsys, env)
     assert res.rc == 130 and "stopped: 0 of 3 recipe(s) finished" in res.err
     assert not (done / "results.csv").exists() and not (done / "report.html").exists()
@@ -190,7 +191,7 @@ def test_code_fingerprint_changes_with_any_source_byte(tmp_path):
     from quantbench.run import manifest
 
     tree = tmp_path / "quantbench"
-    shutil.copytree(Path(manifest.__file__).parent, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(manifest.__file__).parents[1], tree, ignore=shutil.ignore_patterns("__pycache__"))
     assert manifest.tree_fingerprint(tree) == manifest.code_fingerprint()  # the installed package's own code
     f = tree / "quant" / "primitives.py"
     f.write_text(f.read_text() + "\n")
@@ -222,18 +223,18 @@ def test_changed_recipe_is_recomputed_alone(capsys, env, done, calls):
 
 
 def test_skipped_row_is_retried(capsys, env, calls, monkeypatch):
-    real = pipeline.quantize
+    real = cell.quantize
 
     def unavailable(model, ctx):
         if ctx.recipe.name == "w8a8-token":
             raise BackendUnavailable("needs a CUDA device")
         return real(model, ctx)
 
-    monkeypatch.setattr(pipeline, "quantize", unavailable)
+    monkeypatch.setattr(cell, "quantize", unavailable)
     assert run(capsys, env).rc == 0
     out = env[0] / "out" / "r"
     assert rows_by_recipe(out)["w8a8-token"]["status"] == "skipped: needs a CUDA device"
-    monkeypatch.setattr(pipeline, "quantize", real)
+    monkeypatch.setattr(cell, "quantize", real)
     calls.clear()
     _ok_rerun(capsys, env)
     assert calls == ["fp", "w8a8-token"] and rows_by_recipe(out)["w8a8-token"]["status"] == "ok"
@@ -272,7 +273,7 @@ def test_full_disk_at_the_report_keeps_rows_and_the_old_report(capsys, env, done
 
 def test_full_disk_during_a_row_append_leaves_no_fragment(capsys, env, monkeypatch, calls):
     out = env[0] / "out" / "r"
-    real = pipeline._run_recipe
+    real = cell._run_recipe
     limited = []
 
     def fill_disk_then_return(model, recipe, *a, **k):
@@ -283,7 +284,7 @@ def test_full_disk_during_a_row_append_leaves_no_fragment(capsys, env, monkeypat
             resource.setrlimit(resource.RLIMIT_FSIZE, (len(limited[0]) + 100, resource.RLIM_INFINITY))
         return row
 
-    monkeypatch.setattr(pipeline, "_run_recipe", fill_disk_then_return)
+    monkeypatch.setattr(cell, "_run_recipe", fill_disk_then_return)
     try:
         with file_size_limit(resource.RLIM_INFINITY):  # restores the limit and SIGXFSZ afterwards
             res = run(capsys, env)
@@ -291,7 +292,7 @@ def test_full_disk_during_a_row_append_leaves_no_fragment(capsys, env, monkeypat
         resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     assert_error(res, str(out / "rows.jsonl"), "[Errno 27]")
     assert (out / "rows.jsonl").read_bytes() == limited[0], "the cut row must be removed again"
-    monkeypatch.setattr(pipeline, "_run_recipe", real)
+    monkeypatch.setattr(cell, "_run_recipe", real)
     assert _ok_rerun(capsys, env) and set(assert_rows_consistent(out)) == set(RECIPES)
 
 
@@ -319,20 +320,20 @@ def test_a_garbled_lock_file_does_not_block(capsys, env, done):
 
 # ---------------------------------------------------------------- Ctrl-C (in process)
 def test_ctrl_c_keeps_finished_rows_writes_their_tables_and_exits_130(capsys, env, monkeypatch, calls):
-    real = pipeline._run_recipe
+    real = cell._run_recipe
 
     def interrupt(model, recipe, *a, **k):
         if recipe.name == "w4a16-channel":
             raise KeyboardInterrupt
         return real(model, recipe, *a, **k)
 
-    monkeypatch.setattr(pipeline, "_run_recipe", interrupt)
+    monkeypatch.setattr(cell, "_run_recipe", interrupt)
     res = run(capsys, env)
     out = env[0] / "out" / "r"
     assert res.rc == 130 and res.err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
     assert "stopped: 2 of 3 recipe(s) finished" in res.err and results_recipes(out) == ["fp", "w8a8-token"]
     kept = rows_lines(out)
-    monkeypatch.setattr(pipeline, "_run_recipe", real)
+    monkeypatch.setattr(cell, "_run_recipe", real)
     calls.clear()
     _ok_rerun(capsys, env)
     assert calls == ["fp", "w4a16-channel"] and rows_lines(out)[:2] == kept
@@ -342,6 +343,6 @@ def test_ctrl_c_while_loading_leaves_no_directory(capsys, env, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "load_model", interrupted)
+    monkeypatch.setattr(prepare, "load_model", interrupted)
     res = run(capsys, env)
     assert res.rc == 130 and "interrupted" in res.err and not (env[0] / "out").exists()

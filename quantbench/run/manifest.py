@@ -26,7 +26,7 @@ NUMERIC_PACKAGES = ("quantbench", "torch", "transformers", "tokenizers", "accele
 def code_fingerprint() -> str:
     """sha256 of quantbench's own source: every .py file of the imported package, by relative path.
     Part of every row's inputs key, so rows computed by other code are set aside and recomputed."""
-    return tree_fingerprint(Path(__file__).resolve().parent)
+    return tree_fingerprint(Path(__file__).resolve().parents[1])  # the quantbench package
 
 
 def tree_fingerprint(root: Path) -> str:
