@@ -61,7 +61,7 @@ def profile(
 ) -> None:
     """Run the outlier census alone: census.json, census.md and plots in --out (see docs/census.md)."""
     from .run.config import RunConfig, load_config
-    from .run.pipeline import profile as run_profile
+    from .run.profile import profile as run_profile
 
     cfg = load_config(config) if config else RunConfig()
     path = run_profile(model, corpus, out, cfg)
