@@ -197,7 +197,7 @@ def export(
 
     if not (run_dir / "config.yaml").exists():
         raise QuantbenchError(f"{run_dir} is not a run directory (no config.yaml)")
-    check_request(run_dir, recipe, format)  # before the model is loaded
+    check_request(run_dir, recipe, format, out)  # before the model is loaded
     with RunLock(run_dir):  # the export adds to the run's rows and report
         rc = load_run_context(run_dir)
         cols = record_export(rc.run_dir, rc.cfg, recipe, export_recipe(rc, recipe, out, format))

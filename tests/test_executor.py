@@ -163,3 +163,4 @@ def test_cells_no_node_can_hold_are_refused_before_any_work(tiny_dir, corpus, tm
 def test_models_and_model_together_are_refused():
     with pytest.raises(QuantbenchError, match="config: <root>: set either `model` or `models`, not both"):
         parse_config({"model": "a", "models": ["b", "c"]})
+

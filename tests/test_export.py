@@ -320,3 +320,31 @@ def test_config_export_list_runs_after_the_sweep_and_is_kept_on_resume(run, monk
     assert calls == ["w8a8-tensor-static-ot"]  # the refused one is tried again, the verified one kept
     with pytest.raises(QuantbenchError, match="export: 'w8a8-tokn' is not one of the recipes"):
         parse_config({**data, "export": ["w8a8-tokn"]})
+
+
+def test_export_folder_rules_are_checked_before_any_work_and_leave_nothing_half_written(run, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Issue 21: '--out q4.gguf' made a folder of that name; an export of another recipe was replaced
+    silently while rows.jsonl still called it verified; a refusal left a folder marked 'writing'."""
+    from quantbench.export import context
+    from reliability_common import assert_error, cli
+
+    rc, _ = run
+    first = tmp_path / "w8"
+    assert cli(capsys, "export", rc.run_dir, "--recipe", "w8a8-token", "--out", first).rc == 0
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(context, "load_model", no_model)
+    assert_error(cli(capsys, "export", rc.run_dir, "--recipe", "w8a8-token", "--out", tmp_path / "q8.gguf"),
+                 "looks like a file name", "--out")
+    assert not (tmp_path / "q8.gguf").exists()
+    assert_error(cli(capsys, "export", rc.run_dir, "--recipe", "w8a8-tensor-static", "--out", first),
+                 "holds the export of recipe 'w8a8-token'", "choose another folder")
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before  # the earlier export is untouched
+    monkeypatch.undo()
+    res = cli(capsys, "export", rc.run_dir, "--recipe", "w8a8-tensor-static-ot", "--out", tmp_path / "ot")
+    assert res.rc == 2 and "outlier_tokens" in res.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w8"]  # no folder, no hidden stage left behind

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch.nn as nn
 
 from ..modeling.arch import arch_or_none
 from ..core.errors import QuantbenchError
+from ..core.fileio import read_json_or_none
 from ..eval.lm import evaluate_lm
 from ..core.log import log
 from ..quant.apply import mitigate, prepare, quantize
@@ -52,15 +55,36 @@ def _mitigate_checked(model: nn.Module, ctx: QuantContext, fmt: str) -> None:
         check_effects(recipe, m.name, sorted(set(ctx.effects.online) - online0), keep, fmt)
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".json")
+
+
+def check_out(out: Path, run_dir: Path, name: str) -> None:
+    """--out is a folder that is new, empty, or an earlier export of this same recipe of this run
+    (one-line errors, before any work)."""
+    if out.suffix.lower() in FILE_SUFFIXES:
+        raise QuantbenchError(f"--out {out} looks like a file name; it names the folder the checkpoint is written "
+                              f"into (e.g. --out {out.with_suffix('')})")
+    if out.exists() and not out.is_dir():
+        raise QuantbenchError(f"--out {out} is a file; give a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    marker = read_json_or_none(out / MARKER)
+    if marker is None:
         raise QuantbenchError(f"--out {out} exists and is not a quantbench export; choose a new or empty folder")
+    was = (marker.get("recipe") or {}).get("name")
+    same_run = Path(str(marker.get("run_dir", ""))).resolve() == Path(run_dir).resolve()
+    if was != name or not same_run:
+        raise QuantbenchError(f"--out {out} holds the export of recipe '{was}' of run {marker.get('run_dir')}; "
+                              "choose another folder, or delete that one first")
+
+
+def _install(stage: Path, out: Path) -> None:
+    """The finished stage folder becomes `out`; an earlier export there is replaced only now."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
-        for p in out.iterdir():
-            if p.is_file():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"status": "writing"}))  # marks the folder as ours at once
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build(rc: RunContext, recipe: Recipe, fmt: str, out: Path) -> tuple[nn.Module, Plan, dict]:
@@ -146,13 +170,16 @@ def _verify(rc: RunContext, sim: nn.Module, reloaded: nn.Module) -> dict:
             "export_logit_maxdiff": tee.max_abs_diff, "export_tok_s": round(rc.windows.input_ids.numel() / secs, 1)}
 
 
-def check_request(run_dir: Path, name: str, fmt: str | None) -> None:
+def check_request(run_dir: Path, name: str, fmt: str | None, out: Path | None = None) -> None:
     """The recipe and format of an export request, checked from the run directory before any model is
-    loaded (one-line errors: unknown recipe, a format that cannot express it)."""
+    loaded (one-line errors: unknown recipe, a format that cannot express it, an --out that is not a new
+    folder or an earlier export of the same recipe)."""
     from .context import read_run, run_recipe
 
     recipe = run_recipe(run_dir, read_run(run_dir)[0], name)
     check_recipe(recipe, export_format(recipe, fmt))
+    if out is not None:
+        check_out(Path(out), run_dir, name)
 
 
 def export_recipe(rc: RunContext, name: str, out: str | Path, fmt: str | None = None) -> dict:
@@ -161,7 +188,23 @@ def export_recipe(rc: RunContext, name: str, out: str | Path, fmt: str | None = 
     fmt = export_format(recipe, fmt)
     check_recipe(recipe, fmt)
     out = Path(out)
-    _prepare_out(out)
+    check_out(out, rc.run_dir, name)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"  # written and proved here; `out` only when done
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        cols, plan = _export_into(rc, recipe, name, fmt, stage)
+        cols = {k: v.replace(str(stage), str(out)) if isinstance(v, str) else v for k, v in cols.items()}
+        (stage / MARKER).write_text(json.dumps({"run_dir": str(rc.run_dir), "recipe": recipe.model_dump(mode="json"),
+                                                "plan": plan.to_json(), **cols}, indent=2, default=str))
+        _install(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # a refusal or a failure leaves no half-written folder
+    return cols
+
+
+def _export_into(rc: RunContext, recipe: Recipe, name: str, fmt: str, out: Path) -> tuple[dict, Plan]:
+    """Write, reload and prove the export in `out`: its columns and the plan it was written from."""
     t0 = time.perf_counter()
     log(f"export {name} ({fmt}): re-applying the recipe as measured")
     try:
@@ -179,9 +222,7 @@ def export_recipe(rc: RunContext, name: str, out: str | Path, fmt: str | None = 
         cols.update(vllm_eval(Path(cols["export_path"]), rc.windows))
         cols.update(torchao_eval(sim, rc.windows, rc.cfg.eval.batch_size, rc.device))
     cols["export_s"] = round(time.perf_counter() - t0, 1)
-    (out / MARKER).write_text(json.dumps({"run_dir": str(rc.run_dir), "recipe": recipe.model_dump(mode="json"),
-                                          "plan": plan.to_json(), **cols}, indent=2, default=str))
-    return cols
+    return cols, plan
 
 
 def summary(name: str, c: dict) -> str:

@@ -8,6 +8,8 @@ write no scheduler of our own.
 """
 from __future__ import annotations
 
+import contextlib
+
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,9 +91,11 @@ class RayExecutor:
         if ray.is_initialized():  # the caller's Ray (a test, a notebook): use it, leave it running
             self._check_resources()
             return
+        handlers = _signal_handlers()
         try:
             ray.init(address=addr, num_cpus=self.cfg.local_cpus if not addr else None,
                      include_dashboard=False, logging_level="ERROR")
+            _restore(handlers)  # ray.init installs its own SIGTERM/SIGINT handlers; the CLI's stop the run cleanly
         except (ConnectionError, RuntimeError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise ExecutorError(f"executor ray: cannot connect to {addr or 'a local Ray'}: {first}") from None
@@ -137,7 +141,9 @@ class RayExecutor:
                     done(cell, result)
         except BaseException:
             for ref in pending:
-                ray.cancel(ref, force=True)
+                ray.cancel(ref)  # not force: killing a worker mid-completion can crash the driver at shutdown
+            with contextlib.suppress(Exception):  # let the cancelled tasks settle before Ray shuts down
+                ray.wait(list(pending), num_returns=len(pending), timeout=15)
             raise
         return lost
 
@@ -147,6 +153,23 @@ class RayExecutor:
 
             ray.shutdown()
             self.started = False
+
+
+def _signal_handlers() -> dict:
+    import signal
+
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(handlers: dict) -> None:
+    import signal
+
+    for sig, handler in handlers.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread: nothing was installed here either
+                pass
 
 
 def _call(fn: Remote, *args):
