@@ -76,8 +76,8 @@ def measure(model, batches: torch.Tensor, batch_size: int, repeats: int) -> dict
 
 
 def main() -> None:
-    from quantbench.modeling.arch import arch_of
     from quantbench.data.corpus import calibration_batches, load_corpus
+    from quantbench.modeling.arch import arch_of
     from quantbench.modeling.load import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

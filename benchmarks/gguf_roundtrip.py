@@ -78,7 +78,7 @@ def compare_with_reference(model, tok, out: Path) -> None:
     """Write the model with the reference file's types and compare stored bytes per tensor."""
     import gguf
 
-    from quantbench.data.assets import DEFAULT_MODEL, WHEELS, cache_dir
+    from quantbench.data.wheels import DEFAULT_MODEL, WHEELS, cache_dir
     from quantbench.export.gguf import write_gguf
 
     wheel = cache_dir() / "downloads" / WHEELS[DEFAULT_MODEL["wheel"]].filename

@@ -79,12 +79,12 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the table here")
     args = ap.parse_args()
     from quantbench.census import run_census
-    from quantbench.run.config import CensusConfig
     from quantbench.data.corpus import Windows
     from quantbench.eval.lm import evaluate_lm
     from quantbench.quant.apply import apply_recipe
     from quantbench.quant.calibration import Calibration
     from quantbench.quant.recipes import resolve_recipe
+    from quantbench.run.config import CensusConfig
 
     if args.tiny:
         args.windows, args.seq_len, args.calib = min(args.windows, 2), min(args.seq_len, 64), min(args.calib, 2)

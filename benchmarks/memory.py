@@ -64,11 +64,11 @@ def _phase(name: str, model, folder: Path, vocab: int, args):
 
     import torch
 
-    from quantbench.run.config import CensusConfig
     from quantbench.data.corpus import Windows
+    from quantbench.modeling.surgery import linear_modules
     from quantbench.quant.calibration import Calibration, StatsRequest, collect_input_stats
     from quantbench.quant.sequential import sequential_input_stats
-    from quantbench.modeling.surgery import linear_modules
+    from quantbench.run.config import CensusConfig
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (args.samples, args.seq_len), generator=g)

@@ -21,8 +21,8 @@ import torch
 
 from quantbench.data.corpus import calibration_batches, load_corpus
 from quantbench.modeling.load import load_model
-from quantbench.quant.apply import apply_recipe
 from quantbench.modeling.surgery import run_batches
+from quantbench.quant.apply import apply_recipe
 from quantbench.quant.recipes import PRESETS
 
 MITIGATION_RECIPE = {

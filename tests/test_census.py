@@ -7,8 +7,8 @@ from conftest import tiny_model
 
 from quantbench.census import run_census, write_census
 from quantbench.census.analysis import token_class
-from quantbench.run.config import CensusConfig
 from quantbench.core.errors import UnsupportedArchitecture
+from quantbench.run.config import CensusConfig
 
 DELIM = 10  # token id the test tokenizer decodes to a newline
 P = 5  # planted non-initial outlier position

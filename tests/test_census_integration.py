@@ -7,8 +7,8 @@ import json
 import pytest
 
 from quantbench.census import run_census, write_census
-from quantbench.run.config import CensusConfig
 from quantbench.data.corpus import calibration_batches
+from quantbench.run.config import CensusConfig
 
 
 @pytest.mark.integration

@@ -6,11 +6,10 @@ from __future__ import annotations
 import copy
 
 import torch
+from conftest import tiny_model
 
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.spec import MitigationSpec, QuantSpec, Recipe
-
-from conftest import tiny_model
 
 CPU = torch.device("cpu")
 A8_STATIC = QuantSpec(bits=8, granularity="tensor", dynamic=False)

@@ -5,9 +5,9 @@ import sys
 import pytest
 import yaml
 
-from quantbench.run.config import dump_config, load_config, parse_config, read_yaml_mapping
 from quantbench.core.errors import ConfigError
 from quantbench.quant.recipes import PRESETS
+from quantbench.run.config import dump_config, load_config, parse_config, read_yaml_mapping
 
 
 @pytest.mark.parametrize("data, key, words", [

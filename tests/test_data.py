@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from quantbench.data.corpus import calibration_batches, eval_windows, load_corpus
 from quantbench.core.errors import QuantbenchError
+from quantbench.data.corpus import calibration_batches, eval_windows, load_corpus
 
 
 class CharTok:

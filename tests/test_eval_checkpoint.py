@@ -7,8 +7,8 @@ from importlib.util import find_spec
 
 import pytest
 import torch
-
 from conftest import tiny_model, write_local_task
+
 from quantbench.core.errors import QuantbenchError
 from quantbench.eval import checkpoint
 from quantbench.eval.downstream import TaskSettings, evaluate_tasks, load_tasks
@@ -21,7 +21,7 @@ DOCS = [{"question": f"Q: is {a} plus {b} equal to {a + b}?\nA:", "choices": ["y
 def setup(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from quantbench.data.assets import ensure_default_model
+    from quantbench.data.wheels import ensure_default_model
 
     d = tmp_path_factory.mktemp("ckpt")
     write_local_task(d, "qb_ckpt_local", DOCS)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model, write_local_task
+
 from quantbench.core.errors import QuantbenchError
-from quantbench.eval.downstream import TaskSettings, evaluate_tasks, load_tasks, task_columns
 from quantbench.data.taskpack import BIGBENCH_TASKS, PACK_TASKS, convert_bigbench, convert_mmlu, pack_dir
+from quantbench.eval.downstream import TaskSettings, evaluate_tasks, load_tasks, task_columns
 
 DOCS = [{"question": f"Q: is {a} plus {b} equal to {a + b}?\nA:", "choices": ["yes", "no", "maybe"], "label": i % 3}
         for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1)])]
@@ -20,7 +20,7 @@ DOCS = [{"question": f"Q: is {a} plus {b} equal to {a + b}?\nA:", "choices": ["y
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from quantbench.data.assets import ensure_default_model
+    from quantbench.data.wheels import ensure_default_model
 
     return AutoTokenizer.from_pretrained(ensure_default_model())
 

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from quantbench.data.corpus import Windows
+
 from quantbench.core.errors import QuantbenchError
+from quantbench.data.corpus import Windows
 from quantbench.eval.lm import evaluate_lm
 
 CPU = torch.device("cpu")

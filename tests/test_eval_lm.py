@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 
 import torch
-
 from conftest import tiny_model
+
 from quantbench.data.corpus import Windows
 from quantbench.eval.fidelity import capture_probe, compare_to_probe
 from quantbench.eval.lm import count_words, evaluate_lm
@@ -92,8 +92,8 @@ def test_layer_probe_is_zero_for_the_same_model_and_locates_a_perturbed_layer():
 def test_hub_corpora_fail_offline_with_one_clear_line():
     import pytest
 
-    from quantbench.data.corpus import load_corpus
     from quantbench.core.errors import QuantbenchError
+    from quantbench.data.corpus import load_corpus
 
     for name in ("wikitext2", "c4"):
         with pytest.raises(QuantbenchError) as e:
@@ -107,6 +107,7 @@ def test_layer_error_of_a_rotated_model_is_measured_in_the_fp_basis():
     import copy
 
     from conftest import tiny_model
+
     from quantbench.eval.fidelity import capture_probe, compare_to_probe
     from quantbench.quant.apply import apply_recipe
     from quantbench.quant.spec import MitigationSpec, Recipe

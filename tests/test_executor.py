@@ -8,13 +8,12 @@ import sys
 
 import pytest
 import ray  # a declared dependency: imported, never skipped
-
 from conftest import save_tiny_llama
 
-from quantbench.run import pipeline
-from quantbench.run.config import parse_config
 from quantbench.core.errors import QuantbenchError
 from quantbench.core.fileio import read_rows
+from quantbench.run import pipeline
+from quantbench.run.config import parse_config
 
 RECIPES = ["fp", "w8a8-tensor-static-sq", "w8a8-tensor-static", "w4a16-g64"]
 # measured costs (seconds, throughput, process memory, cache reuse) differ between any two runs and

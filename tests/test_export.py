@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import sys
 
+import compressed_tensors  # noqa: E402,F401  (dependencies: a missing one fails, never skips)
+import gguf  # noqa: E402
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
-
-import compressed_tensors  # noqa: E402,F401  (dependencies: a missing one fails, never skips)
-import gguf  # noqa: E402
 
 from quantbench.core.errors import QuantbenchError  # noqa: E402
 from quantbench.export.context import load_run_context  # noqa: E402
@@ -301,9 +300,9 @@ def test_config_export_list_runs_after_the_sweep_and_is_kept_on_resume(run, monk
     stop the others); rerunning the same config keeps the verified export instead of redoing it."""
     import yaml
 
+    from quantbench.export import job
     from quantbench.run import pipeline
     from quantbench.run.config import parse_config
-    from quantbench.export import job
 
     rc, _ = run
     data = yaml.safe_load((rc.run_dir / "config.yaml").read_text())
@@ -326,8 +325,9 @@ def test_export_folder_rules_are_checked_before_any_work_and_leave_nothing_half_
                                                                                         monkeypatch):
     """Issue 21: '--out q4.gguf' made a folder of that name; an export of another recipe was replaced
     silently while rows.jsonl still called it verified; a refusal left a folder marked 'writing'."""
-    from quantbench.export import context
     from reliability_common import assert_error, cli
+
+    from quantbench.export import context
 
     rc, _ = run
     first = tmp_path / "w8"

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from quantbench.data.corpus import Windows
 from quantbench.export import runtime
 from quantbench.export.vllm_probe import window_nll

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from reliability_common import cli, corpus_text, word_tokenizer, write_config
 
 from quantbench.testing.families import FAMILIES, tiny_family
-from reliability_common import cli, corpus_text, word_tokenizer, write_config
 
 RECIPES = ["fp", "w8a8-token", "w4a16-g64", "w8a8-tensor-static-sq"]
 

@@ -3,20 +3,18 @@ documented block formulas; files written for tiny models reload through transfor
 with weights equal to the simulated ones, the same logits and the same tokenization."""
 from __future__ import annotations
 
+import gguf  # noqa: E402  (a dependency: a missing one fails, never skips)
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
-
-import gguf  # noqa: E402  (a dependency: a missing one fails, never skips)
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf import quants  # noqa: E402
 
 from quantbench.core.errors import QuantbenchError, UnsupportedArchitecture  # noqa: E402
 from quantbench.export.gguf import load_gguf_back, write_gguf  # noqa: E402
 from quantbench.quant.gguf_model import gguf_plan, llama_cpp_qtypes, plan_nbytes, simulate_gguf_  # noqa: E402
-from quantbench.quant.gguf_quant import (bits_per_weight, block_types, gguf_fake_quant,  # noqa: E402
-                                          gguf_quantize, quantizable_types)
+from quantbench.quant.gguf_quant import bits_per_weight, block_types, gguf_fake_quant, gguf_quantize, quantizable_types  # noqa: E402
 
 SENTENCE = "The quick brown fox, 12345 times!\n<|im_start|>user naïve café 🦙"
 
@@ -102,7 +100,7 @@ MIXED = {
 def llama_roundtrip(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from quantbench.data.assets import ensure_default_model
+    from quantbench.data.wheels import ensure_default_model
 
     tok = AutoTokenizer.from_pretrained(ensure_default_model())
     model = tiny_model("llama", hidden=64, vocab=len(tok), attn_implementation="sdpa")

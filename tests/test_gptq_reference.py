@@ -33,7 +33,6 @@ from quantbench.quant.mitigations.gptq import gptq_quantize
 from quantbench.quant.primitives import dequantize, qparams_from_range, quantize
 from quantbench.quant.spec import QuantSpec
 
-
 # ---- the reference, transcribed (the quantizer calls are ours) ----------------------------------
 
 def _find_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

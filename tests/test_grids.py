@@ -10,17 +10,24 @@ references differ (docs/quantization.md, "Grid convention"), the difference is a
 """
 from __future__ import annotations
 
+import compressed_tensors.quantization.lifecycle.forward as ct  # noqa: E402  (a dependency: never skipped)
 import pytest
 import torch
-
-import compressed_tensors.quantization.lifecycle.forward as ct  # noqa: E402  (a dependency: never skipped)
 from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams, compute_dynamic_scales_and_zp  # noqa: E402
 
 from quantbench.core.errors import QuantbenchError  # noqa: E402
 from quantbench.quant.primitives import (  # noqa: E402
-    FP8_DTYPE, _fake_quant_sym, block_range, blocks, dequantize, fake_quant, int_range, qparams_from_range,
-    quantize, quantize_weight,
+    FP8_DTYPE,
+    _fake_quant_sym,
+    block_range,
+    blocks,
+    dequantize,
+    fake_quant,
+    int_range,
+    qparams_from_range,
+    quantize,
+    quantize_weight,
 )
 from quantbench.quant.spec import QuantSpec  # noqa: E402
 

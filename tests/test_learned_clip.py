@@ -7,14 +7,13 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.mitigations.clip import clamp_blocks, search_clip
 from quantbench.quant.mitigations.learned_clip import clamp_to, learn_clip, lwc_fake_quant
 from quantbench.quant.primitives import fake_quant
 from quantbench.quant.spec import MitigationSpec, QuantSpec, Recipe
-
-from conftest import tiny_model
 
 GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clip's default ratios
 

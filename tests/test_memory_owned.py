@@ -6,12 +6,12 @@ import platform
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import save_tiny_llama
-from quantbench.modeling.memory import mapped_files, own_mapped_weights, return_freed_memory
 from quantbench.modeling.load import load_model
+from quantbench.modeling.memory import mapped_files, own_mapped_weights, return_freed_memory
 
 
 def _in_mapping(model) -> list[str]:

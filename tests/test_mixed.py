@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import save_tiny_llama, tiny_model
+from reliability_common import env  # noqa: F401  (fixture)
 
-from quantbench.run.config import parse_config
 from quantbench.core.errors import ConfigError, QuantbenchError
 from quantbench.mixed.explain import census_reasons
 from quantbench.mixed.recipe import recipe_yaml, to_recipe
@@ -24,9 +25,7 @@ from quantbench.mixed.stage import explain_plan, recommend_mixed, sensitivity_pa
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.calibration import Calibration
 from quantbench.quant.recipes import PRESETS, resolve_recipe
-
-from conftest import tiny_model, save_tiny_llama
-from reliability_common import env  # noqa: F401  (fixture)
+from quantbench.run.config import parse_config
 
 PLANTED = "model.layers.0.mlp.down_proj"
 REPO = Path(__file__).resolve().parents[1]
@@ -256,8 +255,8 @@ def test_refined_sensitivity_is_the_fisher_score_on_the_quantized_model(planted)
 def test_entries_over_one_base_measure_it_once_and_a_rerun_measures_nothing(planted, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from quantbench.run.config import MixedConfig
     from quantbench.mixed import stage
+    from quantbench.run.config import MixedConfig
 
     m, ids = planted
     calls = []
@@ -395,9 +394,10 @@ def test_every_mixed_recipe_a_run_reports_can_be_exported(tmp_path, capsys, monk
     """A searched mixed recipe is kept with its plan in <run>/mixed/ and exported from the run directory
     alone (export read only the config's recipes); so is one `recommend --mixed` writes. The recipe and
     format are checked before any model is loaded."""
+    from reliability_common import assert_error, cli
+
     from quantbench.modeling import load as models
     from quantbench.run import pipeline
-    from reliability_common import assert_error, cli
 
     d = save_tiny_llama(tmp_path / "tiny")
     corpus = tmp_path / "corpus.txt"

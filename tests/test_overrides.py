@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import yaml
+from conftest import tiny_model
 
 from quantbench.core.errors import QuantbenchError
 from quantbench.quant.apply import apply_recipe, prepare
@@ -14,8 +15,6 @@ from quantbench.quant.primitives import quantize_weight
 from quantbench.quant.qlinear import QuantLinear
 from quantbench.quant.recipes import PRESETS, resolve_recipe
 from quantbench.quant.spec import QuantSpec
-
-from conftest import tiny_model
 
 W8 = QuantSpec(bits=8, granularity="channel")
 
@@ -90,8 +89,8 @@ def test_census_named_layers_kept_in_8_bit_on_the_default_model(default_lm, wiki
     """The census names the down_proj that writes the massive activation and the one that cancels it;
     keeping exactly those in 8 bits changes only them, and the size grows by exactly their bits."""
     from quantbench.census import run_census
-    from quantbench.run.config import CensusConfig
     from quantbench.data.corpus import calibration_batches
+    from quantbench.run.config import CensusConfig
 
     model, tok = default_lm.model, default_lm.tokenizer
     ids = calibration_batches(tok, wiki.calib_text, 2, 64, 0)

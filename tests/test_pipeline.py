@@ -3,13 +3,12 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 
-from quantbench.run import cell, pipeline
-from quantbench.run.config import parse_config
 from quantbench.core.errors import QuantbenchError
 from quantbench.modeling.load import load_model
-
-from conftest import save_tiny_llama
+from quantbench.run import cell, pipeline
+from quantbench.run.config import parse_config
 
 
 @pytest.fixture(scope="module")

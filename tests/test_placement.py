@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reliability_common import env  # noqa: F401  (fixture)
+from test_pipeline import _cfg, text_file, tiny_dir  # noqa: F401  (fixtures)
 
-from quantbench.run import pipeline
-from quantbench.run.config import parse_config
 from quantbench.core.errors import ConfigError, QuantbenchError
 from quantbench.modeling.load import load_model
 from quantbench.modeling.offload import is_offloaded, offloaded_modules
 from quantbench.modeling.pristine import Pristine
+from quantbench.modeling.surgery import model_device
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.recipes import PRESETS
-from quantbench.modeling.surgery import model_device
-
-from reliability_common import env  # noqa: F401  (fixture)
-from test_pipeline import _cfg, text_file, tiny_dir  # noqa: F401  (fixtures)
+from quantbench.run import pipeline
+from quantbench.run.config import parse_config
 
 RECIPES = ("fp", "w8a8-tensor-static", "w8a8-tensor-static-rot", "w4a16-g64-gptq")
 

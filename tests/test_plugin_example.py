@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from quantbench.run.config import parse_config
 from quantbench.core.errors import ConfigError
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.spec import MITIGATIONS, MitigationSpec, QuantSpec, Recipe
-
-from conftest import tiny_model
+from quantbench.run.config import parse_config
 
 DOC = Path(__file__).parents[1] / "docs" / "architecture.md"
 

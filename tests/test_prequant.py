@@ -10,15 +10,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
-from quantbench.modeling import prequant
+
 from quantbench.census import run_census
-from quantbench.run.config import CensusConfig
 from quantbench.core.errors import QuantbenchError
+from quantbench.modeling import prequant
 from quantbench.modeling.load import load_model
 from quantbench.quant.apply import apply_recipe, prepare
 from quantbench.quant.recipes import PRESETS
+from quantbench.run.config import CensusConfig
 
 CPU = torch.device("cpu")
 
@@ -36,8 +36,13 @@ def _save_with_tokenizer(model, folder) -> None:
 def _compressed_tensors_w4_g32(model):
     """Quantize every linear but lm_head to int4 groups of 32 with compressed-tensors and pack it."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 QuantizationStatus, apply_quantization_config)
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams
 
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)

@@ -8,16 +8,15 @@ import copy
 import pytest
 import torch
 import transformers as tf
+from test_pipeline import _cfg, text_file, tiny_dir  # noqa: F401  (fixtures)
 
-from quantbench.run import cell, pipeline
 from quantbench.core.errors import QuantbenchError
 from quantbench.modeling.load import load_model
 from quantbench.modeling.pristine import Pristine
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.plugin import BackendUnavailable
 from quantbench.quant.recipes import PRESETS
-
-from test_pipeline import _cfg, text_file, tiny_dir  # noqa: F401  (fixtures)
+from quantbench.run import cell, pipeline
 
 _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
           "_backward_hooks", "_backward_pre_hooks")

@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from quantbench.quant.apply import apply_recipe
 from quantbench.modeling.surgery import linear_modules
+from quantbench.quant.apply import apply_recipe
 from quantbench.quant.qlinear import QuantLinear
 from quantbench.quant.recipes import PRESETS
 

@@ -8,14 +8,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.backends import BackendUnavailable
 from quantbench.quant.primitives import quantize_weight
 from quantbench.quant.recipes import PRESETS
 from quantbench.quant.spec import BACKENDS, QuantSpec
-
-from conftest import tiny_model
 
 CPU = torch.device("cpu")
 warnings.filterwarnings("ignore", message=".*kernels.*")

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.mitigations._util import Pair
@@ -17,8 +18,6 @@ from quantbench.quant.primitives import blocks, fake_quant
 from quantbench.quant.qlinear import QuantLinear
 from quantbench.quant.recipes import PRESETS
 from quantbench.quant.spec import MITIGATIONS, MitigationSpec, QuantSpec, Recipe
-
-from conftest import tiny_model
 
 CPU = torch.device("cpu")
 SPECS = [QuantSpec(bits=4, granularity="channel"), QuantSpec(bits=4, granularity="group", group_size=32),

@@ -5,18 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from conftest import tiny_model
 
 from quantbench.core.errors import QuantbenchError
 from quantbench.quant.apply import apply_recipe, prepare
-from quantbench.quant.primitives import FP8_MAX, block_range, blocks, fake_quant, qparams_from_range
 from quantbench.quant.mitigations.int8_decomp import KeepChannels
 from quantbench.quant.mitigations.outlier_tokens import KeepTokens, TokenState
 from quantbench.quant.plan import LinearPlan
+from quantbench.quant.primitives import FP8_MAX, block_range, blocks, fake_quant, qparams_from_range
 from quantbench.quant.qlinear import QuantLinear
 from quantbench.quant.recipes import PRESETS, resolve_recipe
 from quantbench.quant.spec import QuantSpec, Recipe
-
-from conftest import tiny_model
 
 CPU = torch.device("cpu")
 

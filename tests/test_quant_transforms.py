@@ -6,15 +6,14 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from quantbench.modeling.arch import arch_of
 from quantbench.core.errors import QuantbenchError
+from quantbench.modeling.arch import arch_of
 from quantbench.quant.apply import apply_recipe
 from quantbench.quant.mitigations._hadamard import hadamard, hadamard_factors
 from quantbench.quant.mitigations.rotate import fuse_norms, make_rotation
 from quantbench.quant.spec import MitigationSpec, QuantSpec, Recipe
-
-from conftest import tiny_model
 
 CPU = torch.device("cpu")
 

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from reliability_common import cli
 
 REPO = Path(__file__).resolve().parents[1]

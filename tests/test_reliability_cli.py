@@ -12,9 +12,19 @@ import subprocess
 import sys
 
 import pytest
-
-from reliability_common import (REPO, assert_error, cli, corpus_text, results_recipes, rows_lines, start_children,
-                                subprocess_env, template_run, tiny_model, write_config)
+from reliability_common import (
+    REPO,
+    assert_error,
+    cli,
+    corpus_text,
+    results_recipes,
+    rows_lines,
+    start_children,
+    subprocess_env,
+    template_run,
+    tiny_model,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,11 +10,10 @@ import sys
 import types
 
 import pytest
+from reliability_common import assert_error, cli, corpus_text, env, tiny_model, write_config
 
-from quantbench.data import assets
+from quantbench.data import wheels
 from quantbench.data.corpus import load_corpus
-from reliability_common import env, assert_error, cli, corpus_text, tiny_model, write_config
-
 
 
 def _run(capsys, env, **over):
@@ -115,16 +114,16 @@ def test_missing_model_paths(capsys, env):
 def cache(tmp_path, monkeypatch, env):
     """A private QUANTBENCH_CACHE whose `default` model is the tiny model, installed by the real
     ensure_default_model with the conversion step replaced by a copy (the real one takes 30 s)."""
-    downloads = assets.cache_dir() / "downloads"
+    downloads = wheels.cache_dir() / "downloads"
     monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(assets, "_VERIFIED", {})
+    monkeypatch.setattr(wheels, "_VERIFIED", {})
 
     def convert(stage):
         for f in env[1].iterdir():
             shutil.copy(f, stage / f.name)
 
-    monkeypatch.setattr(assets, "_convert_default_model", convert)
-    assets.ensure_default_model()
+    monkeypatch.setattr(wheels, "_convert_default_model", convert)
+    wheels.ensure_default_model()
     return tmp_path / "cache", downloads
 
 
@@ -138,7 +137,7 @@ def test_sealed_cache_loads(capsys, env, cache):
 
 
 def test_bytes_overwritten_in_cached_weights(capsys, env, cache):
-    st = assets.default_model_dir() / "model.safetensors"
+    st = wheels.default_model_dir() / "model.safetensors"
     data = bytearray(st.read_bytes())
     data[len(data) // 2: len(data) // 2 + 64] = b"\x7f" * 64  # same size: only the content hash sees it
     st.write_bytes(bytes(data))
@@ -147,33 +146,33 @@ def test_bytes_overwritten_in_cached_weights(capsys, env, cache):
 
 
 def test_bit_rot_with_unchanged_mtime_is_caught_by_the_next_process(capsys, env, cache, monkeypatch):
-    st = assets.default_model_dir() / "model.safetensors"
+    st = wheels.default_model_dir() / "model.safetensors"
     stat = st.stat()
     data = bytearray(st.read_bytes())
     data[-100] ^= 0xFF
     st.write_bytes(bytes(data))
     os.utime(st, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    monkeypatch.setattr(assets, "_VERIFIED", {})  # a new process has verified nothing yet
+    monkeypatch.setattr(wheels, "_VERIFIED", {})  # a new process has verified nothing yet
     assert_error(_default_run(capsys, env), str(st), "quantbench assets fetch --force")
 
 
 def test_content_hash_once_per_process_unless_mtime_changes(cache, monkeypatch):
     calls = []
-    real = assets.sha256_file
-    monkeypatch.setattr(assets, "sha256_file", lambda p: calls.append(p.name) or real(p))
-    monkeypatch.setattr(assets, "_VERIFIED", {})
-    assets.ensure_default_model()
+    real = wheels.sha256_file
+    monkeypatch.setattr(wheels, "sha256_file", lambda p: calls.append(p.name) or real(p))
+    monkeypatch.setattr(wheels, "_VERIFIED", {})
+    wheels.ensure_default_model()
     n = len(calls)
-    assets.ensure_default_model()
+    wheels.ensure_default_model()
     assert n >= 2 and len(calls) == n, "unchanged files are hashed once per process"
-    cfg = assets.default_model_dir() / "config.json"
+    cfg = wheels.default_model_dir() / "config.json"
     os.utime(cfg, ns=(cfg.stat().st_atime_ns, cfg.stat().st_mtime_ns + 10**9))
-    assets.ensure_default_model()
+    wheels.ensure_default_model()
     assert calls[n:] == ["config.json"]
 
 
 def test_truncated_cached_weights(capsys, env, cache):
-    st = assets.default_model_dir() / "model.safetensors"
+    st = wheels.default_model_dir() / "model.safetensors"
     with open(st, "rb+") as f:
         f.truncate(st.stat().st_size - 1000)
     assert_error(_default_run(capsys, env), f"cached model file {st} is damaged", "bytes",
@@ -181,12 +180,12 @@ def test_truncated_cached_weights(capsys, env, cache):
 
 
 def test_missing_cached_tokenizer(capsys, env, cache):
-    (assets.default_model_dir() / "tokenizer.json").unlink()
+    (wheels.default_model_dir() / "tokenizer.json").unlink()
     assert_error(_default_run(capsys, env), "tokenizer.json is missing", "quantbench assets fetch --force")
 
 
 def test_damaged_cache_metadata(capsys, env, cache):
-    meta = assets.default_model_dir() / assets.ASSET_META
+    meta = wheels.default_model_dir() / wheels.ASSET_META
     meta.write_text(meta.read_text()[:40])
     assert_error(_default_run(capsys, env), f"cached model metadata {meta} is damaged",
                  "quantbench assets fetch --force")
@@ -196,13 +195,13 @@ def test_damaged_cache_metadata(capsys, env, cache):
 def news(cache, monkeypatch):
     """The real 'news' corpus extracted into the private cache from the verified gensim wheel."""
     cache_root, downloads = cache
-    wheel = downloads / assets.WHEELS["gensim"].filename
+    wheel = downloads / wheels.WHEELS["gensim"].filename
     if not wheel.exists():
         pytest.skip("gensim wheel not in the cache (run `quantbench assets fetch`)")
     (cache_root / "downloads").mkdir(parents=True, exist_ok=True)
     os.symlink(wheel, cache_root / "downloads" / wheel.name)
-    monkeypatch.setattr(assets, "CORPORA", {"news": assets.CORPORA["news"]})
-    return assets.ensure_corpus("news")
+    monkeypatch.setattr(wheels, "CORPORA", {"news": wheels.CORPORA["news"]})
+    return wheels.ensure_corpus("news")
 
 
 def test_cached_corpus_cut_in_half(capsys, env, news):
@@ -214,20 +213,20 @@ def test_cached_corpus_cut_in_half(capsys, env, news):
 
 @pytest.mark.integration  # converts the real default model again: all cores
 def test_fetch_force_repairs_model_and_corpus(capsys, env, news, monkeypatch):
-    import quantbench.data.offline as offline
+    import quantbench.data.assets as assets
     import quantbench.data.taskpack as taskpack
 
     # the task pack is not this test's business (tests/test_taskpack.py): patched where `assets fetch` looks it up
-    monkeypatch.setattr(offline, "ensure_task_pack", lambda force=False: taskpack.pack_dir())
+    monkeypatch.setattr(assets, "ensure_task_pack", lambda force=False: taskpack.pack_dir())
     original = news["eval"].read_bytes()
     news["eval"].write_bytes(original[:1000])
-    st = assets.default_model_dir() / "model.safetensors"
+    st = wheels.default_model_dir() / "model.safetensors"
     st.write_bytes(st.read_bytes()[:-10])
     assert_error(_run(capsys, env, model="default", corpus={"name": "news"}), "quantbench assets fetch --force")
     res = cli(capsys, "assets", "fetch", "--force")
     assert res.rc == 0, res.err
     assert news["eval"].read_bytes() == original
-    monkeypatch.setattr(assets, "_VERIFIED", {})
+    monkeypatch.setattr(wheels, "_VERIFIED", {})
     assert _run(capsys, env, model="default", corpus={"name": "news"}).rc == 0
 
 

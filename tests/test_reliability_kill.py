@@ -9,9 +9,17 @@ import os
 import signal
 
 import pytest
-
-from reliability_common import (Child, assert_error, assert_rows_consistent, cli, results_recipes, rows_by_recipe,
-                                rows_lines, start_children, stop_children)
+from reliability_common import (
+    Child,
+    assert_error,
+    assert_rows_consistent,
+    cli,
+    results_recipes,
+    rows_by_recipe,
+    rows_lines,
+    start_children,
+    stop_children,
+)
 
 RECIPES = ["fp", "w8a8-token", "w4a16-channel"]
 

@@ -10,16 +10,28 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+from reliability_common import (
+    assert_error,
+    assert_rows_consistent,
+    cli,
+    corpus_text,
+    env,
+    results_recipes,
+    rows_by_recipe,
+    rows_lines,
+    save_tiny_model,
+    template_run,
+    tiny_model,
+    write_config,
+)
 
 from quantbench.eval.suite import EvalSuite
-from quantbench.run import cell, prepare, rundir
 from quantbench.quant.backends import BackendUnavailable
-from reliability_common import (env, assert_error, assert_rows_consistent, cli, corpus_text, results_recipes,
-                                rows_by_recipe, rows_lines, save_tiny_model, template_run, tiny_model, write_config)
+from quantbench.run import cell, prepare, rundir
 
 RECIPES = ["fp", "w8a8-token", "w4a16-channel"]
 

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import tiny_model, write_local_task
+from test_eval_downstream import DOCS
 
-from conftest import tiny_model
 from quantbench.report.compare import compare
 from quantbench.report.html import write_html
 from quantbench.report.plots import pareto_front
 from quantbench.report.tables import to_frame
-from conftest import write_local_task
-from test_eval_downstream import DOCS
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def tiny_run(tmp_path_factory) -> Path:
     """`quantbench run` on a tiny random Llama (default tokenizer) with a local lm-eval task."""
     from transformers import AutoTokenizer
 
-    from quantbench.data.assets import ensure_default_model
+    from quantbench.data.wheels import ensure_default_model
     from quantbench.run.config import parse_config
     from quantbench.run.pipeline import run
 

@@ -11,16 +11,15 @@ import weakref
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from quantbench.core.errors import QuantbenchError
+from quantbench.modeling.surgery import get_weight, set_weight
 from quantbench.quant.apply import apply_recipe, prepare
 from quantbench.quant.calibration import StatsRequest, collect_input_stats
 from quantbench.quant.mitigations.gptq import gptq_quantize
 from quantbench.quant.sequential import run_sequential
 from quantbench.quant.spec import MitigationSpec, QuantSpec, Recipe
-from quantbench.modeling.surgery import get_weight, set_weight
-
-from conftest import tiny_model
 
 CPU = torch.device("cpu")
 

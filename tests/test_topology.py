@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from quantbench.modeling.arch import arch_of, arch_or_none
+
 from quantbench.core.errors import QuantbenchError, UnsupportedArchitecture
+from quantbench.modeling.arch import arch_of, arch_or_none
 from quantbench.modeling.moe import ExpertList, unfuse_experts
 from quantbench.quant.apply import apply_recipe, prepare
 from quantbench.quant.recipes import PRESETS
@@ -224,7 +224,7 @@ def test_post_norm_block_is_one_line_and_plain_quantization_still_runs():
 
 
 def test_the_traced_map_travels_with_deepcopy_and_is_traced_once(monkeypatch):
-    import quantbench.modeling.pairs as topo
+    import quantbench.modeling.arch.pairs as topo
 
     m = tiny_model("llama")
     arch = arch_of(m)
@@ -275,10 +275,10 @@ def test_half_precision_trace_finds_the_same_pairs(family):
 def test_shared_norm_smoothing_compensates_attention_and_mlp(family):
     """Issue 9 §3: where one norm feeds attention and MLP, SmoothQuant must scale every reader's columns
     (before the fix only q/k/v were: logits moved by ~1.4x with one outlier channel)."""
-    from quantbench.testing.coverage import _recipe
     from quantbench.quant.apply import mitigate
     from quantbench.quant.calibration import Calibration
     from quantbench.quant.plugin import QuantContext
+    from quantbench.testing.coverage import _recipe
 
     m = tiny_model(family)
     arch = arch_of(m)

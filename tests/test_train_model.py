@@ -108,9 +108,9 @@ def test_save_and_auto_load_round_trip(variant, ids, tmp_path):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_census_and_quantization_run_on_every_variant(variant):
     from quantbench.census import run_census
-    from quantbench.run.config import CensusConfig
     from quantbench.quant.apply import apply_recipe
     from quantbench.quant.recipes import resolve_recipe
+    from quantbench.run.config import CensusConfig
 
     m = tiny(variant)
     batches = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(2))

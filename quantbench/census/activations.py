@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..modeling.arch import ArchSpec, LayerTopo, get_module
 from ..core.hooks import first_tensor
+from ..modeling.arch import ArchSpec, LayerTopo, get_module
 from ..modeling.moe import ExpertList
 from ..modeling.surgery import weight_view
 from .stats import SiteStats

@@ -8,13 +8,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..core.errors import UnsupportedArchitecture
+from ..core.hooks import eager_attention, forward_hooks
 from ..modeling.arch import arch_of, decoder_layers
 from ..run.config import CensusConfig
-from ..core.errors import UnsupportedArchitecture
 from .activations import Collector, LayerStats
-from .experts import expert_rows, topology_summary
 from .analysis import Thresholds, class_shares, lifecycle, linkage, outlier_positions
-from ..core.hooks import eager_attention, forward_hooks
+from .experts import expert_rows, topology_summary
 from .stats import Record, SiteStats, finite
 from .weights import weight_census
 

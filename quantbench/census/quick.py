@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..run.config import CensusConfig
 from ..core.hooks import input_hooks
 from ..modeling.surgery import run_batches
+from ..run.config import CensusConfig
 from .core import run_census
 
 

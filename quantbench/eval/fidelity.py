@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..modeling.arch import arch_of, decoder_layers, get_module
 from ..core.hooks import eager_attention, first_tensor, forward_hooks
+from ..modeling.arch import arch_of, decoder_layers, get_module
 
 
 @dataclass

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..data.corpus import Windows
 from ..core.errors import QuantbenchError
+from ..data.corpus import Windows
 from ..modeling.surgery import no_cache
 
 DEFAULT_BLOCK = 128  # scored tokens per bootstrap unit (eval.ci_block)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.corpus import Windows
 from ..core.log import log
+from ..data.corpus import Windows
 from .cost import peak_memory
 from .downstream import LoadedTasks, TaskSettings, evaluate_tasks, load_tasks, task_columns
 from .fidelity import LayerProbe, capture_probe, compare_to_probe

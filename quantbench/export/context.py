@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..run.config import RunConfig, load_config
-from ..data.corpus import Windows, calibration_batches, eval_windows, load_corpus
 from ..core.errors import QuantbenchError
 from ..core.log import log
+from ..core.registry import suggest
+from ..data.corpus import Windows, calibration_batches, eval_windows, load_corpus
 from ..modeling.load import LoadedModel, load_model
 from ..quant.calibration import Calibration
 from ..quant.spec import Recipe
-from ..core.registry import suggest
+from ..run.config import RunConfig, load_config
 
 
 @dataclass

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..quant.gguf_model import (GgufArch, GgufTensor, gguf_plan, head_dim, model_arch, rope_theta,
-                         to_llama_cpp_layout)
+from ..quant.gguf_model import GgufArch, GgufTensor, gguf_plan, head_dim, model_arch, rope_theta, to_llama_cpp_layout
 from ..quant.gguf_quant import FLOAT_TYPES, gguf_quantize, stored_nbytes
 from .gguf_vocab import GgufVocab, add_vocab, vocab_from_tokenizer
 

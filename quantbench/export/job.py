@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..modeling.arch import arch_or_none
 from ..core.errors import QuantbenchError
 from ..core.fileio import read_json_or_none
-from ..eval.lm import evaluate_lm
 from ..core.log import log
+from ..eval.lm import evaluate_lm
+from ..modeling.arch import arch_or_none
 from ..quant.apply import mitigate, prepare, quantize
 from ..quant.plan import Plan
 from ..quant.plugin import BackendUnavailable, QuantContext
@@ -34,8 +34,15 @@ from .context import RunContext
 from .record import row_check
 from .refuse import check_effects, check_recipe, export_format
 from .runtime import llama_cpp_eval, model_mb, torchao_eval, vllm_eval
-from .verify import (VERIFY_PPL_TOL, Tee, compare_weights, packed_asymmetric, reload_compressed, reload_gguf,
-                     tokenizer_matches)
+from .verify import (
+    VERIFY_PPL_TOL,
+    Tee,
+    compare_weights,
+    packed_asymmetric,
+    reload_compressed,
+    reload_gguf,
+    tokenizer_matches,
+)
 
 MARKER = "quantbench_export.json"  # written into every export folder (and required to overwrite one)
 
@@ -211,7 +218,7 @@ def _export_into(rc: RunContext, recipe: Recipe, name: str, fmt: str, out: Path)
         sim, plan, cols = _build(rc, recipe, fmt, out)
     except BackendUnavailable as err:
         raise QuantbenchError(f"recipe '{name}' cannot run here: {err}") from None
-    log(f"export {name}: written to {cols['export_path']} ({cols['export_file_mb']} MB); reloading")
+    log(f"export {name}: written ({cols['export_file_mb']} MB, in a stage folder until proved); reloading")
     reloaded, load = _reload(rc, sim, fmt, Path(cols["export_path"]))
     cols = {"export_format": fmt, **cols, **load, **_verify(rc, sim, reloaded)}
     cols.update(row_check(rc.run_dir, name, cols["export_sim_ppl"]))

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core import fileio
-from ..run.config import RunConfig
 from ..core.log import log
 from ..report.tables import EXPORT_COLUMNS, to_frame, write_tables
+from ..run.config import RunConfig
 
 ROW_TOL = 1e-4
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import yaml
 
 from ..core.errors import QuantbenchError
+from ..core.registry import suggest
 from ..quant.recipes import PRESETS
 from ..quant.spec import MitigationSpec, Recipe
-from ..core.registry import suggest
 
 FORMATS = ("compressed-tensors", "gguf")
 

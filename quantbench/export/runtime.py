@@ -35,9 +35,9 @@ import torch.nn as nn
 
 from ..data.corpus import Windows
 from ..eval.lm import evaluate_lm
+from ..modeling.surgery import replace_module
 from ..quant.backends._common import tensor_bytes
 from ..quant.qlinear import QuantLinear
-from ..modeling.surgery import replace_module
 
 LLAMA_CPP_ENV = "QUANTBENCH_LLAMA_CPP_PYTHON"
 VLLM_TIMEOUT_S = 3600

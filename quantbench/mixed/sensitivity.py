@@ -29,9 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modeling.arch import arch_or_none
 from ..core.errors import QuantbenchError
 from ..core.hooks import forward_hooks
+from ..modeling.arch import arch_or_none
+from ..modeling.surgery import as_linear, model_device
 from ..quant.apply import mitigate, prepare
 from ..quant.calibration import Calibration, StatsRequest
 from ..quant.effects import Effects
@@ -40,9 +41,7 @@ from ..quant.plugin import QuantContext
 from ..quant.qlinear import QuantLinear
 from ..quant.size import measure_size
 from ..quant.spec import MITIGATIONS, Recipe
-from ..modeling.surgery import as_linear, model_device
 from .options import Option, base_problem, options_for
-
 
 UNAVAILABLE = float("inf")  # score and bits of an option a linear cannot take (Option.fits)
 

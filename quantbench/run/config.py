@@ -11,7 +11,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..core.errors import ConfigError
-from ..quant.recipes import resolve_recipe
+from ..core.registry import suggest
+from ..mixed.options import base_problem
+from ..quant.recipes import PRESETS, resolve_recipe
 from ..quant.spec import Recipe
 
 
@@ -256,10 +258,6 @@ class RunConfig(_Strict):
         if dup:
             raise ValueError(f"recipe names must be unique; repeated: {', '.join(sorted(dup))}")
         for i, m in enumerate(self.mixed):  # everything the search needs that no model decides: checked here
-            from ..mixed.options import base_problem
-            from ..quant.recipes import PRESETS
-            from ..core.registry import suggest
-
             where = f"mixed[{i}] ({m.label()})"
             if m.base not in names and m.base not in PRESETS.names():
                 raise ValueError(f"{where}: base '{m.base}' is neither a recipe of this config nor a preset"
@@ -273,8 +271,6 @@ class RunConfig(_Strict):
             names = names + [m.label()]
         for name in self.export:
             if name not in names:
-                from ..core.registry import suggest
-
                 raise ValueError(f"export: '{name}' is not one of the recipes{suggest(name, names)}")
         if self.models and "model" in self.model_fields_set:
             raise ValueError("set either `model` or `models`, not both")

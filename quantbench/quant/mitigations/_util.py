@@ -1,6 +1,6 @@
 """Shared by the scaling mitigations (SmoothQuant, AWQ): smoothable pairs prev -> targets.
 
-The pairs are the traced architecture's (quantbench.modeling.topology / quantbench.modeling.pairs), each verified
+The pairs are the traced architecture's (quantbench.modeling.arch.topology / quantbench.modeling.arch.pairs), each verified
 exact on the model: norm -> every matrix reading its output (q/k/v; gate/up; a parallel block's one
 norm -> q/k/v and the MLP; an MoE norm -> router, every expert and the shared expert), up -> down
 (gated or ReLU MLPs; every expert), v -> o (v rows of a fused qkv projection included). Folding a

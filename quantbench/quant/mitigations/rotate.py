@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from ...modeling.arch import arch_of, get_module
 from ...core.errors import QuantbenchError
+from ...modeling.arch import arch_of, get_module
 from ...modeling.surgery import attach_online, get_weight, scale_in, set_weight
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from transformers import initialization as init
 
-from .base import BaseAttention
 from . import VARIANTS
+from .base import BaseAttention
 
 
 @VARIANTS.register("ca_scale")

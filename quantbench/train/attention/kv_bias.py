@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from transformers import initialization as init
 import torch.nn.functional as F
+from transformers import initialization as init
 
-from .base import BaseAttention, causal_mask
 from . import VARIANTS
+from .base import BaseAttention, causal_mask
 
 
 @VARIANTS.register("kv_bias")

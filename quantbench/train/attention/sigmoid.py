@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import BaseAttention, causal_mask
 from . import VARIANTS
+from .base import BaseAttention, causal_mask
 
 
 @VARIANTS.register("sigmoid")

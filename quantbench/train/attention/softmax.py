@@ -1,8 +1,8 @@
 """`softmax`: the baseline. Standard causal softmax attention (Llama-style, RoPE, no biases)."""
 from __future__ import annotations
 
-from .base import BaseAttention
 from . import VARIANTS
+from .base import BaseAttention
 
 
 @VARIANTS.register("softmax")

@@ -1,4 +1,4 @@
-"""One forward pass recorded as a data-flow graph, the raw material of quantbench.modeling.topology.
+"""One forward pass recorded as a data-flow graph, the raw material of quantbench.modeling.arch.topology.
 
 Every torch function call (a TorchFunctionMode) and every call of an *atomic* module (a linear
 layer, a norm, any module owning a 2-D weight such as an MoE router, an embedding) becomes a
@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .surgery import is_linear
+from ..surgery import is_linear
 
 # ops that keep every channel where it was (last dim untouched): a reader behind them still reads the source
 PASS_THROUGH = {"view", "reshape", "flatten", "contiguous", "to", "float", "type", "type_as", "clone", "detach",

@@ -19,13 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .archspec import ArchSpec, LayerTopo, PairSpec
-from ..core.errors import UnsupportedArchitecture
-from .moe import ExpertList, fused_expert_modules, unfuse_experts
-from .surgery import in_features, out_features
-from .topology import (LayerGraph, RawLayer, Tracer, _expand_experts, _layer_list, _module_name, analyse_layer,
-                       trace_graph)
-from .trace import is_norm
+from ...core.errors import UnsupportedArchitecture
+from ..moe import fused_expert_modules, unfuse_experts
+from ..surgery import in_features, out_features
+from .graph import is_norm
+from .spec import ArchSpec, LayerTopo, PairSpec
+from .topology import LayerGraph, Tracer, _expand_experts, _layer_list, _module_name, analyse_layer, trace_graph
 
 EXPERT = re.compile(r"\.\d+\.")
 

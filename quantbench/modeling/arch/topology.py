@@ -1,6 +1,6 @@
 """Topology by tracing: what every decoder layer reads, computes and writes, from one recorded forward.
 
-From the graph of quantbench.modeling.trace (one forward on a few random tokens, eager attention):
+From the graph of quantbench.modeling.arch.graph (one forward on a few random tokens, eager attention):
 - the decoder layers: the nn.ModuleList whose blocks run in order, each returning the residual sum;
 - the residual stream of a layer: its input and every sum that adds to it;
 - writers: linears whose output reaches the residual sum through row-wise ops only (o, down, every
@@ -11,7 +11,7 @@ From the graph of quantbench.modeling.trace (one forward on a few random tokens,
   the other writers are the MLP's (gate/up; routers feed neither and are kept in high precision);
 - norm kinds by probing each norm (x/rms·w, x/rms·(1+w), LayerNorm);
 - the k/v projections: the linears the KV cache tensors descend from.
-Smoothing pairs are then *verified* by quantbench.modeling.pairs (perturbation passes), never assumed.
+Smoothing pairs are then *verified* by quantbench.modeling.arch.pairs (perturbation passes), never assumed.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..core.errors import UnsupportedArchitecture
-from ..core.hooks import eager_attention
-from .moe import ExpertList
-from .trace import ADD, PASS_THROUGH, Graph, Span, is_norm, owns_matrix, record
+from ...core.errors import UnsupportedArchitecture
+from ...core.hooks import eager_attention
+from ..moe import ExpertList
+from .graph import ADD, PASS_THROUGH, Graph, Span, is_norm, owns_matrix, record
 
 HEAD_OPS = {"matmul", "__matmul__", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention", "softmax"}
 ROW_SCALE = {"mul", "__mul__", "__rmul__", "mul_", "div", "__truediv__", "div_"}

@@ -1,4 +1,4 @@
-"""The data an architecture trace produces (quantbench.modeling.topology / quantbench.modeling.pairs): a smoothing
+"""The data an architecture trace produces (quantbench.modeling.arch.topology / quantbench.modeling.arch.pairs): a smoothing
 pair, one decoder layer's topology, the model's ArchSpec. Paths in a LayerTopo are relative to its
 decoder layer; an ArchSpec holds the model-level paths and one LayerTopo per layer (equal layers
 share one object). The properties `attn`, `qkv`, `o`, `up`, `down`, ... describe layer 0, as the old

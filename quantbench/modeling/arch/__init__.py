@@ -1,16 +1,16 @@
-"""Architecture knowledge, found by tracing (quantbench.modeling.topology, quantbench.modeling.pairs) rather than typed per family.
+"""Architecture knowledge, found by tracing (quantbench.modeling.arch.topology, quantbench.modeling.arch.pairs) rather than typed per family.
 
 `arch_of(model)` traces the model once (one recorded forward pass on a few tokens, then a few
 perturbation passes that verify every smoothing pair is exact) and caches the result on the model
-(it travels with copy.deepcopy). The data classes live in quantbench.modeling.archspec. An architecture the
+(it travels with copy.deepcopy). The data classes live in quantbench.modeling.arch.spec. An architecture the
 tracer cannot map raises UnsupportedArchitecture with one line saying what it could not find.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
-from .archspec import NORM_KINDS, ArchSpec, LayerTopo, PairSpec
-from ..core.errors import UnsupportedArchitecture
+from ...core.errors import UnsupportedArchitecture
+from .spec import NORM_KINDS, ArchSpec, LayerTopo, PairSpec
 
 __all__ = ["NORM_KINDS", "ArchSpec", "LayerTopo", "PairSpec", "arch_of", "arch_or_none", "get_module", "decoder_layers"]
 
