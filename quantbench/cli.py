@@ -75,13 +75,22 @@ def train(
     run_id: Optional[str] = typer.Option(None, help="name of the run directory (default: derived from the config)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
 ) -> None:
-    """Train small LMs from scratch, one per attention variant, then census, sweep and compare them.
-    Rerun the same command to resume after an interruption."""
-    from .train.config import load_train_config
+    """Train small LMs from scratch, one per attention variant, then census, sweep and compare them;
+    a config with `experiment: retrofit` grafts the variants onto a pretrained model instead
+    (configs/retrofit.yaml). Rerun the same command to resume after an interruption."""
+    from .run.config import read_yaml_mapping
+
+    data = read_yaml_mapping(config, _overrides(output_dir=out, run_id=run_id, device=device))
+    if data.get("experiment") == "retrofit":
+        from .train.retrofit.config import parse_retrofit_config
+        from .train.retrofit.run import run_retrofit
+
+        typer.echo(str(run_retrofit(parse_retrofit_config(data), config_name=config.stem)))
+        return
+    from .train.config import parse_train_config
     from .train.run import run_training
 
-    cfg = load_train_config(config, _overrides(output_dir=out, run_id=run_id, device=device))
-    typer.echo(str(run_training(cfg, config_name=config.stem)))
+    typer.echo(str(run_training(parse_train_config(data), config_name=config.stem)))
 
 
 def _percent(text: str, what: str, upper: float | None = None) -> float:

@@ -304,6 +304,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", attn_imp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..train import modeling as _quantbench_lm  # noqa: F401  registers model_type "quantbench_lm"
+    from ..train.retrofit import model as _retrofit  # noqa: F401  registers model_type "quantbench_retrofit"
 
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)

@@ -1,0 +1,125 @@
+"""Typed config of the retrofit experiment (`quantbench train --config configs/retrofit.yaml`; a
+config with `experiment: retrofit`). Unknown keys and impossible values are one-line ConfigErrors."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ...quant.recipes import PRESETS
+from ...run.config import validate
+from .grafts import GRAFTS
+from .model import CONTROL
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GraftOptions(_Strict):
+    sink_logit_init: float = Field(-10.0, le=0)  # kv_bias: slot logit bias at step 0 (more negative: closer, slower)
+    gate_bias_init: float = 0.0  # gated: gate sigmoid(b0) at step 0, o_proj × 1/sigmoid(b0) (0: bit-exact)
+    clip_gamma: float = Field(-0.03, le=0)  # clipped_softmax: target γ
+    clip_zeta: float = Field(1.0, ge=1)  # clipped_softmax: target ζ
+    clip_ramp_steps: int = Field(20, ge=0)  # γ, ζ go linearly from (0, 1) (exactly softmax) to the targets
+
+
+class RetrofitData(_Strict):
+    """Training windows come from the corpus's calibration text only; the held-out loss, the probes and
+    the sweep's perplexity read the first `heldout_tokens` tokens of its evaluation text."""
+
+    corpus: str = "wiki"
+    heldout_tokens: int = Field(8192, ge=64)
+    heldout_windows: int = Field(8, ge=1)
+
+
+class RetrofitOptim(_Strict):
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    context: int = Field(256, ge=8)  # training sequence length ([BOS] + context-1 tokens)
+    lr: float = Field(2e-5, gt=0)  # pretrained weights
+    graft_lr: float = Field(1e-2, gt=0)  # the graft's own parameters (they start far from where they are useful)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)  # on pretrained matrices only
+    grad_clip: float = Field(1.0, gt=0)
+    train_layers: Literal["all"] | tuple[int, ...] = "all"  # decoder layers whose pretrained weights train
+    train_embeddings: bool = False  # the (tied) embedding / lm_head
+    eval_every: int = Field(10, ge=1)  # held-out loss (and at step 0 and the end)
+    probe_every: int = Field(25, ge=1)  # outlier probes (and at step 0 and the end)
+    ckpt_every: int = Field(5, ge=1)  # resumable checkpoint
+
+
+class ProbeConfig(_Strict):
+    windows: int = Field(4, ge=1)  # held-out windows (context tokens each) the census reads
+    dims: tuple[int, ...] = (507, 247)  # residual dims whose first-token value is tracked per layer
+    linear_inputs: bool = False  # also profile every linear's input (slower)
+
+
+class RetrofitSweep(_Strict):
+    enabled: bool = True
+    recipes: tuple[str, ...] = ("fp", "w8a8-tensor-static", "w8a8-token", "w4a16-g64", "w4a8-token",
+                                "w8a8-tensor-static-sq", "w8a8-tensor-static-rot")
+    eval_seq_len: int = Field(256, ge=8)
+    eval_windows: int = Field(8, ge=1)
+    calib_samples: int = Field(16, ge=1)
+    batch_size: int = Field(1, ge=1)
+
+    @field_validator("recipes")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for r in v:
+            PRESETS.get(r)
+        return v if "fp" in v else ("fp", *v)
+
+
+class RetrofitConfig(_Strict):
+    experiment: Literal["retrofit"]
+    model: str = "default"  # a pretrained Llama: 'default', a folder or a hub id
+    run_id: str | None = None
+    output_dir: str = "results"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    precision: Literal["float32", "bf16-autocast"] = "float32"
+    variants: tuple[str, ...] = (CONTROL, "kv_bias", "ca_scale", "gated", "clipped_softmax", "softmax_plus_one")
+    grafts: GraftOptions = GraftOptions()
+    data: RetrofitData = RetrofitData()
+    optim: RetrofitOptim = RetrofitOptim()
+    probe: ProbeConfig = ProbeConfig()
+    sweep: RetrofitSweep = RetrofitSweep()
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for x in v:
+            if x != CONTROL:
+                GRAFTS.get(x)  # UnknownName is a ValueError: reported at this key
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must be a non-empty list of distinct variants")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> "RetrofitConfig":
+        need = self.optim.context * max(self.data.heldout_windows, self.probe.windows)
+        if need > self.data.heldout_tokens:
+            raise ValueError(f"optim.context x max(data.heldout_windows, probe.windows) = {need} exceeds "
+                             f"data.heldout_tokens ({self.data.heldout_tokens})")
+        if self.sweep.enabled and self.sweep.eval_seq_len * self.sweep.eval_windows > self.data.heldout_tokens:
+            raise ValueError("sweep.eval_seq_len x sweep.eval_windows exceeds data.heldout_tokens: the sweep must "
+                             "score held-out text")
+        return self
+
+    def fingerprint(self) -> str:
+        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "threads", "variants", "sweep"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_dir(self, config_name: str = "retrofit") -> Path:
+        return Path(self.output_dir) / (self.run_id or f"{config_name}-{self.fingerprint()}")
+
+
+def parse_retrofit_config(data: dict[str, Any] | None) -> RetrofitConfig:
+    return validate(RetrofitConfig, data)
