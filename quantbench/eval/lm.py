@@ -18,6 +18,10 @@ of `block` consecutive positions (the last block of a window may be shorter; blo
 windows); every block carries its NLL sum, token count, KL sum and top-1 agreements. A paired
 bootstrap over these blocks (quantbench.eval.intervals) gives the intervals of the report.
 
+Per-token values (`TokenValues`): every scored position's KL and Δp = p_q(target) − p_fp(target),
+in window order, for the distribution statistics of llama.cpp's `--kl-divergence` report
+(quantbench.eval.kld: median / 99th / 99.9th percentile / max KL, RMS Δp).
+
 Word-level perplexity (as lm-eval's `word_perplexity`) = exp(total NLL / number of words), where
 the words are the whitespace-separated words of the scored text (count_words); it does not
 depend on the tokenizer, so it compares models with different vocabularies.
@@ -68,6 +72,26 @@ class Units:
 
 
 @dataclass
+class TokenValues:
+    """Per scored position, in window order: KL(P_fp || P_q) (fp32, as kl_rows gives it) and
+    Δp = p_q(target) − p_fp(target) (float64, from the two models' fp32 NLLs)."""
+
+    kl: list[torch.Tensor] = field(default_factory=list)
+    dp: list[torch.Tensor] = field(default_factory=list)
+
+    def add_window(self, kl: torch.Tensor, nll: torch.Tensor, ref_nll: torch.Tensor) -> None:
+        """kl, nll, ref_nll: [n] each, one window's scored positions (this model's and the FP model's NLL)."""
+        self.kl.append(kl)
+        self.dp.append(torch.exp(-nll.double()) - torch.exp(-ref_nll.double()))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(kl, dp) over all scored positions, float64 [N] each."""
+        if not self.kl:
+            return np.zeros(0), np.zeros(0)
+        return torch.cat(self.kl).double().numpy(), torch.cat(self.dp).numpy()
+
+
+@dataclass
 class LMEval:
     ppl: float
     nll: float
@@ -79,6 +103,7 @@ class LMEval:
     word_ppl: float | None = None
     n_words: int | None = None
     units: Units | None = None
+    tokens: TokenValues | None = None  # per-position KL and Δp (only when scored against a reference)
 
 
 def count_words(tokenizer, windows: Windows) -> int:
@@ -141,14 +166,16 @@ class FPReference:
         self._file = tempfile.TemporaryFile(dir=where)
         self.shift = torch.empty(n_rows)  # [n_rows] logsumexp of the FP logits
         self.top1 = torch.empty(n_rows, dtype=torch.long)  # [n_rows] argmax of the FP logits
+        self.nll = torch.empty(n_rows)  # [n_rows] NLL of the FP model on each scored target (for Δp)
         self._written = 0
         self._buf: torch.Tensor | None = None  # [_CHUNK, V] read buffer, then two KL scratch buffers
         self._work: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def append(self, logits: torch.Tensor, lse: torch.Tensor) -> None:
-        """Store the next rows: logits [n, V] fp32, lse [n] their logsumexp."""
+    def append(self, logits: torch.Tensor, lse: torch.Tensor, nll: torch.Tensor) -> None:
+        """Store the next rows: logits [n, V] fp32, lse [n] their logsumexp, nll [n] the NLL of their targets."""
         n, row = len(logits), self._written
         self.shift[row: row + n] = lse.cpu()
+        self.nll[row: row + n] = nll.cpu()
         self.top1[row: row + n] = logits.argmax(-1).cpu()
         self._file.write(memoryview(logits.detach().cpu().contiguous().numpy()).cast("B"))
         self._written += n
@@ -190,7 +217,7 @@ def _window_pass(logits: torch.Tensor, targets: torch.Tensor, row: int, referenc
         lse = torch.logsumexp(lg, dim=-1)  # [c]
         nll.append(lse - lg.gather(1, targets[a: a + _CHUNK, None]).squeeze(1))
         if store is not None:
-            store.append(lg, lse)
+            store.append(lg, lse, nll[-1])
         if reference is not None:
             k, g = reference.compare(row + a, lg)
             kl.append(k)
@@ -212,6 +239,7 @@ def evaluate_lm(model: torch.nn.Module, windows: Windows, batch_size: int, devic
     ids_all, starts = windows.input_ids, windows.score_from.tolist()
     t_len = ids_all.shape[1]
     units = Units(block)
+    tokens = TokenValues() if reference is not None else None
     store: FPReference | None = None
     row, t0 = 0, time.perf_counter()
     for i in range(0, len(ids_all), batch_size):
@@ -224,6 +252,8 @@ def evaluate_lm(model: torch.nn.Module, windows: Windows, batch_size: int, devic
             s = starts[i + b]
             nll, kl, agree = _window_pass(logits[b, s: t_len - 1], ids[b, s + 1:], row, reference, store)
             units.add_window(nll, kl, agree)
+            if tokens is not None:
+                tokens.add_window(kl, nll, reference.nll[row: row + len(nll)])
             row += len(nll)
         del logits
     secs = time.perf_counter() - t0
@@ -233,5 +263,6 @@ def evaluate_lm(model: torch.nn.Module, windows: Windows, batch_size: int, devic
                  kl=math.fsum(units.kl) / n_tok if reference is not None else None,
                  top1=sum(units.top1) / n_tok if reference is not None else None,
                  seconds=secs, tok_per_s=ids_all.numel() / secs,
-                 word_ppl=math.exp(nll_sum / n_words) if n_words else None, n_words=n_words, units=units)
+                 word_ppl=math.exp(nll_sum / n_words) if n_words else None, n_words=n_words, units=units,
+                 tokens=tokens)
     return res, store

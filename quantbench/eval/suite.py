@@ -3,9 +3,10 @@
 `EvalSuite.reference(model)` scores the FP model and keeps what the variants are compared
 with (its fp32 logits in a temporary file, its per-layer probe outputs, its task accuracies);
 `score(model)` scores a variant. Both return an LMEval and a dict of extra row columns (word
-perplexity, per-layer error, attention drift, task accuracy, peak memory, and the per-unit data
-that paired intervals need: unit_nll, unit_tokens, unit_kl, unit_top1 per block of `ci_block`
-scored tokens, doc_acc:<task> / doc_acc_norm:<task> per document).
+perplexity, llama.cpp's KLD statistics (quantbench.eval.kld), per-layer error, attention drift, task
+accuracy, peak memory, and the per-unit data that paired intervals need: unit_nll, unit_tokens,
+unit_kl, unit_top1 per block of `ci_block` scored tokens, doc_acc:<task> / doc_acc_norm:<task> per
+document).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..data.corpus import Windows
 from .cost import peak_memory
 from .downstream import LoadedTasks, TaskSettings, evaluate_tasks, load_tasks, task_columns
 from .fidelity import LayerProbe, capture_probe, compare_to_probe
+from .kld import fp_kld_columns, kld_columns
 from .lm import DEFAULT_BLOCK, FPReference, LMEval, count_words, evaluate_lm
 
 
@@ -59,6 +61,9 @@ class EvalSuite:
                    "attention_drift": "mean over layers of the change in attention mass on the first key",
                    "kl_reference": "FP fp32 logits on every scored position (temporary file); "
                                    "KL = log1p(E_p[expm1(-u) + u]), u = centred logit difference",
+                   "kld_report": "kld_median/p99/p999/max over per-token KL: sorted values, linear interpolation "
+                                 "at q(N-1) as llama.cpp's perplexity --kl-divergence; dp_rms = sqrt(mean((p_q - "
+                                 "p_fp)^2)) of the target token; same top p = top1",
                    "interval_units": f"blocks of {self.ci_block} consecutive scored tokens within a window; "
                                      "documents for tasks",
                    "intervals": "95%; paired percentile bootstrap over blocks (2000 resamples, seed 0) for "
@@ -79,7 +84,7 @@ class EvalSuite:
         return {**cols, "task_metric": self.task_metric, "tasks_s": round(time.perf_counter() - t0, 2)}
 
     def _extras(self, model: torch.nn.Module, res: LMEval, basis: torch.Tensor | None) -> dict:
-        row: dict = {"word_ppl": res.word_ppl}
+        row: dict = {"word_ppl": res.word_ppl, **(kld_columns(*res.tokens.arrays()) if res.tokens else {})}
         if self.probe is not None:
             drift = compare_to_probe(model, self.probe, self.device, basis)
             row.update(drift.summary(), layer_rel_error=drift.rel_error, layer_sink=drift.sink)
@@ -110,7 +115,8 @@ class EvalSuite:
                                                    block=self.ci_block, spill_dir=self.spill_dir)
         if self.probe_windows:
             self.probe = capture_probe(model, self.windows.input_ids[: self.probe_windows], self.device)
-        row: dict = {"word_ppl": res.word_ppl, "peak_mem_mb": mem["peak_mem_mb"], **self._units(res, fp=True)}
+        row: dict = {"word_ppl": res.word_ppl, **fp_kld_columns(), "peak_mem_mb": mem["peak_mem_mb"],
+                     **self._units(res, fp=True)}
         if self.probe is not None:
             n = len(self.probe.outputs)
             row.update(layer_err_max=0.0, layer_err_worst=None, layer_err_last=0.0, sink_drift=0.0,

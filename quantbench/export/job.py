@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -122,11 +123,33 @@ def _build(rc: RunContext, recipe: Recipe, fmt: str, out: Path) -> tuple[nn.Modu
     return sim.eval(), plan, written
 
 
+def _write_llama_cpp(rc: RunContext, recipe: Recipe, model: nn.Module, path: Path) -> dict:
+    """A llamacpp recipe: the model (tokenizer included) as F32/F16 GGUF, then llama.cpp's own quantizer."""
+    from gguf import GGUFReader
+
+    from ..quant.backends.llamacpp import LlamaCpp, llama_quantize
+    from .gguf import write_gguf
+
+    opts = LlamaCpp.Options.model_validate(recipe.backend_options)
+    src = path.with_name(f".{path.stem}-{opts.source}.gguf")
+    try:
+        info = write_gguf(model, rc.lm.tokenizer, src, default_qtype=opts.source)
+        llama_quantize(src, path, opts.ftype, torch.get_num_threads())
+    finally:
+        src.unlink(missing_ok=True)
+    types = Counter(t.tensor_type.name for t in GGUFReader(path).tensors)
+    return {"export_path": str(path), "export_file_mb": round(path.stat().st_size / 2**20, 2),
+            "export_gguf_file_type": f"MOSTLY_{opts.ftype}", "export_gguf_types": json.dumps(dict(types)),
+            "export_warnings": "; ".join(info.warnings) or None}
+
+
 def _write_gguf(rc: RunContext, recipe: Recipe, plan: Plan, model: nn.Module, out: Path) -> dict:
     from ..quant.backends.gguf import Gguf, gguf_types
     from .gguf import write_gguf
 
     path = out / f"{recipe.name}.gguf"
+    if recipe.backend == "llamacpp":
+        return _write_llama_cpp(rc, recipe, model, path)
     if recipe.is_fp:
         types, default = {}, "F16"
     else:

@@ -7,7 +7,8 @@ static per-tensor activations; weight-only mitigations (SmoothQuant, AWQ, clippi
 folded into the weights) export as plain quantized weights. It cannot express online transforms
 (rotate's Hadamard before down_proj), inputs kept in high precision (outlier_tokens, int8_decomp),
 our KV-cache quantization (dynamic per head), grouped activations, or other backends' kernels.
-gguf: `gguf` backend recipes (llama.cpp block types) and `fp` (F16), same mitigation rules.
+gguf: `gguf` backend recipes (llama.cpp block types), `llamacpp` recipes (llama.cpp's own quantizer on an
+F32/F16 file) and `fp` (F16), same mitigation rules.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class ExportRefused(QuantbenchError):
 def export_format(recipe: Recipe, fmt: str | None) -> str:
     """The format to write: the one asked for, else gguf for gguf-backend recipes, else compressed-tensors."""
     if fmt is None:
-        return "gguf" if _backends(recipe) == {"gguf"} else "compressed-tensors"
+        return "gguf" if _backends(recipe) in ({"gguf"}, {"llamacpp"}) else "compressed-tensors"
     if fmt not in FORMATS:
         raise QuantbenchError(f"unknown export format '{fmt}'{suggest(fmt, list(FORMATS))} (known: {', '.join(FORMATS)})")
     return fmt
@@ -73,14 +74,14 @@ def check_recipe(recipe: Recipe, fmt: str) -> None:
     """Refuse, before any work, what `fmt` cannot hold whatever the mitigations do."""
     r, backends = recipe, _backends(recipe)
     if fmt == "gguf":
-        if r.is_fp or backends == {"gguf"}:
+        if r.is_fp or backends in ({"gguf"}, {"llamacpp"}):
             return
         bits = r.weights.bits if r.weights else 16
         hint = "gguf-q8_0" if bits >= 8 else "gguf-q4_0"
         raise ExportRefused(f"recipe '{r.name}' is not a llama.cpp type (backend {r.backend}); --format gguf writes "
                             f"gguf-* recipes and fp; export this one with --format compressed-tensors, or run "
                             f"preset '{hint}'")
-    if "gguf" in backends:
+    if backends & {"gguf", "llamacpp"}:
         raise ExportRefused(f"recipe '{r.name}' uses llama.cpp block types, which compressed-tensors cannot hold; "
                             "use --format gguf")
     if backends != {"simulated"}:
@@ -90,6 +91,10 @@ def check_recipe(recipe: Recipe, fmt: str) -> None:
         raise ExportRefused(f"recipe '{r.name}' runs on the {'/'.join(sorted(backends - {'simulated'}))} backend's "
                             f"own kernels; compressed-tensors exports simulated recipes; closest exportable: "
                             f"{describe(sim, r)}")
+    new = [w for w in (r.weights, *[o.weights for o in r.overrides]) if w is not None and (w.micro or w.granularity == "block")]
+    if new:
+        raise ExportRefused(f"recipe '{r.name}': {new[0].short()} weights are measured but not exported yet "
+                            "(compressed-tensors' nvfp4/mxfp4 packed and block fp8 forms are not written)")
     specs = [(r.activations, r.kv), *[(o.activations, o.kv) for o in r.overrides]]
     if any(kv is not None for _, kv in specs):
         cand = r.model_copy(update={"kv": None, "overrides": tuple(o.model_copy(update={"kv": None}) for o in r.overrides),

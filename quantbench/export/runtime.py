@@ -10,7 +10,7 @@
   own per-token formula) and run through its int8 matmul; perplexity and tokens/s are recorded,
   unverified (activation rounding may differ from compressed-tensors').
 - llama.cpp (GGUF files): through quantbench/export/llama_cpp_probe.py in the Python named by
-  $QUANTBENCH_LLAMA_CPP_PYTHON (one with the `cyllama` wheel); prefill tokens/s and perplexity,
+  $QUANTBENCH_LLAMA_CPP_PYTHON (one with the `cyllama` wheel), else this one when it has the wheel; prefill tokens/s and perplexity,
   unverified (llama.cpp's own kernels and activation rounding).
 - vLLM (compressed-tensors folders), where vllm is installed and a CUDA GPU is visible: through
   quantbench/export/vllm_probe.py in a child process, vLLM's own loader and kernels score the windows;
@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -37,9 +36,9 @@ from ..data.corpus import Windows
 from ..eval.lm import evaluate_lm
 from ..modeling.surgery import replace_module
 from ..quant.backends._common import tensor_bytes
+from ..quant.backends.llamacpp import LLAMA_CPP_ENV, child_python
 from ..quant.qlinear import QuantLinear
 
-LLAMA_CPP_ENV = "QUANTBENCH_LLAMA_CPP_PYTHON"
 VLLM_TIMEOUT_S = 3600
 
 
@@ -139,8 +138,8 @@ def torchao_eval(sim: nn.Module, windows: Windows, batch_size: int, device: torc
 
 def llama_cpp_eval(path: Path, windows: Windows) -> dict:
     """llama.cpp's perplexity and prefill tokens/s on the windows, or 'not measured: reason'."""
-    py = os.environ.get(LLAMA_CPP_ENV)
-    if not py or not Path(py).exists():
+    py = child_python()  # $QUANTBENCH_LLAMA_CPP_PYTHON, else this Python when it has the wheel
+    if py is None:
         return {"export_llama_cpp": f"not measured: set {LLAMA_CPP_ENV} to a Python with the cyllama wheel "
                                     "(pip install cyllama==0.2.18) to run llama.cpp on the file"}
     with tempfile.TemporaryDirectory() as tmp:

@@ -76,7 +76,7 @@ class Sensitivity:
 def _qlinear(name: str, lin: nn.Module, opt: Option, absmax: torch.Tensor | None) -> QuantLinear:
     q = QuantLinear(lin, LinearPlan(name, opt.weights, opt.activations, None, "simulated"))
     a = opt.activations
-    if a is not None and not a.dynamic:
+    if a is not None and a.calibrated:  # static ranges, or nvfp4's global scale (it depends on the absmax only)
         if absmax is None:
             raise QuantbenchError(f"{name}: static activations need calibration statistics")
         q._observe(torch.stack([-absmax, absmax]).to(lin.weight.dtype))  # [2, D]: the calibrated range
@@ -147,7 +147,7 @@ def mitigated(model: nn.Module, base: Recipe, calib: Calibration) -> tuple[nn.Mo
 
 def static_absmax(model: nn.Module, mods: dict[str, nn.Module], calib: Calibration, upstream: str,
                   opts: list[Option]) -> dict[str, torch.Tensor]:
-    if not any(o.activations is not None and not o.activations.dynamic for o in opts):
+    if not any(o.activations is not None and o.activations.calibrated for o in opts):
         return {}
     stats = calib.input_stats(model, mods, upstream, StatsRequest(samples=len(calib.batches)))
     return {n: s.absmax for n, s in stats.items()}

@@ -183,3 +183,11 @@ def to_llama_cpp_layout(w: torch.Tensor, entry: GgufTensor) -> torch.Tensor:
         return w
     n = entry.rope_heads
     return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def from_llama_cpp_layout(w: torch.Tensor, entry: GgufTensor) -> torch.Tensor:
+    """The inverse of to_llama_cpp_layout: q/k rows of a GGUF file back in Hugging Face's order."""
+    if entry.rope_heads is None:
+        return w
+    n = entry.rope_heads
+    return w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

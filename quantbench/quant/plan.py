@@ -123,11 +123,26 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
     mods = dict(linear_modules(model))
     for name, lp in plan.linears.items():
         fan_in = in_features(mods[name])
+        _check_formats(r.name, name, lp, fan_in)
         for spec, what in ((lp.weights, "weights"), (lp.activations, "activations")):
             if spec is not None and spec.granularity == "group" and fan_in % spec.group_size:
                 raise QuantbenchError(
                     f"recipe '{r.name}': {what} group_size {spec.group_size} does not divide the input size "
                     f"{fan_in} of layer {name}; pick a divisor (e.g. {divisor_hint(fan_in, spec.group_size)})")
+
+
+def _check_formats(recipe: str, name: str, lp: LinearPlan, fan_in: int) -> None:
+    """Microscaling formats and block weights: simulated only; a microscaling group must divide the input
+    (compressed-tensors refuses a partial group; a partial weight block is zero-padded, as there)."""
+    for spec, what in ((lp.weights, "weights"), (lp.activations, "activations")):
+        if spec is None or not (spec.micro or spec.granularity == "block"):
+            continue
+        if lp.backend != "simulated":
+            raise QuantbenchError(f"recipe '{recipe}': {what} {spec.short()} run on the simulated backend only "
+                                  f"(backend '{lp.backend}' for {name})")
+        if spec.micro and fan_in % spec.group_size:
+            raise QuantbenchError(f"recipe '{recipe}': {spec.format} scales groups of {spec.group_size} inputs, and "
+                                  f"layer {name} has {fan_in} inputs (not a multiple); exclude it")
 
 
 def _check_kv(model: nn.Module, plan: Plan) -> None:

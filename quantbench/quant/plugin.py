@@ -25,7 +25,7 @@ from ..modeling.arch import ArchSpec, arch_of
 from .calibration import Calibration
 from .effects import Effects
 from .plan import Plan
-from .spec import Recipe
+from .spec import QuantSpec, Recipe
 
 
 class Options(BaseModel):
@@ -67,6 +67,11 @@ class Mitigation(ABC):
     needs: ClassVar[tuple[str, ...]] = ()  # of "weights", "activations", "arch"
     finalizes_weights: ClassVar[bool] = False  # hands over final QTensors (no weight change may follow)
     changes_weights: ClassVar[bool] = True
+
+    @classmethod
+    def spec_issue(cls, weights: QuantSpec | None, activations: QuantSpec | None) -> str | None:
+        """Why this mitigation cannot work exactly with these specs (checked when the recipe is read), or None."""
+        return None
 
     def check(self, model: nn.Module, plan: Plan, opts: Any) -> None:
         r = plan.recipe

@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from ..modeling.surgery import as_linear
 from .effects import KeepPolicy
 from .plan import LinearPlan
-from .primitives import QTensor, block_range, blocks, fake_quant, qparams_from_range, quantize_weight
+from .microscaling import global_scale
+from .primitives import QTensor, block_range, blocks, compute_dtype, fake_quant, qparams_from_range, quantize_weight
 
 
 class QuantLinear(nn.Module):
     """y = fq_a(x) @ W_q^T + b (simulated in the input dtype); static activation ranges are
-    observed while `calibrating` and fixed by `freeze()`."""
+    observed while `calibrating` and fixed by `freeze()`; so is NVFP4's activation global scale
+    (from the min and max over all calibration tokens, llm-compressor's static_minmax observer)."""
 
     def __init__(self, linear: nn.Module, plan: LinearPlan, qweight: QTensor | None = None,
                  keep: list[KeepPolicy] | None = None):
@@ -41,19 +43,26 @@ class QuantLinear(nn.Module):
         self.register_buffer("a_hi", None)
         self.a_scale: torch.Tensor | None = None
         self.a_zero: torch.Tensor | None = None
+        self.a_global: torch.Tensor | None = None  # nvfp4 activations: the calibrated fp32 global scale [1]
 
     def _observe(self, x: torch.Tensor) -> None:
-        xb = blocks(x.detach().float(), self.aspec.granularity, self.aspec.group_size)
+        if self.aspec.format == "nvfp4":  # one range per tensor, kept in x's dtype (generate_gparam computes in it)
+            xb = blocks(x.detach().to(compute_dtype(x.dtype)), "tensor")
+        else:
+            xb = blocks(x.detach().float(), self.aspec.granularity, self.aspec.group_size)
         lo, hi = block_range(xb, self.aspec, dims=(0, 2))  # [1, G, 1]: over all tokens in each block
         self.a_lo = lo if self.a_lo is None else torch.minimum(self.a_lo, lo)
         self.a_hi = hi if self.a_hi is None else torch.maximum(self.a_hi, hi)
 
     def freeze(self) -> None:
         """Static activations: fix qparams from the observed range."""
-        if self.aspec is not None and not self.aspec.dynamic:
+        if self.aspec is not None and self.aspec.calibrated:
             if self.a_lo is None:
                 raise RuntimeError(f"{self.name}: static activation ranges were never calibrated")
-            self.a_scale, self.a_zero = qparams_from_range(self.a_lo, self.a_hi, self.aspec)
+            if self.aspec.format == "nvfp4":
+                self.a_global = global_scale(self.a_lo.reshape(()), self.a_hi.reshape(()))
+            else:
+                self.a_scale, self.a_zero = qparams_from_range(self.a_lo, self.a_hi, self.aspec)
         self.calibrating = False
 
     def _kept(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -73,11 +82,14 @@ class QuantLinear(nn.Module):
         kept = self._kept(x)
         xin = x if kept is None else x.masked_fill(kept, 0.0)  # kept parts out of the ranges (0 is in every range)
         if self.calibrating:
-            if not a.dynamic:
+            if a.calibrated:
                 self._observe(xin)
             return x
         # static scales are [1, G, 1] and broadcast over every row of the blocked input
-        xq = fake_quant(xin, a) if a.dynamic else fake_quant(xin, a, self.a_scale, self.a_zero)
+        if a.dynamic:
+            xq = fake_quant(xin, a, global_scale=self.a_global)
+        else:
+            xq = fake_quant(xin, a, self.a_scale, self.a_zero)
         return xq if kept is None else torch.where(kept, x, xq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,12 +98,15 @@ class QuantLinear(nn.Module):
 
     def storage_bits(self) -> float:
         """Deployed size: the stored weight (codes + scales + zeros, or 16-bit when not quantized),
-        16-bit bias, static activation scales (and zero points), and the side tables of keep policies."""
+        16-bit bias, static activation scales (and zero points) or nvfp4's 32-bit activation global scale,
+        and the side tables of keep policies."""
         w = self.qweight.storage_bits() if self.qweight is not None else 16.0 * self.weight.numel()
         b = 16.0 * self.bias.numel() if self.bias is not None else 0.0
         a = 0.0
         if self.a_scale is not None:
             a = 16.0 * self.a_scale.numel() + (0.0 if self.aspec.symmetric else self.aspec.bits * self.a_zero.numel())
+        if self.a_global is not None:
+            a += 32.0 * self.a_global.numel()
         return w + b + a + sum(p.side_bits() for p in self.keep)
 
     def extra_repr(self) -> str:

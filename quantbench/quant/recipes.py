@@ -19,6 +19,14 @@ A4_TOK = QuantSpec(bits=4, granularity="token", dynamic=True)
 FP8_CH = QuantSpec(bits=8, format="fp8", granularity="channel")
 A_FP8_TOK = QuantSpec(bits=8, format="fp8", granularity="token", dynamic=True)
 KV4_HEAD = QuantSpec(bits=4, granularity="group", group_size=64, dynamic=True)  # one scale per head (hd 64) and token
+# compressed-tensors' float presets (quantization/quant_scheme.py), the same arguments
+FP8_TENSOR = QuantSpec(bits=8, format="fp8", granularity="tensor")
+A_FP8_TENSOR_STATIC = QuantSpec(bits=8, format="fp8", granularity="tensor", dynamic=False)
+FP8_BLOCK = QuantSpec(bits=8, format="fp8", granularity="block", group_size=128)  # 128x128 weight tiles
+A_FP8_G128 = QuantSpec(bits=8, format="fp8", granularity="group", group_size=128, dynamic=True)  # 1x128 per token
+NVFP4 = QuantSpec(format="nvfp4")  # e2m1, fp8 scale per 16, fp32 global scale (activations: calibrated)
+MXFP4 = QuantSpec(format="mxfp4")  # e2m1, e8m0 exponent per 32
+MXFP8 = QuantSpec(format="mxfp8")  # e4m3, e8m0 exponent per 32
 KV8_TOK = QuantSpec(bits=8, granularity="token", dynamic=True)
 
 
@@ -47,6 +55,17 @@ for _recipe in [
     _r("w4a4-token", W4_G64, A4_TOK),
     _r("w4a4-kv4", W4_G64, A4_TOK, KV4_HEAD),
     _r("w8a8-fp8", FP8_CH, A_FP8_TOK),
+    # compressed-tensors' presets by their own names (FP8, FP8_DYNAMIC, FP8_BLOCK, NVFP4, ...), round-to-nearest
+    _r("fp8", FP8_TENSOR, A_FP8_TENSOR_STATIC),
+    _r("fp8-dynamic", FP8_CH, A_FP8_TOK),
+    _r("fp8-block", FP8_BLOCK, A_FP8_G128),
+    _r("nvfp4", NVFP4, NVFP4),
+    _r("nvfp4a16", NVFP4),
+    _r("mxfp4", MXFP4, MXFP4),
+    _r("mxfp4a16", MXFP4),
+    _r("mxfp8", MXFP8, MXFP8),
+    _r("mxfp8a16", MXFP8),
+    _r("w4afp8", W4_G128, A_FP8_TOK),
     # mitigated variants
     _r("w8a8-tensor-static-sq", W8_CH, A8_TENSOR_STATIC, mit=[_m("smoothquant", alpha=0.5)]),
     _r("w8a8-tensor-static-ot", W8_CH, A8_TENSOR_STATIC, mit=["outlier_tokens"]),
@@ -74,6 +93,17 @@ for _recipe in [
 for _qt in GGUF_TYPES:
     PRESETS.register(f"gguf-{_qt.lower()}", Recipe(name=f"gguf-{_qt.lower()}", weights=gguf_weight_spec(_qt),
                                                    backend="gguf", backend_options={"qtype": _qt}, exclude=()))
+# llama.cpp's own quantizer (backend llamacpp, the cyllama wheel): its file types, with and without an importance
+# matrix; `weights` is bookkeeping (code bits, 32-element sub-blocks), llama.cpp picks each tensor's type
+_LLAMACPP = {"Q4_K_M": QuantSpec(bits=4, symmetric=False, granularity="group", group_size=32),
+             "Q5_K_M": QuantSpec(bits=5, symmetric=False, granularity="group", group_size=32),
+             "Q6_K": QuantSpec(bits=6, granularity="group", group_size=16),
+             "IQ4_XS": QuantSpec(bits=4, granularity="group", group_size=32)}
+for _ft, _w in _LLAMACPP.items():
+    for _im in (False, True):
+        _name = f"gguf-{_ft.lower()}" + ("-imatrix" if _im else "")
+        PRESETS.register(_name, Recipe(name=_name, weights=_w, backend="llamacpp", exclude=(),
+                                       backend_options={"ftype": _ft, "imatrix": _im}))
 
 
 def _preset(name: str) -> Recipe:

@@ -1,8 +1,9 @@
 """Deployed size, measured on the model as applied, tensor by tensor.
 
 - a simulated QuantLinear: its stored weight (codes at `bits` bits, 16-bit scales, zero points
-  when asymmetric; 16 bits per weight when not quantized), 16-bit bias, static activation scales,
-  and its keep policies' side tables (e.g. an outlier-channel bitmask);
+  when asymmetric; microscaling formats: 8-bit e4m3 / e8m0 scales and nvfp4's 32-bit global scale;
+  16 bits per weight when not quantized), 16-bit bias, static activation scales (nvfp4: the 32-bit
+  input global scale), and its keep policies' side tables (e.g. an outlier-channel bitmask);
 - a real-kernel module (bitsandbytes, quanto): its quantized tensors as stored (data + scales),
   its plain float tensors at 16 bits;
 - every other parameter and persistent buffer (embeddings, norms, excluded or untied layers,

@@ -13,7 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..core.registry import Registry, UnknownName
 
-Granularity = Literal["tensor", "channel", "token", "group"]
+Granularity = Literal["tensor", "channel", "token", "group", "block"]
+Format = Literal["int", "fp8", "nvfp4", "mxfp4", "mxfp8"]
+# microscaling formats -> (element bits, elements per scale): fixed by the format (NVFP4: fp8-e4m3 scale per 16
+# and an fp32 global scale; OCP MX: e8m0 exponent per 32), always symmetric and grouped along the input
+MICRO_FORMATS = {"nvfp4": (4, 16), "mxfp4": (4, 32), "mxfp8": (8, 32)}
 
 # Plugin registries (filled by the modules of quant/mitigations and quant/backends on first use).
 MITIGATIONS: Registry = Registry("mitigation", "quantbench.quant.mitigations")
@@ -28,31 +32,67 @@ class QuantSpec(_Frozen):
     """How one tensor kind (weights, activations or KV) is quantized.
 
     granularity: tensor (one scale), channel (one per output row of a weight), token (one per
-    activation row, i.e. per token), group (one per `group_size` consecutive input elements).
+    activation row, i.e. per token), group (one per `group_size` consecutive input elements), block
+    (weights: one per square `group_size` x `group_size` tile, DeepSeek-style fp8 128x128).
+    format: int, fp8 (e4m3), or a microscaling format (nvfp4, mxfp4, mxfp8) whose bits, granularity and
+    group size are fixed by the format and filled in when left out.
     """
 
     bits: int = Field(8, ge=2, le=8)
-    format: Literal["int", "fp8"] = "int"
+    format: Format = "int"
     symmetric: bool = True
     granularity: Granularity = "channel"
     group_size: int | None = Field(None, ge=8)
     dynamic: bool = True  # activations only: per-batch ranges (True) or calibrated ranges (False)
     clip_ratio: float = Field(1.0, gt=0.0, le=1.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _micro_defaults(cls, data: Any) -> Any:
+        """A microscaling format fixes bits, granularity and group size: fill in what was left out."""
+        if isinstance(data, dict) and data.get("format") in MICRO_FORMATS:
+            bits, group = MICRO_FORMATS[data["format"]]
+            data = {"bits": bits, "granularity": "group", "group_size": group, **data}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "QuantSpec":
-        if self.granularity == "group" and self.group_size is None:
-            raise ValueError("granularity 'group' needs group_size")
-        if self.granularity != "group" and self.group_size is not None:
-            raise ValueError("group_size is only used with granularity 'group'")
+        if self.granularity in ("group", "block") and self.group_size is None:
+            raise ValueError(f"granularity '{self.granularity}' needs group_size"
+                             + (" (the edge of the square weight blocks, e.g. 128)" if self.granularity == "block" else ""))
+        if self.granularity not in ("group", "block") and self.group_size is not None:
+            raise ValueError("group_size is only used with granularity 'group' (or 'block')")
         if self.format == "fp8" and self.bits != 8:
             raise ValueError("format fp8 means 8 bits (e4m3)")
+        if self.format in MICRO_FORMATS:
+            self._check_micro()
         return self
 
+    def _check_micro(self) -> None:
+        bits, group = MICRO_FORMATS[self.format]
+        if (self.bits, self.granularity, self.group_size) != (bits, "group", group):
+            raise ValueError(f"format {self.format} is {bits}-bit with one scale per {group} inputs: bits {bits}, "
+                             f"granularity group, group_size {group} (or leave them out)")
+        if not self.symmetric:
+            raise ValueError(f"format {self.format} is symmetric only (compressed-tensors has no zero point for it)")
+        if self.clip_ratio != 1.0:
+            raise ValueError(f"format {self.format} has no clip_ratio (its scales are fixed by the format; "
+                             "use the clip mitigation on weights)")
+
+    @property
+    def micro(self) -> bool:
+        """A microscaling format (nvfp4, mxfp4, mxfp8)."""
+        return self.format in MICRO_FORMATS
+
+    @property
+    def calibrated(self) -> bool:
+        """Activations that need calibration batches: static ranges, or NVFP4's calibrated global scale."""
+        return not self.dynamic or self.format == "nvfp4"
+
     def short(self) -> str:
-        """e.g. 'int4/g64/sym', 'fp8/token/dyn'."""
-        g = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        kind = "fp8" if self.format == "fp8" else f"int{self.bits}"
+        """e.g. 'int4/g64/sym', 'fp8/token/dyn', 'nvfp4/g16/sym', 'fp8/b128/sym'."""
+        g = {"group": f"g{self.group_size}", "block": f"b{self.group_size}"}.get(self.granularity, self.granularity)
+        kind = self.format if self.format != "int" else f"int{self.bits}"
         return f"{kind}/{g}/{'sym' if self.symmetric else 'asym'}" + ("" if self.dynamic else "/static")
 
 
@@ -144,6 +184,7 @@ class Recipe(_Frozen):
         for w, a, kv in [(self.weights, self.activations, self.kv),
                          *[(o.weights, o.activations, o.kv) for o in self.overrides]]:
             check_specs(w, a, kv)
+        _check_mitigation_specs(self)
         for b in {self.backend, *[o.backend for o in self.overrides if o.backend]}:
             try:
                 BACKENDS.get(b)
@@ -156,6 +197,18 @@ class Recipe(_Frozen):
     def is_fp(self) -> bool:
         return (self.weights is None and self.activations is None and self.kv is None and not self.mitigations
                 and all(o.weights is None and o.activations is None and o.kv is None for o in self.overrides))
+
+
+def _check_mitigation_specs(recipe: "Recipe") -> None:
+    """Each mitigation's spec_issue (e.g. GPTQ's column-wise quantizer has no nvfp4 global scale) on every
+    (weights, activations) pair of the recipe and its overrides."""
+    pairs = [(recipe.weights, recipe.activations), *[(o.weights, o.activations) for o in recipe.overrides]]
+    for m in recipe.mitigations:
+        issue_of = getattr(MITIGATIONS.get(m.name), "spec_issue", None)
+        for w, a in pairs if issue_of is not None else ():
+            issue = issue_of(w, a)
+            if issue:
+                raise ValueError(f"mitigation '{m.name}': {issue}")
 
 
 def check_specs(w: QuantSpec | None, a: QuantSpec | None, kv: QuantSpec | None) -> None:
@@ -174,3 +227,18 @@ def check_specs(w: QuantSpec | None, a: QuantSpec | None, kv: QuantSpec | None) 
                          "'group' (group_size = head_dim: one scale per head and token)")
     if w is not None and w.granularity == "token":
         raise ValueError("weights cannot be per-token; use channel or group")
+    _check_formats(w, a, kv)
+
+
+def _check_formats(w: QuantSpec | None, a: QuantSpec | None, kv: QuantSpec | None) -> None:
+    """Where the block granularity and the microscaling formats apply (one line each)."""
+    if w is not None and w.granularity == "block" and w.format not in ("int", "fp8"):
+        raise ValueError(f"granularity 'block' is for int and fp8 weights, not {w.format}")
+    if a is not None and a.granularity == "block":
+        raise ValueError("activations cannot be block-wise; use granularity group (1 x group_size per token, "
+                         "as fp8-block's 1x128)")
+    if a is not None and a.micro and not a.dynamic:
+        raise ValueError(f"{a.format} activations are dynamic (a scale per {a.group_size} inputs of each token"
+                         + (", under a calibrated global scale" if a.format == "nvfp4" else "") + "): set dynamic: true")
+    if kv is not None and (kv.micro or kv.granularity == "block"):
+        raise ValueError("kv quantization is int or fp8, per token or per head")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from .plots import layer_error_plot, pareto_plot, with_error_bounds
-from .tables import COLUMNS, EXPORT_COLUMNS, scalar_frame, task_columns, task_names
+from .tables import COLUMNS, EXPORT_COLUMNS, KLD_REPORT, scalar_frame, task_columns, task_names
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
@@ -31,6 +31,21 @@ _INTERVALS = """<p>Intervals: <code>delta_ppl_lo/hi</code>, <code>kl_lo/hi</code
 and <code>task_delta_lo/hi</code> are 95% intervals paired with the FP model on the same units: a bootstrap over
 blocks of scored tokens (<code>ci_units</code> of them) for perplexity and KL, a Jeffreys-Dirichlet interval over the
 paired documents for task accuracy (see docs/evaluation.md). The plots draw them as error bars.</p>"""
+
+
+_KLD = """<p>The statistics of llama.cpp's <code>llama-perplexity --kl-divergence</code> over every scored token
+(KL in nats; <code>dp_rms</code> a fraction, llama.cpp prints percent; <code>same_top_p</code> is our
+<code>top1</code>). Compare with llama.cpp's tables only at the same context, base precision and text
+(docs/metrics.md).</p>"""
+
+
+def _kld_section(flat: pd.DataFrame) -> list[str]:
+    """The KLD report table (recipe + KLD_REPORT), or nothing when no row has the per-token statistics."""
+    if "kld_p999" not in flat.columns or flat["kld_p999"].isna().all():
+        return []
+    cols = ["recipe"] + [c for c in KLD_REPORT if c in flat.columns]
+    table = flat[cols].rename(columns={"kl": "kld_mean", "top1": "same_top_p"})
+    return ["<h2>KL divergence statistics (llama.cpp's report)</h2>", _table(table, "kld"), _KLD]
 
 
 def _plots(df: pd.DataFrame, task_metric: str) -> list[str]:
@@ -55,7 +70,7 @@ def build_html(df: pd.DataFrame, run_dir: Path, recommendation: str | None = Non
     flat = scalar_frame(df)
     main = [c for c in COLUMNS if c in flat.columns]
     parts = [f"<h1>quantbench report: {html.escape(run_dir.name)}</h1>", "<h2>Results</h2>",
-             _table(flat[main], "results"), _INTERVALS]
+             _table(flat[main], "results"), _INTERVALS, *_kld_section(flat)]
     if task_names(flat):
         parts += ["<h2>Downstream tasks (lm-eval)</h2>", _table(flat[["recipe"] + task_columns(flat)], "tasks")]
     export = ["recipe"] + [c for c in EXPORT_COLUMNS if c in flat.columns]

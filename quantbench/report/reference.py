@@ -73,6 +73,11 @@ def _fmt(v, spec: str) -> str:
     return "—" if x is None else f"{x:{spec}}"
 
 
+def _percent(v) -> float | None:
+    x = _num(v)
+    return None if x is None else 100 * x
+
+
 COLUMNS: dict[str, tuple[str, Callable]] = {
     "recipe": ("recipe", lambda r: str(r["recipe"])),
     "mitigations": ("mitigations", lambda r: str(r.get("mitigations") or "none")),
@@ -82,6 +87,12 @@ COLUMNS: dict[str, tuple[str, Callable]] = {
     "dppl": ("Δppl % [95% CI]", lambda r: _interval(r, "delta_ppl_pct", ".1f", sign=True, bounds="delta_ppl")),
     "kl": ("KL [95% CI]", lambda r: _interval(r, "kl", ".3f")),
     "top1": ("top-1", lambda r: _fmt(r.get("top1"), ".3f")),
+    # llama.cpp's `perplexity --kl-divergence` report (quantbench/eval/kld.py); "same top p" is top-1
+    "kld_median": ("median KLD", lambda r: _fmt(r.get("kld_median"), ".4f")),
+    "kld_p99": ("99% KLD", lambda r: _fmt(r.get("kld_p99"), ".4f")),
+    "kld_p999": ("99.9% KLD", lambda r: _fmt(r.get("kld_p999"), ".4f")),
+    "kld_max": ("max KLD", lambda r: _fmt(r.get("kld_max"), ".3f")),
+    "dp_rms": ("RMS Δp %", lambda r: _fmt(_percent(r.get("dp_rms")), ".3f")),
     "acc": ("task acc", lambda r: _fmt(r.get("task_acc_mean"), ".2f")),
     "tok_s": ("eval tok/s", lambda r: _fmt(r.get("eval_tok_s") or None, ".0f")),
     # exports (quantbench/export): what was written and what its reload gave

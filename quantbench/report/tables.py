@@ -16,13 +16,15 @@ import pandas as pd
 from ..eval import intervals as stats
 
 COLUMNS = ["recipe", "status", "mode", "bits_per_weight", "size_mb", "compression_x", "ppl", "delta_ppl_pct",
-           "delta_ppl_lo", "delta_ppl_hi", "word_ppl", "kl", "kl_lo", "kl_hi", "top1", "layer_err_max",
-           "layer_err_jumps", "sink_drift", "task_acc_mean", "task_delta_lo", "task_delta_hi", "ci_units",
-           "eval_tok_s", "peak_mem_mb", "calib_s", "wall_s"]
+           "delta_ppl_lo", "delta_ppl_hi", "word_ppl", "kl", "kl_lo", "kl_hi", "top1", "kld_p99",
+           "layer_err_max", "layer_err_jumps", "sink_drift", "task_acc_mean", "task_delta_lo", "task_delta_hi",
+           "ci_units", "eval_tok_s", "peak_mem_mb", "calib_s", "wall_s"]
 TERMINAL = ["recipe", "status", "bits_per_weight", "ppl", "delta_ppl_pct", "delta_ppl_lo", "delta_ppl_hi", "kl",
             "top1", "task_acc_mean", "eval_tok_s"]
 LIST_COLUMNS = ("layer_rel_error", "layer_sink", "unit_nll", "unit_tokens", "unit_kl", "unit_top1")
 TASK_PREFIXES = ("acc:", "acc_norm:", "acc_se:", "n:", "acc_delta_lo:", "acc_delta_hi:")
+# llama.cpp's `perplexity --kl-divergence` statistics (quantbench.eval.kld); "same top p" is `top1`
+KLD_REPORT = ["kl", "kld_median", "kld_p99", "kld_p999", "kld_max", "dp_rms", "top1"]
 # written by `quantbench export` (quantbench/export): the real checkpoint, beside the simulated columns
 EXPORT_COLUMNS = ["export_format", "export_verified", "export_ppl", "export_sim_ppl", "export_ppl_delta_pct",
                   "export_logit_maxdiff", "export_weights_equal", "export_file_mb", "export_load_s", "export_load_mb",

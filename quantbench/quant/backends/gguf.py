@@ -22,6 +22,7 @@ GGUF bytes as a buffer, so quant/size.py counts exactly what the file stores for
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -153,28 +154,45 @@ class Gguf(Backend):
         except QuantbenchError as e:
             raise BackendUnavailable(f"gguf: {e}") from None
         params = dict(model.named_parameters())
-        emb = model.get_input_embeddings()
-        tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
-        for pname, qtype in types.items():
-            p = params[pname]
-            data = gguf_quantize(p, qtype, pname)
-            values = torch.from_numpy(np.ascontiguousarray(gguf_dequantize(data, qtype))).reshape(p.shape)
-            mod_name = pname.removesuffix(".weight")
-            if mod_name in names:
-                old = model.get_submodule(mod_name)
-                replace_module(model, mod_name, QuantLinear(old, plan.linears[mod_name], GgufWeight(qtype, values)))
-            elif p is emb.weight and not tied and qtype not in ("F16", "F32"):
-                replace_module(model, _module_name(model, emb), GgufEmbedding(emb, qtype, data, values))
-            else:
-                p.copy_(values.to(p.dtype))  # F16 leftovers, and the tied embedding/output matrix
-        head_name = _module_name(model, model.get_output_embeddings()) if tied else None
-        if head_name in names:  # tied output: a QuantLinear sharing the (quantized) embedding tensor
-            w = emb.weight
-            q = QuantLinear(model.get_submodule(head_name), plan.linears[head_name],
-                            GgufWeight(types[_param_name(model, w)], w.data.clone()))
-            replace_module(model, head_name, q)
-            q.weight = w  # keep the tie: one tensor, counted once by quant/size.py
-        return model
+
+        def stored():  # one tensor at a time: quantized, dequantized, installed
+            for pname, qtype in types.items():
+                data = gguf_quantize(params[pname], qtype, pname)
+                yield pname, qtype, data, torch.from_numpy(np.ascontiguousarray(gguf_dequantize(data, qtype)))
+        return install_gguf_weights(model, plan, names, stored())
+
+
+StoredTensor = tuple[str, str, np.ndarray, torch.Tensor]  # param name, GGUF type, the file's bytes, fp32 values
+
+
+@torch.no_grad()
+def install_gguf_weights(model: nn.Module, plan: Plan, names: list[str], stored: Iterable[StoredTensor]) -> nn.Module:
+    """Put a GGUF file's weights into `model`, one tensor at a time (values in the parameter's layout).
+    Planned linears become QuantLinears over GgufWeights, a quantized untied embedding a GgufEmbedding,
+    other weights take the values in place; a tied output matrix stays one tensor with the embedding."""
+    params = dict(model.named_parameters())
+    emb = model.get_input_embeddings()
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
+    types = {}
+    for pname, qtype, data, flat in stored:
+        p, types[pname] = params[pname], qtype
+        values = flat.reshape(p.shape)
+        mod_name = pname.removesuffix(".weight")
+        if mod_name in names:
+            old = model.get_submodule(mod_name)
+            replace_module(model, mod_name, QuantLinear(old, plan.linears[mod_name], GgufWeight(qtype, values)))
+        elif p is emb.weight and not tied and qtype not in ("F16", "F32"):
+            replace_module(model, _module_name(model, emb), GgufEmbedding(emb, qtype, data, values))
+        else:
+            p.copy_(values.to(p.dtype))  # F16 leftovers, and the tied embedding/output matrix
+    head_name = _module_name(model, model.get_output_embeddings()) if tied else None
+    if head_name in names:  # tied output: a QuantLinear sharing the (quantized) embedding tensor
+        w = emb.weight
+        q = QuantLinear(model.get_submodule(head_name), plan.linears[head_name],
+                        GgufWeight(types[_param_name(model, w)], w.data.clone()))
+        replace_module(model, head_name, q)
+        q.weight = w  # keep the tie: one tensor, counted once by quant/size.py
+    return model
 
 
 def _module_name(model: nn.Module, mod: nn.Module) -> str:

@@ -1,6 +1,7 @@
 """The simulated backend: every planned linear becomes a QuantLinear (weights on the plan's grid,
 fake-quantized input activations, fake-quantized k/v outputs); static activation ranges are
-calibrated on the calibration batches after all mitigations (kept channels/tokens excluded)."""
+calibrated on the calibration batches after all mitigations (kept channels/tokens excluded), and so
+are NVFP4's activation global scales."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -28,7 +29,7 @@ class Simulated(Backend):
             replace_module(model, name, q)
             reattach_online(old, q)
             qlinears.append(q)
-        static = [q for q in qlinears if q.aspec is not None and not q.aspec.dynamic]
+        static = [q for q in qlinears if q.aspec is not None and q.aspec.calibrated]  # nvfp4: its global scale
         if static:
             for q in static:
                 q.calibrating = True

@@ -96,6 +96,15 @@ class Clip(Mitigation):
     name = "clip"
     needs = ("weights",)
 
+    @classmethod
+    def spec_issue(cls, weights: QuantSpec | None, activations: QuantSpec | None) -> str | None:
+        if weights is not None and weights.granularity == "block":
+            return f"weights {weights.short()} are not supported (the search clips rows, groups or the tensor)"
+        if weights is not None and weights.format == "nvfp4":
+            return (f"weights {weights.short()} are not supported: nvfp4's fp32 global scale couples every block, "
+                    "so per-block ratios searched apart would not be the grid the backend rounds to")
+        return None
+
     class Options(Options):
         ratios: tuple[float, ...] = DEFAULT_RATIOS
         search_tokens: int = Field(512, ge=8)

@@ -177,6 +177,13 @@ class GPTQ(Mitigation):
     needs = ("weights",)
     finalizes_weights = True
 
+    @classmethod
+    def spec_issue(cls, weights: QuantSpec | None, activations: QuantSpec | None) -> str | None:
+        if weights is not None and (weights.micro or weights.granularity == "block"):
+            return (f"weights {weights.short()} are not supported: the column-wise quantizer fits int/fp8 scales per "
+                    "row, group or tensor (no nvfp4 global scale, e8m0 exponents or 2-D blocks); use round-to-nearest")
+        return None
+
     class Options(Options):
         damp: float = Field(0.01, gt=0)
         block: int = Field(128, ge=1)

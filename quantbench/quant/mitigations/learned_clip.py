@@ -139,6 +139,12 @@ class LearnedClip(Mitigation):
     name = "learned_clip"
     needs = ("weights",)
 
+    @classmethod
+    def spec_issue(cls, weights: QuantSpec | None, activations: QuantSpec | None) -> str | None:
+        if weights is not None and (weights.micro or weights.granularity == "block"):
+            return f"weights {weights.short()} are not supported: its differentiable quantizer is the int/fp8 grid's"
+        return None
+
     class Options(Options):
         steps: int = Field(50, ge=0)
         lr: float = Field(0.05, gt=0)
