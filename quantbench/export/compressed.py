@@ -45,9 +45,29 @@ def ct_args(spec: QuantSpec, activation: bool = False):
     """compressed-tensors QuantizationArgs for one of our specs."""
     from compressed_tensors.quantization import QuantizationArgs
 
+    if spec.micro or spec.granularity == "block":
+        return QuantizationArgs(**_fp_args(spec, activation))
     return QuantizationArgs(num_bits=spec.bits, type="float" if spec.format == "fp8" else "int",
                             symmetric=spec.symmetric, strategy=spec.granularity, group_size=spec.group_size,
                             dynamic=spec.dynamic if activation else False)
+
+
+def _fp_args(spec: QuantSpec, activation: bool) -> dict:
+    """The arguments of compressed-tensors' own presets (quant_scheme.py: FP8_BLOCK, NVFP4[A16], MXFP4[A16],
+    MXFP8[A16]) for block fp8 weights and the microscaling formats."""
+    if spec.granularity == "block":  # FP8_BLOCK's weights: [128, 128] tiles
+        return {"num_bits": spec.bits, "type": "float" if spec.format == "fp8" else "int", "symmetric": spec.symmetric,
+                "strategy": "block", "block_structure": [spec.group_size, spec.group_size], "dynamic": False}
+    args = {"num_bits": spec.bits, "type": "float", "symmetric": True, "group_size": spec.group_size}
+    if spec.format == "nvfp4":  # fp8 scales per 16 under an fp32 global scale; activations: the global one calibrated
+        dtype = torch.float8_e4m3fn
+        args |= {"strategy": "tensor_group", "dynamic": "local" if activation else False}
+        if activation:
+            args["observer"] = "static_minmax"
+    else:  # OCP MX: e8m0 exponents (uint8) per 32
+        dtype = torch.uint8
+        args |= {"strategy": "group", "dynamic": activation}
+    return args | {"scale_dtype": dtype, "zp_dtype": dtype}
 
 
 def ct_scheme(lp: LinearPlan, targets: list[str]):
@@ -97,7 +117,9 @@ def module_tensors(name: str, q: QuantLinear, scheme) -> dict[str, torch.Tensor]
 
     qt, w = q.qweight, q.plan.weights
     out: dict[str, torch.Tensor] = {f"{name}.weight_scale": qt.scale}
-    if scheme.format == "pack-quantized":
+    if w.micro:
+        out.update(_micro_tensors(name, qt, scheme))
+    elif scheme.format == "pack-quantized":
         out[f"{name}.weight_packed"] = pack_to_int32(qt.codes, w.bits)  # [out, in * bits / 32] int32
         out[f"{name}.weight_shape"] = torch.tensor(qt.codes.shape)
         if not w.symmetric:
@@ -105,16 +127,36 @@ def module_tensors(name: str, q: QuantLinear, scheme) -> dict[str, torch.Tensor]
             out[f"{name}.weight_zero_point"] = pack_to_int32(zp, w.bits, packed_dim=0) \
                 if w.granularity in ("group", "channel") else zp
     else:  # int-quantized / float-quantized / naive-quantized: the codes as int8 / float8_e4m3fn
-        out[f"{name}.weight"] = qt.codes
+        # block weights: own storage (the codes may be a view of the zero-padded tiles, which safetensors refuses)
+        out[f"{name}.weight"] = qt.codes.clone() if w.granularity == "block" else qt.codes
         if not w.symmetric:
             out[f"{name}.weight_zero_point"] = qt.zero_point
     a = q.aspec
+    if a is not None and a.format == "nvfp4":
+        out[f"{name}.input_global_scale"] = q.a_global  # the calibrated fp32 global scale [1]
     if a is not None and not a.dynamic:
         out[f"{name}.input_scale"] = q.a_scale.reshape(1).to(qt.scale.dtype)  # static per-tensor: shape [1]
         if not a.symmetric:
             out[f"{name}.input_zero_point"] = q.a_zero.reshape(1)
     if q.bias is not None:
         out[f"{name}.bias"] = q.bias.data
+    return out
+
+
+def _micro_tensors(name: str, qt, scheme) -> dict[str, torch.Tensor]:
+    """nvfp4 / mxfp4: e2m1 codes packed two per uint8 by the library's pack_fp4_to_uint8; mxfp8: e4m3 codes as
+    they are. Scales through the format's own compressor (_compress_scale: fp8 for nvfp4, e8m0 uint8 for MX)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    out = {f"{name}.weight_scale": compressor._compress_scale(qt.scale, scheme.weights)}
+    if qt.spec.bits == 4:
+        out[f"{name}.weight_packed"] = pack_fp4_to_uint8(qt.codes)  # [out, in / 2] uint8
+    else:
+        out[f"{name}.weight"] = qt.codes  # float8_e4m3fn
+    if qt.global_scale is not None:
+        out[f"{name}.weight_global_scale"] = qt.global_scale  # fp32 [1]
     return out
 
 

@@ -38,10 +38,13 @@ from .runtime import llama_cpp_eval, model_mb, torchao_eval, vllm_eval
 from .verify import (
     VERIFY_PPL_TOL,
     Tee,
+    compare_stored,
     compare_weights,
+    dense_only,
     packed_asymmetric,
     reload_compressed,
     reload_gguf,
+    stored_only,
     tokenizer_matches,
 )
 
@@ -179,8 +182,24 @@ def _reload(rc: RunContext, sim: nn.Module, fmt: str, path: Path) -> tuple[nn.Mo
             how = ("transformers + compressed-tensors, CompressedTensorsConfig(dequantize=True) (asymmetric packed "
                    "zero points do not load through the default route in transformers 5.24)")
         extra = {"export_reload": how if quantized else "transformers (from_pretrained(folder)), dense"}
+        why = dense_only(path, dtype)  # NVFP4 / MX outside bfloat16: one line saying so
+        if why:
+            extra["export_reload"] = why + ("; the stored tensors are verified instead" if stored_only(path) else "")
     extra.update(export_load_s=round(time.perf_counter() - t0, 2), export_load_mb=round(model_mb(reloaded), 1))
     return reloaded, extra
+
+
+def _stored_proof(sim: nn.Module, fmt: str, path: Path) -> dict | None:
+    """Where transformers cannot run the checkpoint as measured on this machine (verify.dense_only and
+    stored_only: NVFP4 / MX in a float32 model), the proof is the stored tensors: each quantized linear
+    decompressed by compressed-tensors equals the simulated weight, and every other tensor the file's."""
+    dtype = next(sim.parameters()).dtype
+    if fmt == "gguf" or not dense_only(path, dtype) or not stored_only(path):
+        return None
+    check = compare_stored(path, sim)
+    return {"export_verified": check.ok, "export_verified_by": "stored tensors (compressed-tensors' decompression)",
+            "export_stored_equal": f"{check.equal}/{check.compared}",
+            "export_weights_mismatch": ", ".join(check.mismatched[:3]) or None}
 
 
 @torch.no_grad()
@@ -192,7 +211,7 @@ def _verify(rc: RunContext, sim: nn.Module, reloaded: nn.Module) -> dict:
     re_eval, _ = evaluate_lm(tee, rc.windows, e.batch_size, rc.device)
     delta = re_eval.ppl / sim_eval.ppl - 1
     secs = max(re_eval.seconds - tee.reference_seconds, 1e-9)
-    return {"export_verified": weights.ok and abs(delta) <= VERIFY_PPL_TOL,
+    return {"export_verified": weights.ok and abs(delta) <= VERIFY_PPL_TOL, "export_verified_by": "reload",
             "export_weights_equal": f"{weights.equal}/{weights.compared}" + (f" (missing {len(weights.missing)})"
                                                                                if weights.missing else ""),
             "export_weights_mismatch": ", ".join(weights.mismatched[:3]) or None,
@@ -244,6 +263,7 @@ def _export_into(rc: RunContext, recipe: Recipe, name: str, fmt: str, out: Path)
     log(f"export {name}: written ({cols['export_file_mb']} MB, in a stage folder until proved); reloading")
     reloaded, load = _reload(rc, sim, fmt, Path(cols["export_path"]))
     cols = {"export_format": fmt, **cols, **load, **_verify(rc, sim, reloaded)}
+    cols.update(_stored_proof(sim, fmt, Path(cols["export_path"])) or {})
     cols.update(row_check(rc.run_dir, name, cols["export_sim_ppl"]))
     cols["export_runtime"] = "transformers (CPU)" if rc.device.type == "cpu" else f"transformers ({rc.device.type})"
     if fmt == "gguf":

@@ -2,11 +2,12 @@
 exportable recipe.
 
 compressed-tensors: simulated recipes whose linears hold int (2-8 bit) or fp8 weights per tensor,
-channel or group, with no activation quantization, or dynamic per-token / per-tensor activations, or
-static per-tensor activations; weight-only mitigations (SmoothQuant, AWQ, clipping, GPTQ, rotation
+channel or group, fp8 weights in 128x128 blocks, or NVFP4 / MXFP4 / MXFP8 weights, with no activation
+quantization, or dynamic per-token / per-tensor activations, or static per-tensor activations, or fp8
+1x128 / microscaling activation groups (dynamic; NVFP4's under its calibrated global scale); weight-only mitigations (SmoothQuant, AWQ, clipping, GPTQ, rotation
 folded into the weights) export as plain quantized weights. It cannot express online transforms
 (rotate's Hadamard before down_proj), inputs kept in high precision (outlier_tokens, int8_decomp),
-our KV-cache quantization (dynamic per head), grouped activations, or other backends' kernels.
+our KV-cache quantization (dynamic per head), grouped int activations, int block weights, or other backends' kernels.
 gguf: `gguf` backend recipes (llama.cpp block types), `llamacpp` recipes (llama.cpp's own quantizer on an
 F32/F16 file) and `fp` (F16), same mitigation rules.
 """
@@ -91,10 +92,11 @@ def check_recipe(recipe: Recipe, fmt: str) -> None:
         raise ExportRefused(f"recipe '{r.name}' runs on the {'/'.join(sorted(backends - {'simulated'}))} backend's "
                             f"own kernels; compressed-tensors exports simulated recipes; closest exportable: "
                             f"{describe(sim, r)}")
-    new = [w for w in (r.weights, *[o.weights for o in r.overrides]) if w is not None and (w.micro or w.granularity == "block")]
-    if new:
-        raise ExportRefused(f"recipe '{r.name}': {new[0].short()} weights are measured but not exported yet "
-                            "(compressed-tensors' nvfp4/mxfp4 packed and block fp8 forms are not written)")
+    blocks = [w for w in (r.weights, *[o.weights for o in r.overrides]) if w is not None and w.granularity == "block"
+              and w.format != "fp8"]
+    if blocks:
+        raise ExportRefused(f"recipe '{r.name}': {blocks[0].short()} weights have no compressed-tensors format that "
+                            "vLLM runs (block weights are fp8 there: preset 'fp8-block'; int: use group weights)")
     specs = [(r.activations, r.kv), *[(o.activations, o.kv) for o in r.overrides]]
     if any(kv is not None for _, kv in specs):
         cand = r.model_copy(update={"kv": None, "overrides": tuple(o.model_copy(update={"kv": None}) for o in r.overrides),
@@ -102,9 +104,10 @@ def check_recipe(recipe: Recipe, fmt: str) -> None:
         raise ExportRefused(f"recipe '{r.name}': KV-cache quantization (dynamic, per head) has no compressed-tensors "
                             f"form that vLLM runs (its kv_cache_scheme is static per tensor); closest exportable: "
                             f"{describe(cand, r)}")
-    if any(a is not None and a.granularity == "group" for a, _ in specs):
-        raise ExportRefused(f"recipe '{r.name}': grouped activation quantization is not exportable "
-                            "(use per-token or per-tensor activations)")
+    if any(a is not None and a.granularity == "group" and a.format == "int" for a, _ in specs):
+        raise ExportRefused(f"recipe '{r.name}': grouped int activation quantization is not exportable "
+                            "(use per-token or per-tensor activations; fp8 1x128 groups and the microscaling formats "
+                            "are)")
 
 
 def check_effects(recipe: Recipe, mitigation: str, online: list[str], keep: dict[str, str], fmt: str) -> None:

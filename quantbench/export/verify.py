@@ -113,17 +113,99 @@ def packed_asymmetric(folder: Path) -> bool:
                for g in (qc.get("config_groups") or {}).values())
 
 
+MICRO_CT_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized")
+
+
+def _ct_groups(folder: Path) -> list[dict]:
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    return [{**g, "format": g.get("format", qc.get("format"))} for g in (qc.get("config_groups") or {}).values()]
+
+
+def dense_only(folder: Path, dtype: torch.dtype) -> str | None:
+    """Why transformers' default compressed-tensors route cannot run this checkpoint in `dtype` (None if it can):
+    compressed-tensors 0.20.1 decompresses NVFP4 / MX weights to bfloat16 whatever the model's dtype, and the first
+    forward of a float32 (or float16) model then fails in the matmul ('expected m1 and m2 to have the same dtype')."""
+    micro = sorted({g["format"] for g in _ct_groups(folder)} & set(MICRO_CT_FORMATS))
+    if not micro or dtype == torch.bfloat16:
+        return None
+    return (f"transformers cannot run {'/'.join(micro)} in a {str(dtype).removeprefix('torch.')} model on CPU "
+            "(compressed-tensors 0.20.1 decompresses them to bfloat16); loaded dense with "
+            "CompressedTensorsConfig(dequantize=True)")
+
+
+def stored_only(folder: Path) -> bool:
+    """A dense reload (dense_only) cannot reproduce the measured model: quantized input activations (a dense
+    model runs them in full precision) or NVFP4 weights (decompressed through bfloat16, not the run's dtype)."""
+    return any(g.get("input_activations") or g["format"] == "nvfp4-pack-quantized" for g in _ct_groups(folder))
+
+
+def _scheme_of(qc, name: str):
+    """The config group scheme that targets module `name` (exact names win over the class name 'Linear')."""
+    groups = list(qc.config_groups.values())
+    return next((s for s in groups if name in s.targets), None) or next(s for s in groups if "Linear" in s.targets)
+
+
+def library_weight(sd: dict[str, torch.Tensor], scheme, dtype: torch.dtype) -> torch.Tensor:
+    """One module's stored tensors decompressed by compressed-tensors: its compressor's decompress, except that
+    NVFP4's e2m1 codes and fp8 scales are unpacked into `dtype` (the library's unpack_fp4_from_uint8 and
+    dequantize, as its decompress does, which fixes bfloat16) so that a float32 run is compared in float32."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    if scheme.format != "nvfp4-pack-quantized":
+        return compressor.decompress(dict(sd), scheme)["weight"].to(dtype)
+    m, n = sd["weight_packed"].shape
+    codes = unpack_fp4_from_uint8(sd["weight_packed"], m, n * 2, dtype=dtype)
+    return dequantize(x_q=codes, scale=sd["weight_scale"].to(dtype), args=scheme.weights,
+                      global_scale=sd["weight_global_scale"], dtype=dtype)
+
+
+@torch.no_grad()
+def compare_stored(folder: Path, sim: nn.Module) -> WeightCheck:
+    """Every quantized linear's stored tensors, decompressed by compressed-tensors (library_weight), against the
+    simulated model's dequantized weight (torch.equal); the model's other tensors against the safetensors file."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    qc = QuantizationConfig.model_validate(json.loads((Path(folder) / "config.json").read_text())["quantization_config"])
+    stored: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        stored.update(load_file(str(f)))
+    check = WeightCheck(0, 0)
+    quantized = {n: m for n, m in sim.named_modules() if isinstance(m, QuantLinear) and m.qweight is not None}
+    for name, t in dense_view(sim).items():
+        mod = name.rpartition(".")[0]
+        if mod in quantized and name.endswith(".weight"):
+            sd = {k.removeprefix(mod + "."): v for k, v in stored.items() if k.startswith(mod + ".")}
+            got = library_weight(sd, _scheme_of(qc, mod), t.dtype)
+        else:
+            got = stored.get(name)
+            if got is None and t.is_floating_point():
+                continue  # a tied tensor stored once under its other name; compared there
+        if got is None or not t.is_floating_point():
+            continue
+        check.compared += 1
+        if got.shape == t.shape and got.dtype == t.dtype and torch.equal(got, t.detach().cpu()):
+            check.equal += 1
+        else:
+            check.mismatched.append(name)
+    return check
+
+
 def reload_compressed(folder: Path, dtype: torch.dtype, attn: str | None, device: torch.device) -> nn.Module:
     """The folder as transformers loads it, decompressed. Default compressed-tensors route, except for
     asymmetric packed weights: transformers 5.24 builds the compressed layout on meta tensors, where
     compressed-tensors 0.20 leaves zero points unpacked, so the packed zero points of such a checkpoint
     (the layout the library's compressor writes and vLLM reads) do not fit; those load with
     CompressedTensorsConfig(dequantize=True), which decompresses every weight while loading (with the
-    first config group's scheme: a mixed plan with asymmetric packed weights then fails verification)."""
+    first config group's scheme: a mixed plan with asymmetric packed weights then fails verification). NVFP4 / MX
+    checkpoints in a model that is not bfloat16 load the same way (dense_only)."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     kw = {"attn_implementation": attn} if attn else {}
-    if packed_asymmetric(folder):
+    if packed_asymmetric(folder) or dense_only(folder, dtype):
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kw).to(device).eval()
     with torch.no_grad():  # the first forward decompresses (compressed-tensors' hook); do it before timing

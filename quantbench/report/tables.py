@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..eval import intervals as stats
+from .hardware import hardware_by_name
 
 COLUMNS = ["recipe", "status", "mode", "bits_per_weight", "size_mb", "compression_x", "ppl", "delta_ppl_pct",
            "delta_ppl_lo", "delta_ppl_hi", "word_ppl", "kl", "kl_lo", "kl_hi", "top1", "kld_p99",
@@ -104,6 +105,7 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
             df[c] = None
     bpw = pd.to_numeric(df["bits_per_weight"], errors="coerce")
     df["compression_x"] = (16.0 / bpw).round(3)  # vs every parameter stored in 16 bits
+    df["hardware"] = [hardware_by_name(r) for r in df["recipe"]]  # computed from the preset, not stored in rows
     tcols = task_columns(df)
     extra = [c for c in df.columns if c not in COLUMNS and c not in tcols]
     return df[COLUMNS + tcols + extra]
