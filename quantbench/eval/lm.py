@@ -226,12 +226,32 @@ def _window_pass(logits: torch.Tensor, targets: torch.Tensor, row: int, referenc
     return cat(nll).cpu(), (cat(kl).cpu() if kl else None), (cat(agree).cpu() if agree else None)
 
 
+def decode_order_logits(model: torch.nn.Module, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Logits [B, T, V] of ids [B, T] computed as an engine serves them: the KV cache is filled `chunk`
+    tokens at a time (1: token by token), each chunk attending over the cache as stored (a quantized
+    cache, quant/kvcache.py, stores each chunk's K/V quantized once, as it is written)."""
+    from transformers.cache_utils import DynamicCache
+
+    cache, out = DynamicCache(), []
+    for a in range(0, ids.shape[1], chunk):
+        out.append(model(input_ids=ids[:, a: a + chunk], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(out, dim=1)
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor, kv_chunk: int | None) -> torch.Tensor:
+    if kv_chunk is None:
+        return model(input_ids=ids, **no_cache(model)).logits
+    return decode_order_logits(model, ids, kv_chunk)
+
+
 @torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, windows: Windows, batch_size: int, device: torch.device,
                 reference: FPReference | None = None, keep_reference: bool = False,
                 n_words: int | None = None, block: int = DEFAULT_BLOCK,
-                spill_dir: str | None = None) -> tuple[LMEval, FPReference | None]:
+                spill_dir: str | None = None, kv_chunk: int | None = None) -> tuple[LMEval, FPReference | None]:
     """Return metrics and (if keep_reference) this model's reference for later comparisons.
+    kv_chunk: None scores each window in one forward (whole prefill); n fills the KV cache n tokens at a
+    time (decode order, `decode_order_logits`).
 
     Works window by window on views of the logits (no copy of the batch's scored rows) and in
     chunks of _CHUNK positions, so memory stays at the model's own logits plus a few chunk buffers.
@@ -244,7 +264,7 @@ def evaluate_lm(model: torch.nn.Module, windows: Windows, batch_size: int, devic
     row, t0 = 0, time.perf_counter()
     for i in range(0, len(ids_all), batch_size):
         ids = ids_all[i: i + batch_size].to(device)
-        logits = model(input_ids=ids, **no_cache(model)).logits  # [B, T, V]; position j predicts ids[:, j + 1]
+        logits = _logits(model, ids, kv_chunk)  # [B, T, V]; position j predicts ids[:, j + 1]
         if keep_reference and store is None:
             n_rows = sum(t_len - 1 - s for s in starts)
             store = FPReference(n_rows, logits.shape[-1], spill_dir)

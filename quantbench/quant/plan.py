@@ -99,7 +99,7 @@ def resolve_plan(model: nn.Module, recipe: Recipe) -> Plan:
             excluded.append(name)
             continue
         cur = {"weights": recipe.weights, "activations": recipe.activations,
-               "kv": recipe.kv if name in kv_names else None, "backend": recipe.backend}
+               "kv": recipe.kv if name in kv_names and recipe.kv_at == "proj" else None, "backend": recipe.backend}
         for o in recipe.overrides:
             if matches(name, o.match):
                 for f in o.replaces():
@@ -118,7 +118,9 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
             raise QuantbenchError(f"recipe '{r.name}': override match '{o.match}' names no linear layer of "
                                   f"this model (e.g. {next(iter(plan.linears), 'none')})")
     wants_kv = r.kv is not None or any(o.kv is not None for o in r.overrides)
-    if wants_kv:
+    if wants_kv and r.kv_at == "cache":
+        _check_cache_kv(model, plan)
+    elif wants_kv:
         _check_kv(model, plan)
     mods = dict(linear_modules(model))
     for name, lp in plan.linears.items():
@@ -168,6 +170,15 @@ def _check_kv(model: nn.Module, plan: Plan) -> None:
         if lp.kv.granularity == "group" and width % lp.kv.group_size:
             raise QuantbenchError(f"recipe '{r.name}': kv group_size {lp.kv.group_size} does not divide the "
                                   f"k/v width {width} of {name} (use the head dimension)")
+
+
+def _check_cache_kv(model: nn.Module, plan: Plan) -> None:
+    from .kvcache import check_kv_cache
+
+    r = plan.recipe
+    if r.backend != "simulated":
+        raise QuantbenchError(f"recipe '{r.name}': kv quantization is simulated only (backend '{r.backend}')")
+    check_kv_cache(model, r.kv, r.name)
 
 
 def divisor_hint(n: int, g: int) -> int:

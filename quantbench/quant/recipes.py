@@ -28,12 +28,16 @@ NVFP4 = QuantSpec(format="nvfp4")  # e2m1, fp8 scale per 16, fp32 global scale (
 MXFP4 = QuantSpec(format="mxfp4")  # e2m1, e8m0 exponent per 32
 MXFP8 = QuantSpec(format="mxfp8")  # e4m3, e8m0 exponent per 32
 KV8_TOK = QuantSpec(bits=8, granularity="token", dynamic=True)
+# vLLM's fp8 kv cache (kv_cache_dtype fp8, compressed-tensors kv_cache_scheme): static e4m3 scales calibrated on
+# the post-RoPE K and V, one per layer (tensor) or per kv head (group = head_dim, 64 on the default model)
+KV_FP8_STATIC = QuantSpec(bits=8, format="fp8", granularity="tensor", dynamic=False)
+KV_FP8_HEAD_STATIC = QuantSpec(bits=8, format="fp8", granularity="group", group_size=64, dynamic=False)
 
 
-def _r(name: str, w=None, a=None, kv=None, mit=(), backend="simulated", **backend_options) -> Recipe:
+def _r(name: str, w=None, a=None, kv=None, mit=(), backend="simulated", kv_at="proj", **backend_options) -> Recipe:
     mits = tuple(MitigationSpec(name=m) if isinstance(m, str) else m for m in mit)
     return Recipe(name=name, weights=w, activations=a, kv=kv, mitigations=mits, backend=backend,
-                  backend_options=backend_options)
+                  backend_options=backend_options, kv_at=kv_at)
 
 
 def _m(name: str, **options) -> MitigationSpec:
@@ -66,6 +70,10 @@ for _recipe in [
     _r("mxfp8", MXFP8, MXFP8),
     _r("mxfp8a16", MXFP8),
     _r("w4afp8", W4_G128, A_FP8_TOK),
+    # KV cache quantized as the engine stores it (K after RoPE; quant/kvcache.py)
+    _r("w8a8-fp8-kv8", FP8_CH, A_FP8_TOK, KV_FP8_STATIC, kv_at="cache"),
+    _r("w8a8-fp8-kv8-head", FP8_CH, A_FP8_TOK, KV_FP8_HEAD_STATIC, kv_at="cache"),
+    _r("w4a4-kv4-cache", W4_G64, A4_TOK, KV4_HEAD, kv_at="cache"),
     # mitigated variants
     _r("w8a8-tensor-static-sq", W8_CH, A8_TENSOR_STATIC, mit=[_m("smoothquant", alpha=0.5)]),
     _r("w8a8-tensor-static-ot", W8_CH, A8_TENSOR_STATIC, mit=["outlier_tokens"]),

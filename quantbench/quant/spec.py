@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from ..core.registry import Registry, UnknownName
 
@@ -173,6 +173,17 @@ class Recipe(_Frozen):
     backend_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {threshold: 6.0} for bnb-int8
     exclude: tuple[str, ...] = ("lm_head",)
     overrides: tuple[Override, ...] = ()
+    # where kv is quantized: 'proj' = the k/v projections' outputs (K before RoPE, whole prefill at once);
+    # 'cache' = each KV cache entry as the engine stores it (K after RoPE; quant/kvcache.py)
+    kv_at: Literal["proj", "cache"] = "proj"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """The default kv_at is left out, so recipes written before it keep their dump (and row keys)."""
+        d = handler(self)
+        if isinstance(d, dict) and d.get("kv_at") == "proj":
+            d.pop("kv_at")
+        return d
 
     @field_validator("exclude")
     @classmethod
@@ -183,7 +194,9 @@ class Recipe(_Frozen):
     def _check(self) -> "Recipe":
         for w, a, kv in [(self.weights, self.activations, self.kv),
                          *[(o.weights, o.activations, o.kv) for o in self.overrides]]:
-            check_specs(w, a, kv)
+            check_specs(w, a, kv if self.kv_at == "proj" else None)
+        if self.kv_at == "cache":
+            _check_cache_kv(self)
         _check_mitigation_specs(self)
         for b in {self.backend, *[o.backend for o in self.overrides if o.backend]}:
             try:
@@ -228,6 +241,20 @@ def check_specs(w: QuantSpec | None, a: QuantSpec | None, kv: QuantSpec | None) 
     if w is not None and w.granularity == "token":
         raise ValueError("weights cannot be per-token; use channel or group")
     _check_formats(w, a, kv)
+
+
+def _check_cache_kv(recipe: "Recipe") -> None:
+    """kv_at cache: one spec for every layer's cache; int or fp8, per token / head / tensor (static per tensor
+    or per head: calibrated scales, vLLM's fp8 kv cache)."""
+    kv = recipe.kv
+    if kv is None:
+        raise ValueError("kv_at 'cache' needs a kv spec")
+    if any("kv" in o.replaces() for o in recipe.overrides):
+        raise ValueError("kv_at 'cache' takes one kv spec for every layer (overrides cannot set kv)")
+    if kv.micro or kv.granularity in ("block", "channel"):
+        raise ValueError("kv_at 'cache' quantizes int or fp8, per 'token', 'group' (group_size = head_dim) or 'tensor'")
+    if not kv.dynamic and kv.granularity == "token":
+        raise ValueError("static kv scales are per 'tensor' or per head ('group', group_size = head_dim)")
 
 
 def _check_formats(w: QuantSpec | None, a: QuantSpec | None, kv: QuantSpec | None) -> None:
