@@ -139,10 +139,21 @@ def recommend(
     base: Optional[str] = typer.Option(None, help="with --mixed: the base recipe (default: the config's first mixed base)"),
     fused: bool = typer.Option(True, "--fused/--unfused", help="with --mixed: q/k/v and gate/up share one format, "
                                "so the plan loads in vLLM (default), or each linear chooses alone"),
+    target: Optional[str] = typer.Option(None, help="choose among the recipes that run on this device: cpu, apple, "
+                                         "a100, l4, l40s, rtx4090, h100, h200, b200, gb200, rtx5090, ... "
+                                         "(the `hardware` column)"),
 ) -> None:
     """Smallest recipe within tolerance of FP; why each smaller one fails; the config to reproduce it.
+    With --target: only among the recipes that run on that device.
     With --mixed: the per-layer plan under --budget / --max-ppl-increase / --max-kept, and why."""
+    from .report.hardware import target as find_target
+
+    device = find_target(target) if target is not None else None  # an unknown name fails before any file is read
     if mixed or budget is not None or max_kept is not None or base is not None:
+        if device is not None:
+            raise QuantbenchError("--target does not apply with --mixed (the plan's formats are chosen from "
+                                  "sensitivities); drop it, or add the plan's recipe to the run and use --target "
+                                  "without --mixed")
         if not mixed:
             raise QuantbenchError("--budget, --max-kept and --base go with --mixed")
         if min_task_retention is not None:
@@ -171,7 +182,7 @@ def recommend(
         _percent(min_task_retention, "--min-task-retention", upper=100) if min_task_retention
         else (r.min_task_retention_pct if r else None),
         metric)
-    typer.echo(recommend_run(run_dir, load_run(run_dir), tol).text())
+    typer.echo(recommend_run(run_dir, load_run(run_dir), tol, device).text())
 
 
 @app.command()

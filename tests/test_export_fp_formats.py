@@ -171,13 +171,14 @@ def test_refusals_are_one_line(run):
 
 
 def test_hardware_column_is_computed_from_the_recipe():
-    """The table's `hardware` column comes from quantbench/report/hardware.py's table, by preset, not from rows."""
+    """The table's `hardware` column comes from quantbench/report/hardware.py, from the recipe, not from rows."""
     from quantbench.report.hardware import hardware_by_name
     from quantbench.report.tables import to_frame
 
     df = to_frame([{"recipe": r, "status": "ok"} for r in ("fp8-block", "nvfp4", "mxfp4a16", "w4a16-g64",
                                                             "w8a8-token", "gguf-q4_0", "my-custom")])
-    assert list(df["hardware"][:6]) == ["SM89+ (Ada/Hopper)", "SM100+ (Blackwell)", "SM100+ (Blackwell)",
-                                        "SM80+ (Ampere)", "SM75+ (Turing), x86 CPU", "CPU (llama.cpp)"]
-    assert df["hardware"].isna().iloc[6]  # not a preset: unknown here
-    assert hardware_by_name("w4afp8") == "SM89+ (Ada/Hopper)"
+    assert list(df["hardware"][:6]) == ["vLLM: SM89+ (Ada+)", "vLLM: SM100/SM120", "vLLM: SM80+ (Ampere+)",
+                                        "vLLM: SM80+ (Ampere+)", "vLLM: SM75+ (Turing+), x86 CPU",
+                                        "llama.cpp: SM70+ (Volta+), x86 CPU, Apple"]
+    assert df["hardware"].isna().iloc[6]  # not a preset and no spec given: unknown here
+    assert hardware_by_name("w4afp8") == "vLLM: SM90"  # CUTLASS W4A8 (int4 x fp8) is Hopper-only

@@ -51,7 +51,7 @@ def record_export(run_dir: Path, cfg: RunConfig, name: str, cols: dict) -> dict:
 def refresh_reports(run_dir: Path, cfg: RunConfig, rows: dict[str, dict]) -> None:
     from ..report.html import write_html
 
-    df = to_frame([rows[r.name] for r in cfg.recipes if r.name in rows])
+    df = to_frame([rows[r.name] for r in cfg.recipes if r.name in rows], {r.name: r for r in cfg.recipes})
     write_tables(df, run_dir)
     rec = run_dir / "recommendation.txt"
     write_html(df, run_dir, rec.read_text() if rec.exists() else None, cfg.tasks.metric)

@@ -9,7 +9,26 @@ import yaml
 
 from ..core.log import log
 from .html import write_html
-from .recommend import Recommendation, Tolerance, recommend
+from .hardware import Target
+from .recommend import Recommendation, Tolerance, recommend, recommend_on
+
+
+def run_recipe_specs(run_dir: Path) -> dict:
+    """The run's recipes (name -> Recipe) from its resolved config.yaml; entries that no longer validate are left
+    out (their hardware is then unknown unless a preset has their name)."""
+    cfg = run_dir / "config.yaml"
+    if not cfg.exists():
+        return {}
+    from ..quant.spec import Recipe
+
+    out = {}
+    for r in (yaml.safe_load(cfg.read_text()) or {}).get("recipes", []):
+        if isinstance(r, dict) and "name" in r:
+            try:
+                out[r["name"]] = Recipe.model_validate(r)
+            except ValueError:
+                continue
+    return out
 
 
 def run_recipes(run_dir: Path) -> dict[str, dict]:
@@ -66,8 +85,12 @@ def with_unit_data(run_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
                     on="recipe", how="left")
 
 
-def recommend_run(run_dir: Path, df: pd.DataFrame, tol: Tolerance) -> Recommendation:
-    return recommend(with_unit_data(run_dir, df), tol, read_census(run_dir), run_recipes(run_dir))
+def recommend_run(run_dir: Path, df: pd.DataFrame, tol: Tolerance, target: Target | None = None) -> Recommendation:
+    """The run's recommendation; with `target`, among the rows whose recipe runs there (quantbench.report.hardware)."""
+    df = with_unit_data(run_dir, df)
+    if target is None:
+        return recommend(df, tol, read_census(run_dir), run_recipes(run_dir))
+    return recommend_on(df, tol, target, run_recipe_specs(run_dir), read_census(run_dir), run_recipes(run_dir))
 
 
 def finish_report(out: Path, df: pd.DataFrame, cfg) -> Recommendation:

@@ -21,6 +21,7 @@ import yaml
 
 from ..core.errors import QuantbenchError
 from ..eval.intervals import n_to_resolve
+from .hardware import Target, recipe_needs, targets_for
 from .tables import num as _num
 from .tables import task_names
 from .uncertainty import uncertainty_notes
@@ -53,6 +54,17 @@ class Verdict:
     causes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TargetSplit:
+    """The rows of a table for one target: which run there, which are set aside and why."""
+
+    target: Target
+    runs: list[str]
+    aside: list[str]  # their format has no runtime on this target
+    unknown: list[str]  # hardware unknown: not a preset and no spec in the run's config
+    hardware: dict[str, str]  # recipe -> where it runs (the table's `hardware` label)
+
+
 @dataclass
 class Recommendation:
     chosen: str | None
@@ -61,6 +73,7 @@ class Recommendation:
     snippet: str | None
     note: str = ""
     notes: list[str] = field(default_factory=list)  # uncertainty: what this sample size can and cannot show
+    target: TargetSplit | None = None  # `--target`: chosen among the rows that run there
 
     def text(self) -> str:
         return render(self)
@@ -225,14 +238,16 @@ def render(rec: Recommendation) -> str:
     t = rec.tolerance
     head = f"tolerance (at the 95% interval's bound): perplexity +{t.max_ppl_increase_pct:g}% of FP" + (
         f", task {t.task_metric} >= {t.min_task_retention_pct:g}% of FP" if t.min_task_retention_pct else "")
-    lines = ["Recommendation", head]
+    lines = ["Recommendation", head] + ([_target_line(rec.target)] if rec.target else [])
     if rec.chosen is None:
         lines.append("no recipe meets the tolerance" + ("" if rec.verdicts else " (no evaluated rows)")
                      + (" and no FP row was found to fall back on" if rec.verdicts else ""))
     else:
         v = rec.verdicts[-1]
         bits = f"{v.bits_per_weight:.2f}" if v.bits_per_weight is not None else "?"
-        lines.append(f"-> {rec.chosen} ({bits} bits/weight): the smallest recipe within tolerance")
+        where = (f" that runs on {rec.target.target.name} ({rec.target.hardware.get(rec.chosen)})"
+                 if rec.target else "")
+        lines.append(f"-> {rec.chosen} ({bits} bits/weight): the smallest recipe within tolerance{where}")
     for v in rec.verdicts:
         if v.passed:
             continue
@@ -246,3 +261,70 @@ def render(rec: Recommendation) -> str:
     if rec.snippet:
         lines += ["config to reproduce it:", *("  " + ln for ln in rec.snippet.rstrip().splitlines())]
     return "\n".join(lines)
+
+
+def _names(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+
+
+def _target_line(ts: TargetSplit) -> str:
+    n = len(ts.aside) + len(ts.unknown)
+    line = f"target: {ts.target.name} ({ts.target.what}): {n} row(s) set aside as not runnable there"
+    if ts.aside:
+        line += f" ({_names(ts.aside)})"
+    if ts.unknown:
+        line += f"; of them, hardware unknown (not a preset, no spec in the run's config): {_names(ts.unknown)}"
+    return line
+
+
+def split_rows(df: pd.DataFrame, t: Target, specs: dict | None = None) -> TargetSplit:
+    """Which rows of `df` run on `t`, from each recipe's spec in `specs` (name -> Recipe), else its preset."""
+    runs, aside, unknown, hw = [], [], [], {}
+    for name in df["recipe"]:
+        n = recipe_needs(name, specs)
+        if n is None:
+            unknown.append(name)
+            continue
+        hw[name] = n.label
+        (runs if n.runs_on(t) else aside).append(name)
+    return TargetSplit(t, runs, aside, unknown, hw)
+
+
+def _quantized_ok(df: pd.DataFrame) -> pd.DataFrame:
+    ok = df[df["status"] == "ok"] if "status" in df.columns else df
+    fp = ok["mode"] == "fp" if "mode" in ok.columns else ok["recipe"] == "fp"
+    return ok[~fp & (ok["recipe"] != "fp")]
+
+
+def _elsewhere(df: pd.DataFrame, tol: Tolerance, specs: dict | None) -> str:
+    """Where the best rows run: the two smallest quantized rows within tolerance that run on a known target
+    (or, when none is within tolerance, the two smallest that run somewhere)."""
+    ok = df[df["status"] == "ok"] if "status" in df.columns else df
+    fp, tasks = _fp_row(ok), task_names(ok)
+    placed = []
+    for _, row in _order(_quantized_ok(df)).iterrows():
+        n = recipe_needs(row["recipe"], specs)
+        if n is not None and targets_for(n):
+            placed.append((not _check(row, fp, tol, tasks), row["recipe"], targets_for(n)))
+    if not placed:
+        return "no quantized row of this run runs on any known target"
+    passing = [p for p in placed if p[0]]
+    head = ("the smallest rows within tolerance run on: " if passing
+            else "no row within tolerance runs on a known target; the smallest that run: ")
+    return head + "; ".join(f"{r} ({', '.join(w)})" for _, r, w in (passing or placed)[:2])
+
+
+def recommend_on(df: pd.DataFrame, tol: Tolerance, t: Target, specs: dict | None = None, census: dict | None = None,
+                 recipes: dict[str, dict] | None = None) -> Recommendation:
+    """recommend() among the rows whose recipe runs on `t` (FP runs everywhere). A one-line error when no
+    evaluated quantized row runs there, naming where the best rows run."""
+    if "recipe" not in df.columns:
+        return recommend(df, tol, census, recipes)
+    split = split_rows(df, t, specs)
+    kept = df[df["recipe"].isin(split.runs)]
+    if _quantized_ok(kept).empty:
+        raise QuantbenchError(f"no quantized recipe of this run runs on {t.name} ({t.what}); "
+                              + _elsewhere(df, tol, specs))
+    rec = recommend(kept, tol, census, recipes)
+    rec.target = split
+    return rec

@@ -92,9 +92,10 @@ def _clean(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def to_frame(rows: list[dict]) -> pd.DataFrame:
+def to_frame(rows: list[dict], recipes: dict | None = None) -> pd.DataFrame:
     """One row per recipe; the fixed columns first (missing ones empty), then task columns, then the rest.
-    Interval columns are computed from the rows' per-unit lists when the FP row has them too."""
+    Interval columns are computed from the rows' per-unit lists when the FP row has them too. `hardware`: where
+    each recipe runs, from its spec in `recipes` (name -> Recipe, the run's config), else the preset's."""
     rows = [{k: _clean(v) for k, v in r.items()} for r in rows]
     fp = fp_row(rows)
     tasks = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("acc:")})
@@ -105,7 +106,7 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
             df[c] = None
     bpw = pd.to_numeric(df["bits_per_weight"], errors="coerce")
     df["compression_x"] = (16.0 / bpw).round(3)  # vs every parameter stored in 16 bits
-    df["hardware"] = [hardware_by_name(r) for r in df["recipe"]]  # computed from the preset, not stored in rows
+    df["hardware"] = [hardware_by_name(r, recipes) for r in df["recipe"]]  # from the recipe's spec, not stored in rows
     tcols = task_columns(df)
     extra = [c for c in df.columns if c not in COLUMNS and c not in tcols]
     return df[COLUMNS + tcols + extra]

@@ -139,7 +139,7 @@ def _add_mixed(r: _Run) -> None:
 def _finish(r: _Run) -> None:
     """Tables, report and the export list of one run directory."""
     rows = [r.done[x.name] for x in r.cfg.recipes if x.name in r.done]
-    df = to_frame(rows)
+    df = to_frame(rows, {x.name: x for x in r.cfg.recipes})
     write_tables(df, r.out)
     print(markdown(df))
     finish_report(r.out, df, r.cfg)
@@ -166,7 +166,7 @@ def _stopped(cfg: RunConfig, out: Path, done: dict[str, dict]) -> None:
     """Ctrl-C / SIGTERM: the tables for the finished rows, and what was kept."""
     rows = [done[r.name] for r in cfg.recipes if r.name in done]
     if rows:
-        write_tables(to_frame(rows), out)
+        write_tables(to_frame(rows, {r.name: r for r in cfg.recipes}), out)
     log(f"stopped: {len(rows)} of {len(cfg.recipes)} recipe(s) finished; their rows are kept in "
         f"{out / 'rows.jsonl'}" + (f" and tabled in {out / 'results.md'}" if rows else ""))
 
