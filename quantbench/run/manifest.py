@@ -47,13 +47,17 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
     return out
 
 
-def git_revision() -> str | None:
-    here = Path(__file__).resolve().parent
+def git_revision(here: Path | None = None) -> str | None:
+    """HEAD of the checkout quantbench runs from, with "-dirty" when a tracked file outside
+    results/ differs from it: a run's own outputs (results/reference/...) are not the code that
+    computed them, so writing one reference run does not mark the next one dirty."""
+    here = here or Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top,exclude)results"], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return rev.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
