@@ -193,3 +193,58 @@ def test_export_writes_llama_cpps_file_and_proves_it(tmp_path):
     assert json.loads(cols["export_gguf_types"]) == {"F32": 5, "Q4_K": 12, "Q6_K": 3}
     # llama.cpp's forward (its kernels round activations to 8 bits for k-quant dot products): observed -0.03%
     assert cols["export_llama_cpp_ppl"] == pytest.approx(cols["export_sim_ppl"], rel=0.01)
+
+
+_Q8_0 = {"preset": "gguf-q4_k_m", "name": "llamacpp-q8_0", "backend_options": {"ftype": "Q8_0"},
+         "weights": {"bits": 8, "symmetric": True, "granularity": "group", "group_size": 32}}
+
+
+def test_llama_cpp_scores_the_rows_file_beside_us(tmp_path):
+    """llamacpp rows (256-multiple widths: real Q8_0 and Q4_K_M) carry llama.cpp's own perplexity of the
+    quantized file on the same windows, its max |Δlogit| from ours and the verdict; other rows do not."""
+    pytest.importorskip("cyllama")
+    from quantbench.export.llama_cpp_check import PPL_RTOL
+    from quantbench.run import pipeline
+    from quantbench.run.config import parse_config
+
+    from test_export import WORDS, _tokenizer
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=False)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(50)) for i in range(40)))
+    cfg = parse_config({"model": str(tmp_path / "m"), "output_dir": str(tmp_path), "run_id": "t", "threads": 1,
+                        "corpus": {"name": str(corpus), "calib_samples": 2, "calib_seq_len": 32},
+                        "eval": {"seq_len": 32, "max_windows": 2, "batch_size": 2, "probe_windows": 0},
+                        "census": {"enabled": False}, "recipes": ["fp", "gguf-q4_k_m", "gguf-q8_0", _Q8_0]})
+    rows = pipeline.load_rows(pipeline.run(cfg) / "rows.jsonl")
+    for name in ("gguf-q4_k_m", "llamacpp-q8_0"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["llama_cpp_agrees"] is True, (name, r)
+        assert r["llama_cpp_ppl"] == pytest.approx(r["ppl"], rel=PPL_RTOL)
+        assert 0 < r["llama_cpp_logit_maxdiff"] < 0.1  # llama.cpp rounds activations to 8 bits: not identical
+    assert not any(k.startswith("llama_cpp") for k in rows["fp"]) and "llama_cpp_ppl" not in rows["gguf-q8_0"]
+
+
+def test_without_the_wheel_the_check_is_one_line_and_no_column(monkeypatch, capsys):
+    pytest.importorskip("cyllama")
+    from quantbench.data.corpus import Windows
+    from quantbench.export import llama_cpp_check, runtime
+
+    q, applied = apply_recipe(_tiny(True), resolve_recipe("gguf-q4_k_m"), torch.randint(0, 256, (2, 16)))
+    assert applied.effects.gguf_file.exists()  # the backend's own file, kept for llama.cpp
+    monkeypatch.delenv(llamacpp.LLAMA_CPP_ENV, raising=False)
+    monkeypatch.setattr(runtime, "child_python", lambda: None)  # as if the wheel could not run here
+    w = Windows(torch.randint(0, 256, (1, 16)), torch.zeros(1, dtype=torch.long), {})
+    capsys.readouterr()
+    assert llama_cpp_check.llama_cpp_columns(q, applied.effects.gguf_file, w, torch.device("cpu"), 1.0) == {}
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cyllama" in lines[0]
+    applied.effects.cleanup()
+    assert applied.effects.gguf_file is None

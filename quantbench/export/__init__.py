@@ -9,5 +9,6 @@ and prove it is the model the run measured (README, "Export").
     verify.py      reload + bit-for-bit weight comparison + perplexity / max |Δlogit|
     runtime.py     file size, load time and memory, tokens/s (transformers, torchao int8, llama.cpp, vLLM)
     *_probe.py     llama.cpp / vLLM scoring the windows in a child process
+    llama_cpp_check.py  llama.cpp re-scoring a llamacpp row's own file: llama_cpp_ppl, max |Δlogit|, agrees
     record.py      export columns in the run's rows, tables, exports.md and report
 """

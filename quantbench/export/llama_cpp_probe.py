@@ -3,11 +3,12 @@
 Standalone (numpy + the `cyllama` wheel, which bundles a CPU llama.cpp): runs in ANOTHER Python
 environment, so the project's environment needs neither. quantbench.export.runtime calls it as
 
-    $QUANTBENCH_LLAMA_CPP_PYTHON llama_cpp_probe.py FILE.gguf WINDOWS.npz THREADS  -> one JSON line
+    $QUANTBENCH_LLAMA_CPP_PYTHON llama_cpp_probe.py FILE.gguf WINDOWS.npz THREADS [LOGITS.npy]  -> one JSON line
 
 WINDOWS.npz holds `ids` [N, T] and `score_from` [N] (quantbench.data.corpus.Windows). Each window is decoded
 in one batch with logits for every position (KV cache cleared between windows); the NLL of the scored
-next tokens is summed as quantbench.eval.lm does.
+next tokens is summed as quantbench.eval.lm does. With LOGITS.npy, the first window's logits [T, V] (float32)
+are saved there too (quantbench.export.llama_cpp_check compares them with ours).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _nll(logits: np.ndarray, target: int) -> float:
     return float(m + np.log(np.exp(x - m).sum()) - x[target])
 
 
-def main(path: str, windows: str, threads: int) -> dict:
+def main(path: str, windows: str, threads: int, logits_out: str | None = None) -> dict:
     from cyllama.llama import llama_cpp as L
 
     L.disable_logging()
@@ -41,7 +42,7 @@ def main(path: str, windows: str, threads: int) -> dict:
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = n, n, n, threads, threads
     ctx = L.LlamaContext(model, cp)
     nll, count, secs = 0.0, 0, 0.0
-    for row, start in zip(ids, starts):
+    for k, (row, start) in enumerate(zip(ids, starts)):
         ctx.kv_cache_clear()
         batch = L.LlamaBatch(n_tokens=n, embd=0, n_seq_max=1)
         for pos, tok in enumerate(row):
@@ -50,6 +51,8 @@ def main(path: str, windows: str, threads: int) -> dict:
         if ctx.decode(batch) != 0:
             raise RuntimeError("llama_decode failed")
         secs += time.perf_counter() - t0
+        if k == 0 and logits_out:
+            np.save(logits_out, np.stack([np.asarray(ctx.get_logits_ith(i), dtype=np.float32) for i in range(n)]))
         for i in range(int(start), n - 1):  # logits at position i predict token i + 1
             nll += _nll(np.asarray(ctx.get_logits_ith(i), dtype=np.float32), int(row[i + 1]))
             count += 1
@@ -58,4 +61,4 @@ def main(path: str, windows: str, threads: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]))))
+    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])))

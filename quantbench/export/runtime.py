@@ -136,23 +136,32 @@ def torchao_eval(sim: nn.Module, windows: Windows, batch_size: int, device: torc
     return {"export_torchao": note, "export_torchao_ppl": res.ppl, "export_torchao_tok_s": round(res.tok_per_s, 1)}
 
 
-def llama_cpp_eval(path: Path, windows: Windows) -> dict:
-    """llama.cpp's perplexity and prefill tokens/s on the windows, or 'not measured: reason'."""
+def llama_cpp_probe(path: Path, windows: Windows, logits_out: Path | None = None) -> dict | str:
+    """llama_cpp_probe.py on the GGUF file over the windows, in the Python that has the cyllama wheel: its
+    JSON result (with `logits_out`, the first window's logits saved there), or why it could not run (one line).
+    The export's columns and the llamacpp rows' check (llama_cpp_check.py) both run llama.cpp through here."""
     py = child_python()  # $QUANTBENCH_LLAMA_CPP_PYTHON, else this Python when it has the wheel
     if py is None:
-        return {"export_llama_cpp": f"not measured: set {LLAMA_CPP_ENV} to a Python with the cyllama wheel "
-                                    "(pip install cyllama==0.2.18) to run llama.cpp on the file"}
+        return (f"set {LLAMA_CPP_ENV} to a Python with the cyllama wheel (pip install cyllama==0.2.18) "
+                "to run llama.cpp on the file")
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "windows.npz"
         np.savez(npz, ids=windows.input_ids.numpy(), score_from=windows.score_from.numpy())
         probe = Path(__file__).with_name("llama_cpp_probe.py")
-        proc = subprocess.run([py, str(probe), str(path), str(npz), str(torch.get_num_threads())],
+        extra = [str(logits_out)] if logits_out is not None else []
+        proc = subprocess.run([py, str(probe), str(path), str(npz), str(torch.get_num_threads()), *extra],
                               capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
-        return {"export_llama_cpp": f"not measured: llama.cpp probe failed ({last})"}
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+        return f"llama.cpp probe failed ({last})"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_eval(path: Path, windows: Windows) -> dict:
+    """llama.cpp's perplexity and prefill tokens/s on the windows, or 'not measured: reason'."""
+    r = llama_cpp_probe(path, windows)
+    if isinstance(r, str):
+        return {"export_llama_cpp": f"not measured: {r}"}
     return {"export_llama_cpp": f"llama.cpp via cyllama ({r.get('desc', '')})",
             "export_llama_cpp_ppl": math.exp(r["nll_sum"] / max(r["n_tokens"], 1)),
             "export_llama_cpp_tok_s": round(r["tokens"] / max(r["seconds"], 1e-9), 1)}
-

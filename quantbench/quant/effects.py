@@ -11,10 +11,13 @@ fidelity, export) reads Effects and the per-linear plan, never a mitigation's pr
   the transform's buffers are counted in the size, and export formats that cannot express it refuse.
 - side_bits: model-level side tables (e.g. the ids of tokens kept in high precision).
 - hooks: forward hooks a mitigation installed (removed when the model is restored).
+- gguf_file: the quantized GGUF a backend wrote and the model now holds (llamacpp), kept in a temporary
+  folder (`scratch`, removed by cleanup() or when collected) so llama.cpp can score that same file.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -44,6 +47,15 @@ class Effects:
     side_bits: float = 0.0
     hooks: list = field(default_factory=list)
     notes: dict = field(default_factory=dict)
+    gguf_file: Path | None = None
+    scratch: list = field(default_factory=list)  # tempfile.TemporaryDirectory objects
+
+    def cleanup(self) -> None:
+        """Remove the backend's temporary files (gguf_file included)."""
+        for d in self.scratch:
+            d.cleanup()
+        self.scratch.clear()
+        self.gguf_file = None
 
     def merge(self, other: "Effects") -> "Effects":
         """Effects of a later mitigation on top of these (rotations compose: h Q1 Q2)."""
@@ -58,6 +70,8 @@ class Effects:
         self.side_bits += other.side_bits
         self.hooks += other.hooks
         self.notes.update(other.notes)
+        self.gguf_file = other.gguf_file or self.gguf_file
+        self.scratch += other.scratch
         return self
 
     def keeps_in_high_precision(self) -> dict[str, str]:

@@ -104,9 +104,15 @@ def write_gguf_file(model: torch.nn.Module, path: str | Path, plan: list[GgufTen
     writer.close()
 
 
+def no_vocab(writer) -> None:
+    """tokenizer.ggml.model = "none": llama.cpp's vocabulary-less model type, so llama.cpp loads a
+    weights-only file and decodes token ids (llama_cpp_check scores the quantized file on our windows)."""
+    writer.add_tokenizer_model("none")
+
+
 def write_weights_gguf(model: torch.nn.Module, path: str | Path, default_qtype: str = "F32") -> list[GgufTensor]:
-    """`model`'s weights and hyperparameters (no tokenizer), 2-D weights in `default_qtype` and 1-D tensors
-    F32: the input llama.cpp's `llama_model_quantize` reads. Returns the file's plan."""
+    """`model`'s weights and hyperparameters (no tokenizer: `no_vocab`), 2-D weights in `default_qtype` and
+    1-D tensors F32: the input llama.cpp's `llama_model_quantize` reads. Returns the file's plan."""
     plan = gguf_plan(model, None, default_qtype)
-    write_gguf_file(model, path, plan)
+    write_gguf_file(model, path, plan, extra=no_vocab)
     return plan

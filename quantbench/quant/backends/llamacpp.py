@@ -8,6 +8,8 @@ Steps: the model's weights as an F32 (or F16: `source`) GGUF (quantbench.quant.g
 -> `llama_model_quantize` to `ftype` (the `cyllama` wheel, in a child process: quant/llama_cpp_quantize.py)
 -> every tensor of the quantized file read back with the `gguf` package's dequantizers into the model
 (QuantLinear over GgufWeight, as the gguf backend), so the row scores the file's model bit for bit.
+The quantized file stays (Effects.gguf_file) until the row is done: llama.cpp itself scores it on the
+row's windows beside ours (quantbench.export.llama_cpp_check: llama_cpp_ppl, llama_cpp_agrees).
 llama.cpp picks each tensor's type (its mixtures raise attn_v/ffn_down, and fall back from k-quants
 when a row is not a multiple of 256); the row records the types it really gave (`gguf_tensor_types`,
 and per tensor in rows.jsonl) and the file's true bits per weight (`gguf_file_bpw`).
@@ -133,16 +135,19 @@ class LlamaCpp(Backend):
 
         if opts.imatrix:
             raise BackendUnavailable(IMATRIX_REASON)
-        with tempfile.TemporaryDirectory(prefix="quantbench-llamacpp-") as tmp:
-            src, dst = Path(tmp) / f"model-{opts.source}.gguf", Path(tmp) / f"model-{opts.ftype}.gguf"
-            try:
-                entries = write_weights_gguf(model, src, opts.source)
-            except QuantbenchError as e:
-                raise BackendUnavailable(f"llamacpp: {e}") from None
-            secs = llama_quantize(src, dst, opts.ftype, torch.get_num_threads())
-            reader = GGUFReader(dst)
-            n_params = sum(p.numel() for p in model.parameters())
-            ctx.effects.notes.update(file_notes(reader, n_params, opts.ftype, secs))
-            model = install_gguf_weights(model, plan, names, read_gguf_weights(reader, entries))
-            del reader  # the memory map closes before the folder goes
+        tmp = tempfile.TemporaryDirectory(prefix="quantbench-llamacpp-")  # kept: llama.cpp re-scores the file
+        ctx.effects.scratch.append(tmp)
+        src, dst = Path(tmp.name) / f"model-{opts.source}.gguf", Path(tmp.name) / f"model-{opts.ftype}.gguf"
+        try:
+            entries = write_weights_gguf(model, src, opts.source)
+        except QuantbenchError as e:
+            raise BackendUnavailable(f"llamacpp: {e}") from None
+        secs = llama_quantize(src, dst, opts.ftype, torch.get_num_threads())
+        src.unlink()
+        reader = GGUFReader(dst)
+        n_params = sum(p.numel() for p in model.parameters())
+        ctx.effects.notes.update(file_notes(reader, n_params, opts.ftype, secs))
+        model = install_gguf_weights(model, plan, names, read_gguf_weights(reader, entries))
+        del reader  # the memory map closes
+        ctx.effects.gguf_file = dst
         return model
