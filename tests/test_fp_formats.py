@@ -314,14 +314,6 @@ def test_mitigations_that_cannot_compose_are_refused_when_the_config_is_read(mit
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("preset", ["nvfp4a16", "mxfp4a16", "mxfp8a16", "fp8-block"])
-def test_export_refuses_the_formats_it_does_not_write_yet(preset):
-    from quantbench.export.refuse import ExportRefused, check_recipe
-
-    with pytest.raises(ExportRefused, match="not exported yet"):
-        check_recipe(PRESETS.get(preset), "compressed-tensors")
-
-
 def test_spec_misuse_is_one_line():
     from pydantic import ValidationError
 

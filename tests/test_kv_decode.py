@@ -130,6 +130,8 @@ def test_cache_kv_rejects_bad_specs():
         Recipe(name="x", kv=QuantSpec(bits=8, format="fp8", granularity="token", dynamic=False), kv_at="cache")
     with pytest.raises(ValueError, match="needs a kv spec"):
         Recipe(name="x", kv_at="cache")
+    with pytest.raises(ValueError, match="KV-only recipes are not supported"):
+        Recipe(name="x", kv=QuantSpec(bits=8, format="fp8", granularity="tensor", dynamic=False), kv_at="cache")
     m = tiny_model("llama")
     from quantbench.core.errors import QuantbenchError
     with pytest.raises(QuantbenchError, match="head dimension 16"):

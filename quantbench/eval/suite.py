@@ -38,6 +38,7 @@ class EvalSuite:
     task_metric: str = "acc"
     ci_block: int = DEFAULT_BLOCK  # scored tokens per bootstrap unit
     spill_dir: str | None = None  # where the FP reference file goes (None: $TMPDIR)
+    kv_decode_chunk: int | None = None  # KV rows also scored with the cache filled this many tokens at a time
 
     @classmethod
     def prepare(cls, cfg, tokenizer, windows: Windows, device: torch.device) -> "EvalSuite":
@@ -51,7 +52,7 @@ class EvalSuite:
         n_words = count_words(tokenizer, windows) if e.word_ppl else None
         block = e.ci_block
         return cls(windows, e.batch_size, device, tokenizer, n_words, e.probe_windows, tasks, task_metric=t.metric,
-                   ci_block=block)
+                   ci_block=block, kv_decode_chunk=e.kv_decode_chunk)
 
     def protocol(self) -> dict:
         p: dict = {"word_perplexity": "exp(total NLL / whitespace words of the scored text)",
@@ -69,6 +70,9 @@ class EvalSuite:
                    "intervals": "95%; paired percentile bootstrap over blocks (2000 resamples, seed 0) for "
                                 "delta_ppl and kl; Jeffreys-Dirichlet over the paired 2x2 document table for "
                                 "task accuracy deltas (quantbench.eval.intervals)"}
+        if self.kv_decode_chunk is not None:
+            p["kv_decode"] = (f"rows with KV quantization: kv_decode_ppl with the KV cache filled {self.kv_decode_chunk} "
+                              "token(s) at a time (decode order); kv_decode_delta_pct vs the row's whole-prefill ppl")
         if self.tasks is not None:
             s = self.tasks.settings
             p["tasks"] = {"names": list(s.names), "limit": s.limit, "num_fewshot": s.num_fewshot,
@@ -125,11 +129,23 @@ class EvalSuite:
             row.update(self._tasks(model))
         return res, row
 
-    def score(self, model: torch.nn.Module, effects=None) -> tuple[LMEval, dict]:
-        """Score a variant; `effects` (quant.effects.Effects) tells in which basis its residual lives."""
+    def _kv_decode(self, model: torch.nn.Module, res: LMEval) -> dict:
+        """Perplexity with the KV cache filled kv_decode_chunk tokens at a time, vs the whole prefill (res)."""
+        t0 = time.perf_counter()
+        dec, _ = evaluate_lm(model, self.windows, self.batch_size, self.device, block=self.ci_block,
+                             kv_chunk=self.kv_decode_chunk)
+        delta = 100 * (dec.ppl / res.ppl - 1)
+        log(f"  decode order (chunk {self.kv_decode_chunk}, {time.perf_counter() - t0:.1f}s): ppl {dec.ppl:.4f} "
+            f"({delta:+.3f}% vs whole prefill)")
+        return {"kv_decode_ppl": dec.ppl, "kv_decode_delta_pct": delta}
+
+    def score(self, model: torch.nn.Module, effects=None, kv: bool = False) -> tuple[LMEval, dict]:
+        """Score a variant; `effects` (quant.effects.Effects) tells in which basis its residual lives; `kv`:
+        the recipe quantizes the KV cache (scored in decode order too when kv_decode_chunk is set)."""
         with peak_memory(self.device) as mem:
             res, _ = evaluate_lm(model, self.windows, self.batch_size, self.device,
                                  reference=self.reference_logp, n_words=self.n_words, block=self.ci_block)
         basis = getattr(effects, "residual_basis", None)
+        dec = self._kv_decode(model, res) if kv and self.kv_decode_chunk is not None else {}
         return res, {**self._extras(model, res, basis), "peak_mem_mb": mem["peak_mem_mb"],
-                     **self._units(res, fp=False)}
+                     **self._units(res, fp=False), **dec}

@@ -15,6 +15,11 @@ unquantized linear is in `ignore`.
 The tensors are OUR stored weights (QuantLinear.qweight: codes, scales, zero points) and calibrated
 activation scales, laid out as the library's compressors lay them out (same names, shapes, dtypes,
 and its own pack_to_int32 for packed codes): nothing is re-quantized here.
+
+A `kv_at: cache` recipe with static fp8 KV scales (vLLM's fp8 kv cache) also writes `kv_cache_scheme` (float,
+8 bits, strategy tensor or attn_head, static) and each attention module's calibrated `k_scale` / `v_scale`
+(shape [1] per tensor, [kv heads, 1, 1] per head), where compressed-tensors registers them on the attention
+module (initialize_attn_qparams) and vLLM reads them (`<layer>.self_attn.k_scale`).
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import QuantbenchError
+from ..quant.kvcache import kv_cache_quant
 from ..quant.plan import LinearPlan, Plan, fused_sets
 from ..quant.qlinear import QuantLinear
-from ..quant.spec import QuantSpec
+from ..quant.spec import QuantSpec, Recipe
 
 
 @dataclass
@@ -70,6 +76,47 @@ def _fp_args(spec: QuantSpec, activation: bool) -> dict:
     return args | {"scale_dtype": dtype, "zp_dtype": dtype}
 
 
+def exports_kv_cache(recipe: Recipe) -> bool:
+    """Whether compressed-tensors' kv_cache_scheme holds the recipe's KV: static fp8 scales per tensor or per kv
+    head on the cache as stored (kv_at cache), vLLM's fp8 kv cache."""
+    kv = recipe.kv
+    return (recipe.kv_at == "cache" and kv is not None and kv.format == "fp8" and not kv.dynamic
+            and kv.symmetric and kv.granularity in ("tensor", "group"))
+
+
+def kv_cache_args(spec: QuantSpec):
+    """compressed-tensors' kv_cache_scheme for a static fp8 cache spec (group = one scale per kv head)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False,
+                            strategy="tensor" if spec.granularity == "tensor" else "attn_head")
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """Names of the attention modules that hold k_proj and v_proj, in layer order (where compressed-tensors puts
+    k_scale / v_scale; its own is_cached_attention_module also asks for `past_key_values` in the forward's
+    signature, which transformers 5.25 renamed `cache`)."""
+    mods = dict(model.named_modules())
+    return [n for n, m in mods.items() if "attention" in type(m).__name__.lower()
+            and f"{n}.k_proj" in mods and f"{n}.v_proj" in mods]
+
+
+def kv_cache_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each attention module's calibrated k_scale / v_scale, in the shape compressed-tensors registers."""
+    kvq = kv_cache_quant(model)
+    scales = kvq.scales() if kvq is not None else None
+    if scales is None:
+        raise QuantbenchError("kv_cache_scheme: the model holds no calibrated static kv scales")
+    attn = attention_modules(model)
+    if len(attn) != len(scales[0]):
+        raise QuantbenchError(f"kv_cache_scheme: {len(attn)} attention modules for {len(scales[0])} cache layers")
+    shape = (1,) if kvq.spec.granularity == "tensor" else (-1, 1, 1)  # ours [1, G, 1] -> [1] / [H_kv, 1, 1]
+    out = {}
+    for name, k, v in zip(attn, *scales):
+        out[f"{name}.k_scale"], out[f"{name}.v_scale"] = k.reshape(shape), v.reshape(shape)
+    return out
+
+
 def ct_scheme(lp: LinearPlan, targets: list[str]):
     """The QuantizationScheme of one planned linear, with the format the library infers for it."""
     from compressed_tensors.compressors.format import infer_module_format
@@ -92,7 +139,8 @@ def _groups(plan: Plan, names: list[str]) -> list[tuple[list[str], LinearPlan]]:
 
 
 def build_config(model: nn.Module, plan: Plan, names: list[str]):
-    """(QuantizationConfig, ignore list, per-group summary) for the quantized linears `names`."""
+    """(QuantizationConfig, ignore list, per-group summary) for the quantized linears `names` (and the KV cache
+    where kv_cache_scheme can hold it)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
@@ -106,7 +154,10 @@ def build_config(model: nn.Module, plan: Plan, names: list[str]):
                                  "activations": lp.activations.short() if lp.activations else None}
     formats = {s.format for s in schemes.values()}
     fmt = formats.pop() if len(formats) == 1 else "mixed-precision"  # as compressed-tensors summarises formats
-    qc = QuantizationConfig(config_groups=schemes, format=fmt, ignore=ignore,
+    kv = kv_cache_args(plan.recipe.kv) if exports_kv_cache(plan.recipe) else None
+    if kv is not None:
+        summary["kv_cache_scheme"] = {"strategy": kv.strategy, "kv": plan.recipe.kv.short()}
+    qc = QuantizationConfig(config_groups=schemes, format=fmt, ignore=ignore, kv_cache_scheme=kv,
                             quantization_status=QuantizationStatus.COMPRESSED)
     return qc, ignore, summary
 
@@ -206,6 +257,8 @@ def write_compressed(model: nn.Module, plan: Plan, tokenizer, out: str | Path) -
             scheme = qc.config_groups[f"group_{i}"]
             for n in members:
                 sd.update(module_tensors(n, qlinears[n], scheme))
+        if qc.kv_cache_scheme is not None:
+            sd.update(kv_cache_tensors(model))
     save_torch_state_dict({k: v.detach().cpu().contiguous() for k, v in sd.items()}, out, metadata={"format": "pt"})
     for f in out.glob("*.safetensors"):
         f.chmod(0o644)  # written through a private temporary file; a checkpoint is meant to be shared

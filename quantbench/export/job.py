@@ -41,6 +41,7 @@ from .verify import (
     compare_stored,
     compare_weights,
     dense_only,
+    kv_cache_check,
     packed_asymmetric,
     reload_compressed,
     reload_gguf,
@@ -182,6 +183,7 @@ def _reload(rc: RunContext, sim: nn.Module, fmt: str, path: Path) -> tuple[nn.Mo
             how = ("transformers + compressed-tensors, CompressedTensorsConfig(dequantize=True) (asymmetric packed "
                    "zero points do not load through the default route in transformers 5.24)")
         extra = {"export_reload": how if quantized else "transformers (from_pretrained(folder)), dense"}
+        extra.update(kv_cache_check(path, sim, reloaded))
         why = dense_only(path, dtype)  # NVFP4 / MX outside bfloat16: one line saying so
         if why:
             extra["export_reload"] = why + ("; the stored tensors are verified instead" if stored_only(path) else "")

@@ -7,7 +7,8 @@ quantization, or dynamic per-token / per-tensor activations, or static per-tenso
 1x128 / microscaling activation groups (dynamic; NVFP4's under its calibrated global scale); weight-only mitigations (SmoothQuant, AWQ, clipping, GPTQ, rotation
 folded into the weights) export as plain quantized weights. It cannot express online transforms
 (rotate's Hadamard before down_proj), inputs kept in high precision (outlier_tokens, int8_decomp),
-our KV-cache quantization (dynamic per head), grouped int activations, int block weights, or other backends' kernels.
+our KV-cache quantization other than static fp8 scales on the cache as stored (`kv_at: cache`, per tensor or
+per kv head: written as `kv_cache_scheme`, vLLM's fp8 kv cache), grouped int activations, int block weights, or other backends' kernels.
 gguf: `gguf` backend recipes (llama.cpp block types), `llamacpp` recipes (llama.cpp's own quantizer on an
 F32/F16 file) and `fp` (F16), same mitigation rules.
 """
@@ -19,6 +20,7 @@ from ..core.errors import QuantbenchError
 from ..core.registry import suggest
 from ..quant.recipes import PRESETS
 from ..quant.spec import MitigationSpec, Recipe
+from .compressed import exports_kv_cache
 
 FORMATS = ("compressed-tensors", "gguf")
 
@@ -98,11 +100,12 @@ def check_recipe(recipe: Recipe, fmt: str) -> None:
         raise ExportRefused(f"recipe '{r.name}': {blocks[0].short()} weights have no compressed-tensors format that "
                             "vLLM runs (block weights are fp8 there: preset 'fp8-block'; int: use group weights)")
     specs = [(r.activations, r.kv), *[(o.activations, o.kv) for o in r.overrides]]
-    if any(kv is not None for _, kv in specs):
+    if any(kv is not None for _, kv in specs) and not exports_kv_cache(r):
         cand = r.model_copy(update={"kv": None, "overrides": tuple(o.model_copy(update={"kv": None}) for o in r.overrides),
                                     "name": f"{r.name}-nokv"})
-        raise ExportRefused(f"recipe '{r.name}': KV-cache quantization (dynamic, per head) has no compressed-tensors "
-                            f"form that vLLM runs (its kv_cache_scheme is static per tensor); closest exportable: "
+        raise ExportRefused(f"recipe '{r.name}': this KV-cache quantization has no compressed-tensors form that vLLM "
+                            f"runs (its kv_cache_scheme is static fp8 per tensor or per kv head on the cache as stored: "
+                            f"preset 'w8a8-fp8-kv8'); closest exportable: "
                             f"{describe(cand, r)}")
     if any(a is not None and a.granularity == "group" and a.format == "int" for a, _ in specs):
         raise ExportRefused(f"recipe '{r.name}': grouped int activation quantization is not exportable "

@@ -139,6 +139,30 @@ def stored_only(folder: Path) -> bool:
     return any(g.get("input_activations") or g["format"] == "nvfp4-pack-quantized" for g in _ct_groups(folder))
 
 
+def kv_cache_check(folder: Path, sim: nn.Module, reloaded: nn.Module) -> dict:
+    """Export columns for a checkpoint with kv_cache_scheme: the stored k_scale / v_scale against our calibrated
+    ones (torch.equal), and whether the reload applies them (compressed-tensors 0.20.1 looks for
+    `past_key_values` in the attention forward's signature; transformers 5.25 calls it `cache`, so the loader
+    registers no k_scale and the reload runs an unquantized cache)."""
+    from safetensors.torch import load_file
+
+    from .compressed import kv_cache_tensors
+
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    if not qc.get("kv_cache_scheme"):
+        return {}
+    stored = {k: v for f in Path(folder).glob("*.safetensors") for k, v in load_file(f).items()}
+    ours = kv_cache_tensors(sim)
+    equal = sum(k in stored and torch.equal(stored[k], v.cpu()) for k, v in ours.items())
+    params = dict(reloaded.named_parameters())
+    kept = sum(k in params and torch.equal(params[k].detach().cpu(), v.cpu()) for k, v in ours.items())
+    note = None if kept == len(ours) else ("transformers' compressed-tensors loader did not apply kv_cache_scheme "
+                                           "(no attention module with past_key_values in its signature): the "
+                                           "reload runs an unquantized KV cache; the k/v scales are verified stored")
+    return {"export_kv_scales_equal": f"{equal}/{len(ours)}", "export_kv_scales_reloaded": f"{kept}/{len(ours)}",
+            "export_kv_note": note}
+
+
 def _scheme_of(qc, name: str):
     """The config group scheme that targets module `name` (exact names win over the class name 'Linear')."""
     groups = list(qc.config_groups.values())

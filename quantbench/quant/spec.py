@@ -255,6 +255,10 @@ def _check_cache_kv(recipe: "Recipe") -> None:
         raise ValueError("kv_at 'cache' quantizes int or fp8, per 'token', 'group' (group_size = head_dim) or 'tensor'")
     if not kv.dynamic and kv.granularity == "token":
         raise ValueError("static kv scales are per 'tensor' or per head ('group', group_size = head_dim)")
+    if not any(x is not None for x in (recipe.weights, recipe.activations, *[o.weights for o in recipe.overrides],
+                                       *[o.activations for o in recipe.overrides])):
+        raise ValueError("kv_at 'cache' needs quantized linears too (weights or activations): KV-only recipes are not "
+                         "supported yet")
 
 
 def _check_formats(w: QuantSpec | None, a: QuantSpec | None, kv: QuantSpec | None) -> None:

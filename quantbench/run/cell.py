@@ -15,6 +15,7 @@ from ..census.quick import outlier_note
 from ..core.errors import QuantbenchError
 from ..core.log import log
 from ..eval.suite import EvalSuite
+from ..export.llama_cpp_check import llama_cpp_columns
 from ..modeling.arch import arch_or_none
 from ..modeling.load import LoadedModel
 from ..modeling.memory import return_freed_memory
@@ -68,6 +69,11 @@ def _outliers(model, env: RecipeEnv, plan, key: str) -> dict:
     return {f"{k}_{key}": v for k, v in note.items()}
 
 
+def quantizes_kv(recipe) -> bool:
+    """Whether a recipe quantizes K/V (its own kv spec or an override's): its rows get the decode-order columns."""
+    return recipe.kv is not None or any(o.kv is not None for o in recipe.overrides)
+
+
 def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
     """One recipe's row. With env.pristine the recipe is applied to `model` itself and the model is
     restored afterwards (even on error); without, to a deep copy (the reference path of the tests)."""
@@ -75,6 +81,7 @@ def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
            "a_bits": recipe.activations.bits if recipe.activations else None,
            "mitigations": "+".join(m.name for m in recipe.mitigations) or "none", "quantbench": __version__}
     t0, ledger0 = time.perf_counter(), len(env.calib.ledger)
+    ctx = None
     try:
         qmodel = model if env.pristine is not None else copy.deepcopy(model)
         if env.pristine is not None:
@@ -95,10 +102,15 @@ def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
         size = measure_size(qmodel, plan, ctx.effects, env.n_params)
         calib_s = time.perf_counter() - t0 - census_s  # the census of the mitigated model is not calibration
         spent, reused = env.calib.seconds(ledger0)
-        res, extra = env.suite.score(qmodel, ctx.effects)
+        res, extra = env.suite.score(qmodel, ctx.effects, kv=quantizes_kv(recipe))
+        if ctx.effects.gguf_file is not None:  # llama.cpp scores the file the backend wrote, beside ours
+            extra = {**extra, **llama_cpp_columns(qmodel, ctx.effects.gguf_file, env.suite.windows,
+                                                  env.suite.device, res.ppl)}
     except BackendUnavailable as err:
         return {**row, "status": f"skipped: {err}", "wall_s": round(time.perf_counter() - t0, 2)}
     finally:
+        if ctx is not None:
+            ctx.effects.cleanup()  # the backend's temporary files (the llamacpp GGUF)
         if env.pristine is not None:
             env.pristine.restore()  # the next recipe starts from the loaded model again
         if torch.cuda.is_available():

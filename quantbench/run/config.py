@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from ..core.errors import ConfigError
 from ..core.registry import suggest
@@ -41,6 +42,16 @@ class EvalConfig(_Strict):
     word_ppl: bool = True  # also report word-level perplexity (exp(total NLL / words)), as lm-eval does
     probe_windows: int = Field(1, ge=0)  # windows used for per-layer error / attention drift (0: off)
     ci_block: int = Field(128, ge=8)  # scored tokens per bootstrap unit of the paired intervals
+    # KV rows also scored with the cache filled this many tokens at a time (decode order; None: off)
+    kv_decode_chunk: int | None = Field(None, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """kv_decode_chunk off is left out, so configs written before it keep their fingerprint."""
+        d = handler(self)
+        if isinstance(d, dict) and d.get("kv_decode_chunk") is None:
+            d.pop("kv_decode_chunk", None)
+        return d
 
     @model_validator(mode="after")
     def _stride(self) -> "EvalConfig":
