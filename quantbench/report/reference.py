@@ -94,6 +94,9 @@ COLUMNS: dict[str, tuple[str, Callable]] = {
     "kld_max": ("max KLD", lambda r: _fmt(r.get("kld_max"), ".3f")),
     "dp_rms": ("RMS Δp %", lambda r: _fmt(_percent(r.get("dp_rms")), ".3f")),
     "acc": ("task acc", lambda r: _fmt(r.get("task_acc_mean"), ".2f")),
+    # llama.cpp files (backend llamacpp): the types llama.cpp gave the tensors, and the file's bits/weight
+    "gguf_types": ("tensor types in the file", lambda r: _text(r.get("gguf_tensor_types")) or "—"),
+    "short_status": ("status", lambda r: str(r.get("status")).split(":")[0]),
     "tok_s": ("eval tok/s", lambda r: _fmt(r.get("eval_tok_s") or None, ".0f")),
     # exports (quantbench/export): what was written and what its reload gave
     "format": ("format", lambda r: _text(r.get("export_format"))),
