@@ -40,6 +40,7 @@ results: install
 	$(VENV)/bin/quantbench run --config configs/mixed.yaml --out results/reference --run-id mixed
 	$(VENV)/bin/quantbench run --config configs/pushed.yaml --out results/reference --run-id pushed
 	$(VENV)/bin/quantbench run --config configs/gguf-ladder.yaml --out results/reference --run-id gguf-ladder
+	$(VENV)/bin/quantbench run --config configs/fp-formats.yaml --out results/reference --run-id fp-formats
 	$(VENV)/bin/quantbench run --config configs/reference-small.yaml --out results/reference --run-id small
 	$(VENV)/bin/quantbench tables
 
