@@ -54,20 +54,20 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A finished sweep of RECIPES on a tiny tied Llama, and its rebuilt context."""
+def tiny_sweep(base, recipes, hidden: int = 64, intermediate: int = 128):
+    """A finished sweep of `recipes` on a tiny tied Llama saved under `base` (with its BPE tokenizer):
+    the run directory."""
     import transformers as tf
 
     from quantbench.run import pipeline
     from quantbench.run.config import parse_config
 
-    base = tmp_path_factory.mktemp("export")
     tok = _tokenizer()
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=True)
     tf.LlamaForCausalLM(cfg).save_pretrained(base / "model")
     tok.save_pretrained(base / "model")
     corpus = base / "corpus.txt"
@@ -75,9 +75,15 @@ def run(tmp_path_factory):
     run_cfg = parse_config({"model": str(base / "model"), "output_dir": str(base), "run_id": "r", "threads": 1,
                             "corpus": {"name": str(corpus), "calib_samples": 2, "calib_seq_len": 32},
                             "eval": {"seq_len": 32, "max_windows": 2, "batch_size": 2, "probe_windows": 0},
-                            "census": {"enabled": False}, "recipes": RECIPES})
-    out = pipeline.run(run_cfg)
-    return load_run_context(out), base
+                            "census": {"enabled": False}, "recipes": list(recipes)})
+    return pipeline.run(run_cfg)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished sweep of RECIPES on a tiny tied Llama, and its rebuilt context."""
+    base = tmp_path_factory.mktemp("export")
+    return load_run_context(tiny_sweep(base, RECIPES)), base
 
 
 def _qlinears(model):

@@ -11,7 +11,7 @@ import compressed_tensors  # noqa: F401  (a dependency: a missing one fails, nev
 import pytest
 import torch
 from conftest import tiny_model
-from test_export import WORDS, _tokenizer
+from test_export import tiny_sweep
 
 from quantbench.core.errors import QuantbenchError
 from quantbench.export.context import load_run_context
@@ -37,26 +37,8 @@ INT8_BLOCK = {"preset": "fp8-block", "name": "int8-block", "weights": {"bits": 8
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished sweep of CASES on a tiny tied Llama (hidden 128, intermediate 256) and its context."""
-    import transformers as tf
-
-    from quantbench.run import pipeline
-    from quantbench.run.config import parse_config
-
     base = tmp_path_factory.mktemp("export_fp")
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    tf.LlamaForCausalLM(cfg).save_pretrained(base / "model")
-    tok.save_pretrained(base / "model")
-    corpus = base / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(50)) for i in range(40)))
-    run_cfg = parse_config({"model": str(base / "model"), "output_dir": str(base), "run_id": "r", "threads": 1,
-                            "corpus": {"name": str(corpus), "calib_samples": 2, "calib_seq_len": 32},
-                            "eval": {"seq_len": 32, "max_windows": 2, "batch_size": 2, "probe_windows": 0},
-                            "census": {"enabled": False}, "recipes": [*CASES, INT8_BLOCK]})
-    return load_run_context(pipeline.run(run_cfg)), base
+    return load_run_context(tiny_sweep(base, [*CASES, INT8_BLOCK], hidden=128, intermediate=256)), base
 
 
 def _export_sim(run, name, monkeypatch):

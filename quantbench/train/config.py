@@ -21,6 +21,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RunNamed:
+    """A training config's run directory: `<output_dir>/<run_id>`, or `<config name>-<fingerprint>`
+    where the fingerprint covers what decides the trained models (not where they go, the threads, the
+    variant list or the sweep)."""
+
+    def fingerprint(self) -> str:
+        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "threads", "variants", "sweep"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_dir(self, config_name: str) -> Path:
+        return Path(self.output_dir) / (self.run_id or f"{config_name}-{self.fingerprint()}")
+
+
 class ModelShape(_Strict):
     """Decoder shape shared by every variant (the vocabulary is the tokenizer's)."""
 
@@ -83,7 +96,7 @@ class SweepConfig(_Strict):
         return v if "fp" in v else ("fp", *v)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(RunNamed, _Strict):
     run_id: str | None = None
     output_dir: str = "results"
     seed: int = 0
@@ -120,12 +133,8 @@ class TrainConfig(_Strict):
             raise ValueError("data.heldout_windows x model.context exceeds data.heldout_tokens")
         return self
 
-    def fingerprint(self) -> str:
-        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "threads", "variants", "sweep"})
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
-
     def run_dir(self, config_name: str = "train") -> Path:
-        return Path(self.output_dir) / (self.run_id or f"{config_name}-{self.fingerprint()}")
+        return super().run_dir(config_name)
 
 
 def parse_train_config(data: dict[str, Any] | None) -> TrainConfig:

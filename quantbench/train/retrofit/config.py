@@ -2,8 +2,6 @@
 config with `experiment: retrofit`). Unknown keys and impossible values are one-line ConfigErrors."""
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ...quant.recipes import PRESETS
 from ...run.config import validate
+from ..config import RunNamed
 from .grafts import GRAFTS
 from .model import CONTROL
 
@@ -76,7 +75,7 @@ class RetrofitSweep(_Strict):
         return v if "fp" in v else ("fp", *v)
 
 
-class RetrofitConfig(_Strict):
+class RetrofitConfig(RunNamed, _Strict):
     experiment: Literal["retrofit"]
     model: str = "default"  # a pretrained Llama: 'default', a folder or a hub id
     run_id: str | None = None
@@ -113,12 +112,8 @@ class RetrofitConfig(_Strict):
                              "score held-out text")
         return self
 
-    def fingerprint(self) -> str:
-        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "threads", "variants", "sweep"})
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
-
     def run_dir(self, config_name: str = "retrofit") -> Path:
-        return Path(self.output_dir) / (self.run_id or f"{config_name}-{self.fingerprint()}")
+        return super().run_dir(config_name)
 
 
 def parse_retrofit_config(data: dict[str, Any] | None) -> RetrofitConfig:
