@@ -17,6 +17,7 @@ are the same, and `causal_mask` is shared. `x` is the attention input (the outpu
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -111,13 +112,13 @@ class GraftedAttention(LlamaAttention):
         return repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
 
 
-class _SlotAttention(GraftedAttention):
+class _SlotAttention(GraftedAttention, ABC):
     """Softmax over [slot, keys]; the slot's logit and value come from `slot`. Returned weights drop the
     slot column (mass on real tokens; rows sum to 1 − slot mass); `last_slot_mass` keeps its mean."""
 
+    @abstractmethod
     def slot(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (slot logit [B, H, Tq, 1] fp32, slot value [H, 1, hd] or None for a zero value)."""
-        raise NotImplementedError
 
     def attend(self, q, k, v, mask, **kwargs):
         k, v = self.heads(k, v)
