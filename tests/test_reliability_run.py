@@ -199,15 +199,25 @@ def test_changed_quantbench_code_starts_fresh_rows(capsys, env, done, calls, mon
     assert calls == RECIPES
 
 
-def test_code_fingerprint_changes_with_any_source_byte(tmp_path):
+def test_code_fingerprint_changes_with_any_source_byte_that_computes_rows(tmp_path):
     from quantbench.run import manifest
 
     tree = tmp_path / "quantbench"
     shutil.copytree(Path(manifest.__file__).parents[1], tree, ignore=shutil.ignore_patterns("__pycache__"))
-    assert manifest.tree_fingerprint(tree) == manifest.code_fingerprint()  # the installed package's own code
-    f = tree / "quant" / "primitives.py"
-    f.write_text(f.read_text() + "\n")
-    assert manifest.tree_fingerprint(tree) != manifest.code_fingerprint()
+    own = manifest.code_fingerprint()
+    assert all(list(tree.glob(g)) for g in manifest.NOT_ROW_CODE)  # no typo silently keys a file
+    assert manifest.tree_fingerprint(tree, manifest.NOT_ROW_CODE) == own  # the installed package's own code
+    for rel in ("quant/primitives.py", "train/retrofit/grafts.py", "train/modeling.py", "cli.py"):
+        f = tree / rel  # quantization, and the model classes the loader registers, compute rows
+        keep = f.read_text()
+        f.write_text(keep + "\n")
+        assert manifest.tree_fingerprint(tree, manifest.NOT_ROW_CODE) != own, rel
+        f.write_text(keep)
+    for rel in ("report/tables.py", "train/loop.py", "train/retrofit/run.py"):
+        f = tree / rel  # tables are rebuilt from rows; training procedures make no sweep row
+        f.write_text(f.read_text() + "\n")
+        assert manifest.tree_fingerprint(tree, manifest.NOT_ROW_CODE) == own, rel
+    assert manifest.tree_fingerprint(tree) != own  # without the exclusions every byte counts
 
 
 def test_changed_setting_in_the_same_run_id_starts_fresh_rows(capsys, env, done, calls):

@@ -1,6 +1,7 @@
 """Run manifest: everything needed to know what produced a result."""
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import importlib.metadata as md
@@ -22,18 +23,32 @@ NUMERIC_PACKAGES = ("quantbench", "torch", "transformers", "tokenizers", "accele
                     "optimum-quanto", "lm-eval", "compressed-tensors", "torchao", "gguf", "safetensors")
 
 
+# Code that never computes a row's numbers: the report layer (tables, plots, recommendations, all
+# rebuilt from rows by `quantbench tables`), the test helpers, and the training experiment's procedure
+# (its loops, configs, probes and reports; its model definitions, which the loader uses, stay keyed).
+NOT_ROW_CODE = ("report/*", "testing/*", "train/compare.py", "train/config.py", "train/data.py", "train/loop.py",
+                "train/plots.py", "train/report.py", "train/run.py", "train/retrofit/config.py",
+                "train/retrofit/loop.py", "train/retrofit/plots.py", "train/retrofit/probes.py",
+                "train/retrofit/report.py", "train/retrofit/run.py")
+
+
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """sha256 of quantbench's own source: every .py file of the imported package, by relative path.
-    Part of every row's inputs key, so rows computed by other code are set aside and recomputed."""
-    return tree_fingerprint(Path(__file__).resolve().parents[1])  # the quantbench package
+    """sha256 of the quantbench code that computes rows: every .py file of the imported package
+    except NOT_ROW_CODE. Part of every row's inputs key, so rows computed by other code are set aside
+    and recomputed, while a change to a table or a training loop leaves the committed rows valid."""
+    return tree_fingerprint(Path(__file__).resolve().parents[1], exclude=NOT_ROW_CODE)  # the package
 
 
-def tree_fingerprint(root: Path) -> str:
-    """Short sha256 over the relative paths and bytes of every .py file below `root`."""
+def tree_fingerprint(root: Path, exclude: tuple[str, ...] = ()) -> str:
+    """Short sha256 over the relative paths and bytes of every .py file below `root`, except those
+    whose relative path matches a glob of `exclude`."""
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")):
-        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        rel = p.relative_to(root).as_posix()
+        if any(fnmatch.fnmatch(rel, g) for g in exclude):
+            continue
+        h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
