@@ -11,7 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .tables import layer_frame  # noqa: E402
+from .tables import layer_frame, weight_format  # noqa: E402
+
+_STYLES = [("#9aa5b1", "o"), ("#3066be", "s"), ("#2a9d8f", "^"), ("#e9a03b", "D"), ("#8e5ea2", "v"), ("#6c757d", "P")]
 
 
 def pareto_front(df: pd.DataFrame, x: str, y: str, higher_is_better: bool) -> pd.DataFrame:
@@ -61,7 +63,9 @@ def pareto_plot(df: pd.DataFrame, y: str, label: str, higher_is_better: bool, lo
     d = d.dropna(subset=["_x", "_y"])
     front = pareto_front(d.rename(columns={"_x": "x_", "_y": "y_"}), "x_", "y_", higher_is_better)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.scatter(d["_x"], d["_y"], color="#9aa5b1", zorder=2, label="recipe")
+    fmt = d.apply(weight_format, axis=1).fillna("fp / other")  # INT, FP8, FP4 told apart at equal bits
+    for (name, g), (color, marker) in zip(d.groupby(fmt, sort=True), _STYLES * len(d)):
+        ax.scatter(g["_x"], g["_y"], color=color, marker=marker, zorder=2, label=name)
     if bounds and all(c in d.columns for c in bounds):
         e = d.assign(_lo=pd.to_numeric(d[bounds[0]], errors="coerce"), _hi=pd.to_numeric(d[bounds[1]], errors="coerce"))
         e = e.dropna(subset=["_lo", "_hi"])

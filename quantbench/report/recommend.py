@@ -23,7 +23,7 @@ from ..core.errors import QuantbenchError
 from ..eval.intervals import n_to_resolve
 from .hardware import Target, recipe_needs, targets_for
 from .tables import num as _num
-from .tables import task_names
+from .tables import task_names, weight_format
 from .uncertainty import uncertainty_notes
 
 Z95 = 1.96
@@ -74,6 +74,7 @@ class Recommendation:
     note: str = ""
     notes: list[str] = field(default_factory=list)  # uncertainty: what this sample size can and cannot show
     target: TargetSplit | None = None  # `--target`: chosen among the rows that run there
+    equal_bits: list[str] = field(default_factory=list)  # the best row of each weight format, per W/A class
 
     def text(self) -> str:
         return render(self)
@@ -231,7 +232,31 @@ def recommend(df: pd.DataFrame, tol: Tolerance, census: dict | None = None,
     snippet = yaml.safe_dump({"recipes": [spec]}, sort_keys=False) if spec else (
         f"recipes:\n  - {chosen}\n" if chosen else None)
     notes = uncertainty_notes(_order(ok), fp, chosen, tol, tasks)
-    return Recommendation(chosen, tol, verdicts, snippet, note, notes)
+    return Recommendation(chosen, tol, verdicts, snippet, note, notes, equal_bits=equal_bits(ok))
+
+
+def equal_bits(df: pd.DataFrame) -> list[str]:
+    """One line per W/A class that holds more than one weight format (e.g. W4A16: int4, nvfp4, mxfp4):
+    the best row of each format by perplexity increase, with its interval and bits/weight, so INT, FP8 and
+    FP4 recipes are compared at equal bits rather than across sizes."""
+    q = _quantized_ok(df)
+    if q.empty or not {"w_bits", "recipe_key", "delta_ppl_pct"} <= set(q.columns):
+        return []
+    q = q.assign(_fmt=q.apply(weight_format, axis=1), _w=pd.to_numeric(q["w_bits"], errors="coerce"),
+                 _a=pd.to_numeric(q.get("a_bits"), errors="coerce"),
+                 _p=pd.to_numeric(q["delta_ppl_pct"], errors="coerce")).dropna(subset=["_fmt", "_w", "_p"])
+    lines = []
+    for (w, a), g in q.groupby(["_w", q["_a"].fillna(16)], sort=True):
+        best = g.sort_values(["_p", "recipe"]).groupby("_fmt", sort=False).head(1)
+        if best["_fmt"].nunique() < 2:
+            continue
+        parts = []
+        for _, r in best.iterrows():
+            lo, hi = _num(r.get("delta_ppl_lo")), _num(r.get("delta_ppl_hi"))
+            ci = f" [{lo:+.1f}, {hi:+.1f}]" if lo is not None and hi is not None else ""
+            parts.append(f"{r['_fmt']} {r['recipe']} {r['_p']:+.1f}%{ci} ({_num(r['bits_per_weight']):.2f} b/w)")
+        lines.append(f"W{int(w)}A{int(a)}: " + "; ".join(parts))
+    return lines
 
 
 def render(rec: Recommendation) -> str:
@@ -258,6 +283,9 @@ def render(rec: Recommendation) -> str:
         lines.append(f"  ({rec.note})")
     if rec.notes:
         lines += ["uncertainty:", *(f"  {n}" for n in rec.notes)]
+    if rec.equal_bits:
+        lines += ["at equal bits, the best of each weight format (perplexity increase, 95% interval):",
+                  *(f"  {n}" for n in rec.equal_bits)]
     if rec.snippet:
         lines += ["config to reproduce it:", *("  " + ln for ln in rec.snippet.rstrip().splitlines())]
     return "\n".join(lines)

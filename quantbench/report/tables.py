@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from ..eval import intervals as stats
 from .hardware import hardware_by_name
@@ -147,3 +148,15 @@ def write_tables(df: pd.DataFrame, out: Path) -> None:
     layers = layer_frame(df)
     if len(layers):
         atomic_write_text(out / "layers.csv", layers.to_csv(index=False))
+
+
+def weight_format(row: pd.Series) -> str | None:
+    """'int4', 'nvfp4', 'mxfp4', 'fp8', ... of the row's quantized weights, from its recipe's content."""
+    try:
+        w = yaml.safe_load(str(row.get("recipe_key"))).get("weights")
+    except (AttributeError, yaml.YAMLError):
+        return None
+    if not isinstance(w, dict):
+        return None
+    fmt = w.get("format", "int")
+    return f"int{w.get('bits')}" if fmt == "int" else fmt
