@@ -297,8 +297,8 @@ def test_plan_refuses_what_the_formats_cannot_hold():
 
 
 @pytest.mark.parametrize("mitigation,preset,refused", [
-    ("gptq", "nvfp4a16", True), ("gptq", "mxfp4a16", True), ("gptq", "fp8-block", True),
-    ("clip", "nvfp4a16", True), ("clip", "fp8-block", True), ("clip", "mxfp4a16", False),
+    ("gptq", "nvfp4a16", False), ("gptq", "mxfp4a16", False), ("gptq", "fp8-block", False), ("gptq", "mxfp8", False),
+    ("clip", "nvfp4a16", False), ("clip", "fp8-block", True), ("clip", "mxfp4a16", False),
     ("learned_clip", "mxfp8a16", True), ("awq", "nvfp4a16", False), ("smoothquant", "nvfp4", False),
     ("rotate", "mxfp4", False)])
 def test_mitigations_that_cannot_compose_are_refused_when_the_config_is_read(mitigation, preset, refused):

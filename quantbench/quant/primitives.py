@@ -277,13 +277,16 @@ class QTensor:
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
-                    zero: torch.Tensor | None = None) -> QTensor:
+                    zero: torch.Tensor | None = None, global_scale: torch.Tensor | None = None) -> QTensor:
     """The stored form of weight w [out, in] under spec (what export writes). Pass scale/zero
     (any shape holding one value per block, e.g. [R, G]) to store w on given qparams (GPTQ).
-    nvfp4: the global scale is w's own (llm-compressor's observer)."""
+    nvfp4: the global scale is w's own (llm-compressor's observer), or `global_scale` when given (GPTQ
+    fixes it from the weights it started from, not from the ones it rounded)."""
     wc = w.to(compute_dtype(w.dtype))
     wb = spec_blocks(wc, spec)  # [R, G, B]
     gscale = tensor_global_scale(wc, spec)
+    if global_scale is not None and gscale is not None:
+        gscale = global_scale
     if scale is None:
         scale, zero = qparams_from_range(*block_range(wb, spec), spec, gscale)  # [R, G, 1]
     else:

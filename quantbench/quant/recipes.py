@@ -87,6 +87,18 @@ for _recipe in [
     _r("w4a4-token-rot", W4_G64, A4_TOK, mit=["rotate"]),
     _r("w4a4-token-rot-gptq", W4_G64, A4_TOK, mit=["rotate", "gptq"]),
     _r("w4a4-kv4-rot-gptq", W4_G64, A4_TOK, KV4_HEAD, mit=["rotate", "gptq"]),
+    # the float formats with mitigations (issue 23 §2): GPTQ with the format's own column quantizer
+    # (quant/mitigations/gptq.py, "Float formats"), SmoothQuant before fp8 / fp4 activations
+    _r("nvfp4a16-gptq", NVFP4, mit=["gptq"]),
+    _r("mxfp4a16-gptq", MXFP4, mit=["gptq"]),
+    _r("nvfp4-gptq", NVFP4, NVFP4, mit=["gptq"]),
+    _r("mxfp4-gptq", MXFP4, MXFP4, mit=["gptq"]),
+    _r("nvfp4-rot-gptq", NVFP4, NVFP4, mit=["rotate", "gptq"]),
+    _r("mxfp4-rot-gptq", MXFP4, MXFP4, mit=["rotate", "gptq"]),
+    _r("nvfp4-sq", NVFP4, NVFP4, mit=[_m("smoothquant", alpha=0.5)]),
+    _r("mxfp4-sq", MXFP4, MXFP4, mit=[_m("smoothquant", alpha=0.5)]),
+    _r("fp8-sq", FP8_TENSOR, A_FP8_TENSOR_STATIC, mit=[_m("smoothquant", alpha=0.5)]),
+    _r("fp8-dynamic-sq", FP8_CH, A_FP8_TOK, mit=[_m("smoothquant", alpha=0.5)]),
     # real kernels (skipped with the reason where they cannot run)
     _r("bnb-int8", W8_CH, backend="bnb-int8", threshold=0.0),
     _r("bnb-int8-t6", W8_CH, backend="bnb-int8", threshold=6.0),

@@ -213,7 +213,7 @@ class Recipe(_Frozen):
 
 
 def _check_mitigation_specs(recipe: "Recipe") -> None:
-    """Each mitigation's spec_issue (e.g. GPTQ's column-wise quantizer has no nvfp4 global scale) on every
+    """Each mitigation's spec_issue (e.g. clip's per-block search has no 2-D weight blocks) on every
     (weights, activations) pair of the recipe and its overrides."""
     pairs = [(recipe.weights, recipe.activations), *[(o.weights, o.activations) for o in recipe.overrides]]
     for m in recipe.mitigations:

@@ -12,6 +12,13 @@ to the chosen per-block range, so the backend's later round-to-nearest picks exa
 grid that was evaluated: no pre-quantization needed. Each linear uses its own weight spec from
 the plan. r = 1 reproduces plain RTN, hence the result is never worse than RTN on this objective.
 
+NVFP4: a block's scale is e4m3(global * absmax / 6) under the tensor's fp32 global scale, which the
+backend takes from the (clamped) weight's own absmax. The search evaluates every block under the
+unclipped weight's global scale, and the blocks holding the tensor's absmax keep r = 1, so the clamped
+weight has the same absmax, hence the same global scale, and each block's rounding is the one searched
+(tests/test_fp_gptq.py checks the backend's grid against the search's). MX blocks are independent (no
+global scale); 2-D block weights are refused.
+
 Options: ratios (default 1.0, 0.95, ..., 0.7), search_tokens (512), calib_samples (8).
 """
 from __future__ import annotations
@@ -26,20 +33,22 @@ from ...modeling.surgery import get_weight, set_weight
 from ..calibration import StatsRequest
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
-from ..primitives import block_range, blocks, fake_quant, qparams_from_range
+from ..primitives import (block_range, blocks, compute_dtype, fake_quant, qparams_from_range, spec_blocks,
+                          tensor_global_scale)
 from ..spec import MITIGATIONS, QuantSpec
 
 DEFAULT_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
-def block_qparams(w: torch.Tensor, spec: QuantSpec, ratio: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) per weight block, [R, G] (R = rows or 1, G = groups or 1); ratio [R, G] clips ranges."""
-    wb = blocks(w.float(), spec.granularity, spec.group_size)  # [R, G, B]
+def block_qparams(w: torch.Tensor, spec: QuantSpec, ratio: torch.Tensor | None = None,
+                  global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per weight block, [R, G] (R = rows or 1, G = groups or 1; 2-D blocks: [out/g, in/g]);
+    ratio [R, G] clips ranges; global_scale: nvfp4's fp32 global scale the block scales sit under."""
+    wb = spec_blocks(w.float(), spec)  # [R, G, B]
     lo, hi = block_range(wb, spec)  # [R, G, 1]
     if ratio is not None:
         lo, hi = lo * ratio[..., None], hi * ratio[..., None]
-    s, z = qparams_from_range(lo, hi, spec)
+    s, z = qparams_from_range(lo, hi, spec, global_scale)
     return s[..., 0], z[..., 0]
 
 
@@ -62,18 +71,32 @@ def block_errors(x: torch.Tensor, d: torch.Tensor, spec: QuantSpec) -> torch.Ten
     return e[:, None] if spec.granularity == "channel" else e.sum().reshape(1, 1)
 
 
+def pinned_blocks(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+    """nvfp4: the blocks [R, G] (bool) holding the tensor's absmax, which clipping must leave alone so that the
+    clamped weight keeps its global scale; None for the formats without a global scale."""
+    if spec.format != "nvfp4":
+        return None
+    wb = blocks(w.float(), spec.granularity, spec.group_size)  # [R, G, B]
+    absmax = torch.max(wb.amin(-1).clamp_max(0).abs(), wb.amax(-1).clamp_min(0))  # [R, G]
+    return absmax == absmax.max()
+
+
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, ratios: tuple[float, ...]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (best ratio [R, G], its error [R, G], RTN error [R, G]) for weights w [out, in], inputs x [N, in]."""
+    """-> (best ratio [R, G], its error [R, G], RTN error [R, G]) for weights w [out, in], inputs x [N, in].
+    nvfp4: every candidate under w's own global scale, the blocks holding its absmax unclipped (module doc)."""
     shape = blocks(w, spec.granularity, spec.group_size).shape[:2]
+    gscale, pinned = tensor_global_scale(w.to(compute_dtype(w.dtype)), spec), pinned_blocks(w, spec)
     best_r, best_e, rtn_e = torch.ones(shape), torch.full(shape, float("inf")), None
     for r in sorted(set(ratios) | {1.0}, reverse=True):
         ratio = torch.full(shape, r)
-        d = fake_quant(clamp_blocks(w, spec, ratio), spec) - w
+        d = fake_quant(clamp_blocks(w, spec, ratio), spec, global_scale=gscale) - w
         e = block_errors(x, d, spec)
         rtn_e = e if r == 1.0 else rtn_e
         better = e < best_e
+        if pinned is not None and r != 1.0:
+            better &= ~pinned
         best_e, best_r = torch.where(better, e, best_e), torch.where(better, ratio, best_r)
     return best_r, best_e, rtn_e
 
@@ -100,9 +123,6 @@ class Clip(Mitigation):
     def spec_issue(cls, weights: QuantSpec | None, activations: QuantSpec | None) -> str | None:
         if weights is not None and weights.granularity == "block":
             return f"weights {weights.short()} are not supported (the search clips rows, groups or the tensor)"
-        if weights is not None and weights.format == "nvfp4":
-            return (f"weights {weights.short()} are not supported: nvfp4's fp32 global scale couples every block, "
-                    "so per-block ratios searched apart would not be the grid the backend rounds to")
         return None
 
     class Options(Options):

@@ -28,6 +28,23 @@ Intended differences from the reference:
     (before dead columns are zeroed), with or without act_order ("weight" actorder is our act_order);
     `static_groups: true` is the closest setting (it fits after dead columns are zeroed).
 
+Float formats (fp8, the microscaling nvfp4 / mxfp4 / mxfp8, fp8 128x128 blocks): the column quantizer is the
+format's own quantize-dequantize (e4m3 or e2m1 rounding at the group's scale, compressed-tensors' arithmetic
+from quantbench.quant.primitives), so every column lands on the grid the format stores and export writes.
+  - nvfp4: the fp32 global scale is fixed up front from the weights GPTQ is given (448 * 6 / absmax, as
+    llm-compressor's observer and MR-GPTQ take it), and every group scale is e4m3(global * absmax / 6) under it;
+  - mx: each group's scale is the e8m0 power of two of its absmax;
+  - 2-D blocks: a tile's scale is fitted when its first column is reached, over the tile's rows;
+  - a group's scale is fitted when GPTQ reaches its first column (as for int groups), but on the weights as the
+    error feedback has updated them by then: the in-block copy, and past the lazy block the pending updates
+    applied (the reference reads W, stale inside a lazy block: 7 of 8 groups of 16 in a block of 128 would be
+    fitted on weights that miss part of the feedback). int groups keep the reference's reading (checked bit for
+    bit against it);
+  - static_groups / act_order: every group fitted up front from the weights given, as MR-GPTQ (FP-Quant) and
+    llm-compressor do; `mse` searches the shrunk absmax through the format's own scale function.
+MR-GPTQ (Egiazarian et al. 2025) adds block-wise Hadamard rotations of the group size, fused into the weights and
+applied online to the activations; quantbench's `rotate` is the whole-dimension (QuaRot) rotation only.
+
 Calibration modes (option `sequential`):
   - parallel (sequential: false): every layer's Hessians from one pass over the model as it is
     before GPTQ (FP, or after the earlier mitigations), shared by q/k/v and gate/up, cached by the
@@ -74,7 +91,8 @@ from ...modeling.surgery import get_weight, set_weight
 from ..calibration import StatsRequest, collect_input_stats
 from ..effects import Effects
 from ..plugin import Mitigation, Options, QuantContext
-from ..primitives import QTensor, block_range, blocks, dequantize, qparams_from_range, quantize, quantize_weight
+from ..primitives import (FP8_DTYPE, QTensor, block_range, compute_dtype, dequantize, qparams_from_range, quantize,
+                          quantize_weight, spec_blocks, tensor_global_scale)
 from ..sequential import LayerStep, decoder_layers, run_sequential
 from ..spec import MITIGATIONS, QuantSpec
 from .clip import block_qparams
@@ -82,10 +100,12 @@ from .clip import block_qparams
 SEQUENTIAL_DEFAULT = True  # decided by measurement on the default model: docs/quantization.md, "GPTQ"
 
 
-def _fq_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Fake-quantize one column w [out] with per-row scale/zero [out]."""
-    q = quantize(w[:, None, None], scale[:, None, None], zero[:, None, None], spec)  # [out, 1, 1]
-    return dequantize(q, scale[:, None, None], zero[:, None, None], torch.float32).reshape(-1)
+def _fq_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+            gscale: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake-quantize one column w [out] with per-row scale/zero [out] (nvfp4: under the fp32 global scale):
+    the format's own quantize-dequantize (int, e4m3, e2m1), element by element as on the whole weight."""
+    q = quantize(w[:, None, None], scale[:, None, None], zero[:, None, None], spec, gscale)  # [out, 1, 1]
+    return dequantize(q, scale[:, None, None], zero[:, None, None], torch.float32, gscale).reshape(-1)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -103,24 +123,49 @@ def _channel_spec(spec: QuantSpec) -> QuantSpec:
 MSE_SHRINK, MSE_GRID, MSE_NORM = 0.8, 100, 2.4  # the reference Quantizer's mse search (maxshrink, grid, norm)
 
 
-def _fit(w: torch.Tensor, spec: QuantSpec, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) of w [out, cols] on spec's grid: [out, G] (group), [out, 1] (channel), [1, 1] (tensor).
+def _fit(w: torch.Tensor, spec: QuantSpec, mse: bool = False, gscale: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of w [out, cols] on spec's grid: [out, G] (group), [out, 1] (channel), [1, 1] (tensor),
+    [ceil(out / g), ceil(cols / g)] (2-D blocks). Microscaling formats: the format's own scale (nvfp4: e4m3
+    under the fp32 global scale `gscale`; mx: e8m0 power of two) of each block's absmax.
 
     mse: the reference Quantizer's `mse=True` (QuaRot's w_clip): each block's range shrunk by
-    p = 1 - i/100 (i < 80), the p minimising sum |Q(w) - w|^2.4 over the block kept."""
+    p = 1 - i/100 (i < 80), the p minimising sum |Q(w) - w|^2.4 over the block kept. On a microscaling
+    format the shrunk absmax goes through the format's scale function, so every candidate is a scale
+    the format can store (mx: the few powers of two below the absmax's; nvfp4: e4m3 values)."""
     if not mse:
-        return block_qparams(w, spec)
-    wb = blocks(w.float(), spec.granularity, spec.group_size)  # [R, G, B]
+        return block_qparams(w, spec, global_scale=gscale)
+    wb = spec_blocks(w.float(), spec)  # [R, G, B]
     lo, hi = block_range(wb, spec)  # [R, G, 1]
     p = 1 - torch.arange(int(MSE_SHRINK * MSE_GRID), dtype=torch.float64) / MSE_GRID  # as the reference's 1 - i / grid
     p = p.float()[:, None, None, None]  # [P, 1, 1, 1]
-    s, z = qparams_from_range(lo * p, hi * p, spec)  # [P, R, G, 1], all shrink factors at once
-    dq = dequantize(quantize(wb, s, z, spec), s, z, torch.float32)  # [P, R, G, B]
+    s, z = qparams_from_range(lo * p, hi * p, spec, gscale)  # [P, R, G, 1], all shrink factors at once
+    dq = dequantize(quantize(wb, s, z, spec, gscale), s, z, torch.float32, gscale)  # [P, R, G, B]
     e = (dq - wb).abs().pow(MSE_NORM).sum(-1)  # [P, R, G]
     best = e.argmin(0, keepdim=True)  # the first minimum, as the reference's strict < over increasing i
     best_s = s[..., 0].gather(0, best)[0]
-    best_z = z[..., 0].gather(0, best)[0]
+    z = z[..., 0]
+    best_z = z.view(torch.uint8).gather(0, best)[0].view(z.dtype) if z.dtype == FP8_DTYPE else z.gather(0, best)[0]
     return best_s, best_z
+
+
+def _col_params(t: torch.Tensor, j: int, n_out: int, spec: QuantSpec) -> torch.Tensor:
+    """Scale (or zero) column j of t [R, G] per output row [n_out]: rows of a 2-D block share their tile's."""
+    if spec.granularity == "block":
+        return t[:, j].repeat_interleave(spec.group_size)[:n_out]
+    return t.expand(n_out, -1)[:, j]
+
+
+def _current(w: torch.Tensor, w1: torch.Tensor, err: torch.Tensor, u: torch.Tensor, i: int, i1: int, i2: int,
+             g: int) -> torch.Tensor:
+    """Columns i .. i + g of the weight as the error feedback has made them when column i is reached: the block
+    copy w1 (in-block updates) and, for columns past the lazy block, w with this block's pending updates applied."""
+    hi = min(i + g, w.shape[1])
+    cur = w1[:, i - i1: min(hi, i2) - i1]
+    if hi > i2:
+        rest = w[:, i2:hi] - err[:, : i - i1] @ u[i1:i, i2:hi]
+        cur = torch.cat([cur, rest], 1)
+    return cur
 
 
 @torch.no_grad()
@@ -130,11 +175,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
 
     The reference loop (IST-DASLab GPTQ.fasterquant; AutoGPTQ's static_groups with act_order), see the
     module doc. tests/test_gptq_reference.py checks it against a transcription, output channel by
-    output channel, with torch.equal."""
+    output channel, with torch.equal. Microscaling formats and 2-D blocks: module doc, "Float formats"."""
+    gscale = tensor_global_scale(w.to(compute_dtype(w.dtype)), spec)  # nvfp4: fixed from the weights given
     w = w.float().clone()
     h = h.double().clone()
     n_out, n = w.shape
-    g = spec.group_size if spec.granularity == "group" else None
+    g = spec.group_size if spec.granularity in ("group", "block") else None
+    fresh = spec.micro or spec.granularity == "block"  # groups fitted on the weights as updated (module doc)
     static = g is not None and (act_order or static_groups)
     if g is None:  # with groups the reference's whole-row fit here is overwritten below: skipped (mse made it slow)
         sc, ze = _fit(w, spec, mse)  # before dead columns are zeroed, as the reference
@@ -142,9 +189,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     if static:
-        sc, ze = _fit(w, spec, mse)  # every group up front, from the weights with dead columns zeroed  [out, G]
+        sc, ze = _fit(w, spec, mse, gscale)  # every group up front, from the weights with dead columns zeroed  [R, G]
     elif g is not None:
-        sc, ze = torch.zeros(n_out, n // g), torch.zeros(n_out, n // g)  # filled when each group starts
+        rows = -(-n_out // g) if spec.granularity == "block" else n_out
+        sc, ze = torch.zeros(rows, -(-n // g)), torch.zeros(rows, -(-n // g))  # filled when each group starts
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_hessian_factor(h, damp).float()
@@ -155,20 +203,22 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
         err = torch.zeros(n_out, i2 - i1)
         for i in range(i1, i2):
             if g is not None and not static and i % g == 0:
-                # fitted on w: updated through the previous blocks only, as the reference reads it
-                s_new, z_new = _fit(w[:, i: i + g], _channel_spec(spec), mse)  # [out, 1]
+                if fresh:  # on the weights as the error feedback has updated them so far
+                    s_new, z_new = _fit(_current(w, w1, err, u, i, i1, i2, g), spec, mse, gscale)  # [R, 1]
+                else:  # fitted on w: updated through the previous blocks only, as the reference reads it
+                    s_new, z_new = _fit(w[:, i: i + g], _channel_spec(spec), mse)  # [out, 1]
                 sc[:, i // g], ze[:, i // g] = s_new[:, 0], z_new[:, 0]
             j = (int(perm[i]) if static else i) // g if g is not None else 0  # the column's scale index
-            s, z = sc.expand(n_out, -1)[:, j], ze.expand(n_out, -1)[:, j]  # [out]
+            s, z = _col_params(sc, j, n_out, spec), _col_params(ze, j, n_out, spec)  # [out]
             col = w1[:, i - i1]
-            q = _fq_col(col, s, z, spec)
+            q = _fq_col(col, s, z, spec, gscale)
             e = (col - q) / u[i, i]
             wq[:, i] = q
             w1[:, i - i1:] -= e[:, None] * u[i, i:i2][None, :]
             err[:, i - i1] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]
     wq = wq[:, torch.argsort(perm)]  # [out, in] on the grid, original column order
-    return quantize_weight(wq, spec, sc, ze)
+    return quantize_weight(wq, spec, sc, ze, gscale)
 
 
 @MITIGATIONS.register("gptq")
@@ -176,13 +226,6 @@ class GPTQ(Mitigation):
     name = "gptq"
     needs = ("weights",)
     finalizes_weights = True
-
-    @classmethod
-    def spec_issue(cls, weights: QuantSpec | None, activations: QuantSpec | None) -> str | None:
-        if weights is not None and (weights.micro or weights.granularity == "block"):
-            return (f"weights {weights.short()} are not supported: the column-wise quantizer fits int/fp8 scales per "
-                    "row, group or tensor (no nvfp4 global scale, e8m0 exponents or 2-D blocks); use round-to-nearest")
-        return None
 
     class Options(Options):
         damp: float = Field(0.01, gt=0)
