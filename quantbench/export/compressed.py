@@ -247,6 +247,8 @@ def write_compressed(model: nn.Module, plan: Plan, tokenizer, out: str | Path) -
     qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     names = [n for n in plan.linears if n in qlinears]
     for n in names:
+        if qlinears[n].released_bits is not None:
+            raise RuntimeError(f"{n}: the stored weights were released (QuantContext.keep_stored=False)")
         if qlinears[n].qweight is None:
             raise QuantbenchError(f"{n}: activation-only quantization has no compressed-tensors format")
     out.mkdir(parents=True, exist_ok=True)

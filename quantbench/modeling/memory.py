@@ -10,9 +10,10 @@ Two things kept the default run's peak resident set far above its weights (docs/
   recipe replaced a linear, its weight was released, but the mapped file pages stayed resident
   until every tensor of the file was gone, and restore read fresh copies beside them: the weights
   counted twice. `own_mapped_weights(model)` copies every file-mapped CPU tensor into process memory
-  right after loading, one tensor at a time, and drops the mapped pages of each (madvise
+  right after loading, 64 MiB at a time, and drops the mapped pages of each piece once copied (madvise
   MADV_DONTNEED; on a private file mapping they read back as the file's bytes if touched again), so
-  the peak while doing so is the weights plus one tensor.
+  the peak while doing so is the weights plus one piece (not plus the largest tensor, e.g. a 128k x 8k
+  embedding: 4 GiB in fp32).
 
 Both are no-ops where the C library or /proc is not Linux/glibc.
 """
@@ -29,6 +30,7 @@ import torch.nn as nn
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 _MADV_DONTNEED = 4
 _THRESHOLD = 128 * 1024
+CHUNK_BYTES = 64 << 20  # copied (and their mapped pages dropped) at a time
 
 
 def _libc():
@@ -68,10 +70,24 @@ def _drop_pages(libc, start: int, nbytes: int) -> None:
         libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)
 
 
+def _copy_out(t: torch.Tensor, libc) -> torch.Tensor:
+    """A copy of the mapped tensor t in process memory, CHUNK_BYTES at a time, each piece's mapped pages
+    dropped once copied (a fresh tensor's pages are resident only once written)."""
+    if not t.is_contiguous():
+        return t.clone()
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    src, dst = t.reshape(-1), out.reshape(-1)
+    step = max(1, CHUNK_BYTES // t.element_size())
+    for a in range(0, src.numel(), step):
+        dst[a: a + step].copy_(src[a: a + step])
+        _drop_pages(libc, src.data_ptr() + a * t.element_size(), min(step, src.numel() - a) * t.element_size())
+    return out
+
+
 @torch.no_grad()
 def own_mapped_weights(model: nn.Module) -> int:
     """Copy the model's CPU parameters and buffers that point into a memory-mapped safetensors file
-    into process memory, dropping the mapped pages tensor by tensor. Returns the bytes copied."""
+    into process memory, dropping the mapped pages piece by piece. Returns the bytes copied."""
     ranges = mapped_files()
     libc = _libc() if ranges else None
     if libc is None or not hasattr(libc, "madvise"):
@@ -86,8 +102,8 @@ def own_mapped_weights(model: nn.Module) -> int:
                 p, n = t.data_ptr(), t.numel() * t.element_size()
                 if not any(a <= p and p + n <= b for a, b in ranges):
                     continue
-                t.data = t.data.clone()
-                _drop_pages(libc, p, n)
+                t.data = _copy_out(t.data, libc)
+                _drop_pages(libc, p, n)  # what the pieces left (pages across their borders)
                 copied += n
     return copied
 

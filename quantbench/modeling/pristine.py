@@ -13,7 +13,8 @@ undoes all of it without knowing which mitigation ran:
   the original objects (ties included) return;
 - config: the model config's attributes are put back;
 - values: every parameter and buffer is written back in place from its pristine copy. The copy is
-  the model's own safetensors file where that tensor is stored there and reads back equal: nothing is
+  the model's own safetensors file where that tensor is stored there and reads back equal (the same
+  bytes, compared a piece at a time; values, when the model converted the dtype): nothing is
   held in memory, and restore reads it with plain file reads (no memory map, whose pages would count
   as resident) straight into the parameter's storage when dtype and device match. Other tensors
   (not in the file, GGUF-dequantized, renamed or converted on load, or a model on a GPU whose file
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .memory import CHUNK_BYTES
 from .surgery import on_replace
 
 _DICT_ATTRS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_pre_hooks",
@@ -79,13 +81,35 @@ class Stored:
         view = memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
         with open(self.file, "rb", buffering=0) as f:
             f.seek(self.offset)
-            got = 0
-            while got < self.nbytes:
-                k = f.readinto(view[got:])
-                if not k:
-                    raise OSError(f"{self.file} is shorter than its header says (tensor at byte {self.offset})")
-                got += k
+            self._fill(f, view)
         return t
+
+    def _fill(self, f, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            k = f.readinto(view[got:])
+            if not k:
+                raise OSError(f"{self.file} is shorter than its header says (tensor at byte {self.offset})")
+            got += k
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether t's values are this tensor's. Same dtype on the CPU: its bytes equal the file's, compared
+        CHUNK_BYTES at a time (the check costs one piece of memory, not one tensor). Otherwise: the file's
+        values converted to t's dtype equal t's (torch.equal)."""
+        if tuple(t.shape) != self.shape:
+            return False
+        if t.device.type != "cpu" or t.dtype != self.dtype or not t.is_contiguous():
+            return torch.equal(self.read().to(t.dtype), t.detach().cpu())
+        mine = t.detach().reshape(-1).view(torch.uint8)
+        buf = torch.empty(min(CHUNK_BYTES, self.nbytes), dtype=torch.uint8)
+        with open(self.file, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            for a in range(0, self.nbytes, CHUNK_BYTES):
+                piece = buf[: min(CHUNK_BYTES, self.nbytes - a)]
+                self._fill(f, memoryview(piece.numpy()))
+                if not torch.equal(piece, mine[a: a + len(piece)]):
+                    return False
+        return True
 
 
 def safetensors_index(folder: Path | None) -> dict[str, Stored]:
@@ -155,9 +179,8 @@ class Pristine:
         for i, t in tensors.items():
             v = _Value(t, t.shape, t.dtype, t.device)
             key = next((n for n in names[i] if n in files), None)
-            if key is not None and files[key].shape == tuple(t.shape):
-                if torch.equal(files[key].read().to(t.dtype), t.detach().cpu()):
-                    v.stored = files[key]
+            if key is not None and files[key].holds(t):
+                v.stored = files[key]
             if v.stored is None:
                 v.clone = t.detach().to("cpu", copy=True)
                 self.clone_bytes += t.numel() * t.element_size()

@@ -47,6 +47,7 @@ class QuantContext:
     arch: ArchSpec | None = None
     upstream: str = "fp"  # names the model state: the mitigations applied so far (calibration cache key)
     effects: Effects = field(default_factory=Effects)  # declared by the mitigations so far
+    keep_stored: bool = True  # simulated linears keep their stored form (export); False: dropped once built (a sweep)
 
     @property
     def recipe(self) -> Recipe:

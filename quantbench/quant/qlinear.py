@@ -4,6 +4,11 @@ and (for k/v projections) a fake-quantized output = the KV cache content.
 Everything it knows comes from its LinearPlan entry and the recipe's Effects: a QTensor handed
 over by a mitigation (else round-to-nearest on the plan's weight spec) and keep policies (parts
 of the input left in high precision and out of the activation ranges).
+
+The stored form (`qweight`: codes, scales, zero points) is what export writes; forward uses only the
+dequantized `weight`. A sweep drops the stored form as each linear is built (`release_stored`, keeping
+its size in bits): the codes are int8 beside an fp32 weight (0.25x its bytes; 0.5x in bf16, 1x for fp4
+codes held as floats), held for every quantized linear until the recipe is restored (docs/scale.md).
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ class QuantLinear(nn.Module):
         w = lin.weight.data
         if qweight is None and plan.weights is not None:
             qweight = quantize_weight(w, plan.weights)
-        self.qweight = qweight  # the stored form (None: weights stay in full precision)
+        self.qweight = qweight  # the stored form (None: weights stay in full precision, or released)
+        self.released_bits: float | None = None  # the stored form's bits once release_stored() dropped it
         wq = qweight.dequantize(w.dtype) if qweight is not None else w.clone()
         self.weight = nn.Parameter(wq, requires_grad=False)
         self.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False) if lin.bias is not None else None
@@ -44,6 +50,13 @@ class QuantLinear(nn.Module):
         self.a_scale: torch.Tensor | None = None
         self.a_zero: torch.Tensor | None = None
         self.a_global: torch.Tensor | None = None  # nvfp4 activations: the calibrated fp32 global scale [1]
+
+    def release_stored(self) -> None:
+        """Drop the stored form (codes, scales, zero points), keeping its size for storage_bits(): what a
+        sweep's row needs once the weight is dequantized. Export needs the stored form and keeps it."""
+        if self.qweight is not None:
+            self.released_bits = self.qweight.storage_bits()
+            self.qweight = None
 
     def _observe(self, x: torch.Tensor) -> None:
         if self.aspec.format == "nvfp4":  # one range per tensor, kept in x's dtype (generate_gparam computes in it)
@@ -100,7 +113,10 @@ class QuantLinear(nn.Module):
         """Deployed size: the stored weight (codes + scales + zeros, or 16-bit when not quantized),
         16-bit bias, static activation scales (and zero points) or nvfp4's 32-bit activation global scale,
         and the side tables of keep policies."""
-        w = self.qweight.storage_bits() if self.qweight is not None else 16.0 * self.weight.numel()
+        if self.qweight is not None:
+            w = self.qweight.storage_bits()
+        else:
+            w = self.released_bits if self.released_bits is not None else 16.0 * self.weight.numel()
         b = 16.0 * self.bias.numel() if self.bias is not None else 0.0
         a = 0.0
         if self.a_scale is not None:

@@ -87,7 +87,8 @@ def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
         if env.pristine is not None:
             onload(qmodel)  # offloaded modules (device_map 'disk') made real for the recipe; restore() undoes it
         plan = plan_recipe(qmodel, recipe)
-        ctx = QuantContext(plan=plan, calib=env.calib, arch=arch_or_none(qmodel))
+        # the row needs the dequantized weights and their size, not the stored codes (export keeps those)
+        ctx = QuantContext(plan=plan, calib=env.calib, arch=arch_or_none(qmodel), keep_stored=False)
         notes: dict = {}
         if recipe.mitigations:
             notes.update(_outliers(qmodel, env, plan, "before"))

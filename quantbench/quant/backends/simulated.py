@@ -27,6 +27,9 @@ class Simulated(Backend):
         for name in names:
             old = model.get_submodule(name)
             q = QuantLinear(old, plan.linears[name], eff.final_weights.get(name), eff.keep.get(name))
+            if not ctx.keep_stored:  # a sweep: the codes go as soon as the dequantized weight exists
+                q.release_stored()
+                eff.final_weights.pop(name, None)
             replace_module(model, name, q)
             reattach_online(old, q)
             qlinears.append(q)
