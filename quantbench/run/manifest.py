@@ -26,7 +26,8 @@ NUMERIC_PACKAGES = ("quantbench", "torch", "transformers", "tokenizers", "accele
 # Code that never computes a row's numbers: the report layer (tables, plots, recommendations, all
 # rebuilt from rows by `quantbench tables`), the test helpers, and the training experiment's procedure
 # (its loops, configs, probes and reports; its model definitions, which the loader uses, stay keyed).
-NOT_ROW_CODE = ("report/*", "testing/*", "train/compare.py", "train/config.py", "train/data.py", "train/loop.py",
+NOT_ROW_CODE = ("report/*", "testing/*", "train/bb_probe.py", "train/compare.py", "train/config.py", "train/data.py",
+                "train/loop.py",
                 "train/plots.py", "train/report.py", "train/run.py", "train/retrofit/config.py",
                 "train/retrofit/loop.py", "train/retrofit/plots.py", "train/retrofit/probes.py",
                 "train/retrofit/report.py", "train/retrofit/run.py")

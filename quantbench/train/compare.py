@@ -10,17 +10,20 @@ import torch
 
 from ..run.config import parse_config
 from .config import TrainConfig
+from .data import BB_CORPUS, bb_data
 from .loop import TrainLog, log
 
 BASELINE = "softmax"
+BB_PROBE = "bb_probe.json"  # Bigram-Backcopy runs: the probe of quantbench/train/bb_probe.py, next to census.json
 
 
 def sweep_config(cfg: TrainConfig, variant: str, final: Path, root: Path) -> dict:
     """The RunConfig (as a dict) that censuses and sweeps one trained checkpoint."""
     s = cfg.sweep
+    corpus = str(root.parent / BB_CORPUS) if cfg.data.synthetic else cfg.data.corpus  # BB: written by train_all
     return {"run_id": variant, "output_dir": str(root), "seed": cfg.seed, "model": str(final),
             "device": cfg.device, "dtype": "float32", "threads": cfg.threads,
-            "corpus": {"name": cfg.data.corpus, "calib_samples": s.calib_samples,
+            "corpus": {"name": corpus, "calib_samples": s.calib_samples,
                        "calib_seq_len": cfg.model.context},
             "eval": {"seq_len": s.eval_seq_len, "max_windows": s.eval_windows, "batch_size": s.batch_size},
             "census": {"enabled": False},  # run below by run_census, written next to the sweep rows
@@ -28,7 +31,8 @@ def sweep_config(cfg: TrainConfig, variant: str, final: Path, root: Path) -> dic
 
 
 def run_variant_census(cfg: TrainConfig, final: Path, dest: Path) -> dict:
-    """quantbench.census.run_census on census_samples random context-length windows of the evaluation text."""
+    """quantbench.census.run_census on census_samples random context-length windows of the evaluation text
+    (Bigram-Backcopy: the first census_samples held-out sequences)."""
     from ..census import run_census
     from ..data.corpus import calibration_batches, load_corpus
     from ..modeling.load import load_model
@@ -39,8 +43,12 @@ def run_variant_census(cfg: TrainConfig, final: Path, dest: Path) -> dict:
         if (old.get("sequences"), old.get("seq_len")) == (cfg.sweep.census_samples, cfg.model.context):
             return old
     lm = load_model(str(final), cfg.device, "float32")
-    corpus = load_corpus(cfg.data.corpus)
-    batches = calibration_batches(lm.tokenizer, corpus.eval_text, cfg.sweep.census_samples, cfg.model.context, cfg.seed)
+    if cfg.data.synthetic:
+        batches = bb_data(cfg.data, cfg.model.context).heldout_windows(cfg.sweep.census_samples, cfg.model.context)
+    else:
+        corpus = load_corpus(cfg.data.corpus)
+        batches = calibration_batches(lm.tokenizer, corpus.eval_text, cfg.sweep.census_samples, cfg.model.context,
+                                      cfg.seed)
     ccfg = CensusConfig(samples=cfg.sweep.census_samples, seq_len=cfg.model.context)
     census = run_census(lm.model, batches, tokenizer=lm.tokenizer, cfg=ccfg, batch_size=cfg.sweep.batch_size)
     if lm.model.config.attention == "kv_bias":
@@ -71,7 +79,24 @@ def run_sweep(cfg: TrainConfig, variant: str, final: Path, root: Path) -> Path:
 
     out = run_pipeline(parse_config(sweep_config(cfg, variant, final, root)), config_name=variant)
     run_variant_census(cfg, final, out / "census.json")
+    if cfg.data.synthetic:
+        run_bb_probe(cfg, final, out / BB_PROBE)
     return out
+
+
+def run_bb_probe(cfg: TrainConfig, final: Path, dest: Path) -> dict:
+    """Bigram-Backcopy only: quantbench.train.bb_probe on every held-out sequence (bb_probe.json)."""
+    from ..modeling.load import load_model
+    from .bb_probe import bb_probe
+
+    data = bb_data(cfg.data, cfg.model.context)
+    lm = load_model(str(final), cfg.device, "float32")
+    probe = bb_probe(lm.model, data.heldout, data.task)
+    dest.write_text(json.dumps(probe, indent=1))
+    s = probe["summary"]
+    log(f"bb probe: BOS attention (non-trigger queries) {s['max_bos_attn_other']:.3f} in layer "
+        f"{s['max_bos_attn_other_layer']}, BOS residual norm {s['max_bos_norm_ratio']:.1f}x median")
+    return probe
 
 
 def steps_to_reach(curve: list[list[float]], target: float) -> float | None:
@@ -121,14 +146,18 @@ def _sweep_part(rows: dict[str, dict]) -> dict:
                             "status": r.get("status")} for k, r in rows.items() if k != "fp"}}
 
 
-def variant_summary(variant: str, tlog: TrainLog, census: dict | None, rows: dict[str, dict]) -> dict:
+def variant_summary(variant: str, tlog: TrainLog, census: dict | None, rows: dict[str, dict],
+                    bb: dict | None = None) -> dict:
     last = tlog.train[-10:]
     held = tlog.heldout[-1][2]
-    return {"variant": variant, "n_params": tlog.n_params, "steps": int(tlog.train[-1][0]),
-            "tokens": int(tlog.train[-1][1]), "train_seconds": round(tlog.seconds, 1),
-            "final_train_loss": sum(r[2] for r in last) / len(last), "final_heldout_loss": held,
-            "heldout_ppl": math.exp(held), "curves": {"train": tlog.train, "heldout": tlog.heldout},
-            "census": _census_part(census), "sweep": _sweep_part(rows)}
+    out = {"variant": variant, "n_params": tlog.n_params, "steps": int(tlog.train[-1][0]),
+           "tokens": int(tlog.train[-1][1]), "train_seconds": round(tlog.seconds, 1),
+           "final_train_loss": sum(r[2] for r in last) / len(last), "final_heldout_loss": held,
+           "heldout_ppl": math.exp(held), "curves": {"train": tlog.train, "heldout": tlog.heldout},
+           "census": _census_part(census), "sweep": _sweep_part(rows)}
+    if bb is not None:
+        out["bb"] = bb
+    return out
 
 
 def add_convergence(summaries: list[dict], logs: dict[str, TrainLog], targets: list[float], ref: str) -> None:
@@ -152,3 +181,8 @@ def load_sweep(sweep_dir: Path) -> tuple[dict | None, dict[str, dict]]:
     census = json.loads(cpath.read_text()) if cpath.exists() else None
     rows = {k: r for k, r in load_rows(sweep_dir / "rows.jsonl").items() if r.get("status") == "ok"}
     return census, rows
+
+
+def load_bb_probe(sweep_dir: Path) -> dict | None:
+    p = sweep_dir / BB_PROBE
+    return json.loads(p.read_text()) if p.exists() else None

@@ -28,6 +28,9 @@ class RunNamed:
 
     def fingerprint(self) -> str:
         d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "threads", "variants", "sweep"})
+        data = getattr(self, "data", None)
+        if isinstance(data, DataConfig):  # only the keys of the data source in use (older fingerprints unchanged)
+            d["data"] = data.model_dump(mode="json", include=set(data.used_keys()))
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_dir(self, config_name: str) -> Path:
@@ -54,15 +57,57 @@ class ModelShape(_Strict):
         return self
 
 
-class DataConfig(_Strict):
-    """corpus: `wiki` | `news` (offline), `wikitext2` | `c4` | `hf:<ds>[:<cfg>]:<split>` (hub), or a text file.
-    The first `heldout_tokens` tokens of the corpus's evaluation text are held out (the sweep's
-    perplexity windows come from there too); training windows are drawn from the rest."""
+_CORPUS_KEYS = ("corpus", "heldout_tokens", "tokenizer")  # data keys of source `corpus` only
+_BB_KEYS = ("vocab", "triggers", "successors", "heldout_sequences", "task_seed")  # of source `bigram_backcopy` only
 
+
+class DataConfig(_Strict):
+    """source `corpus` (default): text. corpus: `wiki` | `news` (offline), `wikitext2` | `c4` |
+    `hf:<ds>[:<cfg>]:<split>` (hub), or a text file. The first `heldout_tokens` tokens of the corpus's
+    evaluation text are held out (the sweep's perplexity windows come from there too); training windows are
+    drawn from the rest.
+
+    source `bigram_backcopy`: the synthetic Bigram-Backcopy task (Guo et al. 2024; quantbench/train/data.py):
+    `vocab` tokens + BOS, a sparse random bigram chain (`successors` next tokens per row, seeded by
+    `task_seed`) and `triggers` trigger tokens after which the next token copies the one before the trigger.
+    Training draws fresh sequences every step; `heldout_sequences` sequences of another seed are held out."""
+
+    source: Literal["corpus", "bigram_backcopy"] = "corpus"
     corpus: str = "wiki"
     heldout_tokens: int = Field(16384, ge=64)
     heldout_windows: int = Field(8, ge=1)  # held-out loss = mean over this many context-length windows
     tokenizer: str = "default"  # a folder with tokenizer files, or "default" (SmolLM2's, 49152 tokens)
+    vocab: int = Field(64, ge=2)  # bigram_backcopy: task tokens (the model's vocabulary is vocab + 1: BOS)
+    triggers: int = Field(3, ge=0)  # bigram_backcopy: trigger tokens (the chain's most frequent ones)
+    successors: int = Field(8, ge=1)  # bigram_backcopy: non-zero entries per bigram row
+    heldout_sequences: int = Field(64, ge=8)  # bigram_backcopy: held-out sequences (loss, sweep, census)
+    task_seed: int = 0  # bigram_backcopy: seeds the chain, the triggers and the held-out sequences
+
+    def used_keys(self) -> tuple[str, ...]:
+        if self.source == "corpus":
+            return (*_CORPUS_KEYS, "heldout_windows")
+        return ("source", *_BB_KEYS, "heldout_windows")
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source == "bigram_backcopy"
+
+    @model_validator(mode="after")
+    def _source_keys(self) -> "DataConfig":
+        unused = _CORPUS_KEYS if self.synthetic else _BB_KEYS
+        for k in unused:
+            if k in self.model_fields_set:
+                raise ValueError(f"{k} is not used with source: {self.source} (it takes "
+                                 f"{', '.join(k2 for k2 in self.used_keys() if k2 != 'source')})")
+        if self.synthetic:
+            if self.successors > self.vocab:
+                raise ValueError(f"successors ({self.successors}) must not exceed vocab ({self.vocab})")
+            if self.triggers >= self.vocab:
+                raise ValueError(f"triggers ({self.triggers}) must be fewer than vocab ({self.vocab})")
+            if self.heldout_windows > self.heldout_sequences:
+                raise ValueError(f"heldout_windows ({self.heldout_windows}) exceeds heldout_sequences "
+                                 f"({self.heldout_sequences})")
+        return self
 
 
 class OptimConfig(_Strict):
@@ -122,6 +167,8 @@ class TrainConfig(RunNamed, _Strict):
 
     @model_validator(mode="after")
     def _fits(self) -> "TrainConfig":
+        if self.data.synthetic:
+            return self._fits_synthetic()
         need = self.sweep.eval_seq_len * self.sweep.eval_windows
         if self.sweep.enabled and need > self.data.heldout_tokens:
             raise ValueError(f"sweep needs {need} evaluation tokens (eval_seq_len x eval_windows) but "
@@ -131,6 +178,18 @@ class TrainConfig(RunNamed, _Strict):
                              f"({self.model.context}): the models never saw longer sequences")
         if self.model.context * self.data.heldout_windows > self.data.heldout_tokens:
             raise ValueError("data.heldout_windows x model.context exceeds data.heldout_tokens")
+        return self
+
+    def _fits_synthetic(self) -> "TrainConfig":
+        if self.sweep.eval_seq_len > self.model.context:
+            raise ValueError(f"sweep.eval_seq_len ({self.sweep.eval_seq_len}) must not exceed model.context "
+                             f"({self.model.context}): the models never saw longer sequences")
+        if self.sweep.enabled and self.sweep.eval_windows > self.data.heldout_sequences:
+            raise ValueError(f"sweep.eval_windows ({self.sweep.eval_windows}) exceeds data.heldout_sequences "
+                             f"({self.data.heldout_sequences}); the sweep must score held-out sequences")
+        if self.sweep.enabled and self.sweep.census_samples > self.data.heldout_sequences:
+            raise ValueError(f"sweep.census_samples ({self.sweep.census_samples}) exceeds data.heldout_sequences "
+                             f"({self.data.heldout_sequences})")
         return self
 
     def run_dir(self, config_name: str = "train") -> Path:

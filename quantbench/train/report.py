@@ -30,6 +30,22 @@ def flat_row(s: dict, recipes: list[str]) -> dict:
                 "fp_ppl": sw.get("fp_ppl")})
     for r in recipes:
         row[f"dppl_pct_{r}"] = sw.get("recipes", {}).get(r, {}).get("delta_ppl_pct")
+    bb = s.get("bb")
+    if bb:
+        lo = bb["loss"]
+        row.update({"bb_loss": lo["all"], "bb_loss_copy": lo["copy"], "bb_loss_bigram": lo["bigram"],
+                    "bb_oracle_loss": lo["oracle_all"], "bb_oracle_loss_bigram": lo["oracle_bigram"]})
+        for r in bb["layers"]:
+            i = r["layer"]
+            row.update({f"bb_bos_attn_other_L{i}": r["bos_attn_other"], f"bb_bos_attn_trigger_L{i}": r["bos_attn_trigger"],
+                        f"bb_bos_norm_ratio_L{i}": r["bos_norm_ratio"],
+                        f"bb_bos_value_norm_ratio_L{i}": r["bos_value_norm_ratio"]})
+            row[f"bb_row_mass_other_L{i}"] = r.get("row_mass_other")
+            if "slot_attn" in r:
+                row[f"bb_slot_attn_L{i}"] = r["slot_attn"]
+            if "head_factor_other" in r:
+                row[f"bb_head_factor_trigger_L{i}"] = r["head_factor_trigger"]
+                row[f"bb_head_factor_other_L{i}"] = r["head_factor_other"]
     return row
 
 
@@ -88,9 +104,68 @@ def write_markdown(path: Path, summaries: list[dict], recipes: list[str], target
     rows = [[s["variant"], _f(s["sweep"].get("fp_ppl"), "{:.2f}")] +
             [_f(s["sweep"].get("recipes", {}).get(r, {}).get("delta_ppl_pct"), "{:+.2f}%") for r in recipes]
             for s in summaries]
-    lines += _table(["variant", "FP ppl"] + recipes, rows) + ["", "## Plots", ""]
+    lines += _table(["variant", "FP ppl"] + recipes, rows) + [""]
+    if any(s.get("bb") for s in summaries):
+        lines += _bb_section([s for s in summaries if s.get("bb")])
+    lines += ["## Plots", ""]
     lines += [f"![{p}]({p})" for p in plots] + ["", _NOTES]
     path.write_text("\n".join(lines) + "\n")
+
+
+SINK_MASS = 0.3  # the census's sink threshold: a head "sinks" when it puts more than this on one key
+
+
+def _per_layer(bb: dict, key: str, fmt: str) -> str:
+    return " / ".join(_f(r.get(key), fmt) for r in bb["layers"])
+
+
+def _bb_section(summaries: list[dict]) -> list[str]:
+    """Bigram-Backcopy probe: losses, BOS attention (dormant vs active queries), BOS residual and value norms."""
+    n = len(summaries[0]["bb"]["layers"])
+    ls = f"layer {'/'.join(str(i) for i in range(n))}"
+    lines = ["## Bigram-Backcopy probe (held-out sequences; per layer)", "",
+             "Attention mass on BOS from non-trigger queries (the head should be dormant: a sink parks it on BOS) "
+             "and from trigger queries (active: it should read the token before the trigger); BOS's residual norm "
+             "and value-state norm over the median of the other tokens (residual-state peak, value-state drain). "
+             "Row mass: the weights' sum over real keys (1 for softmax; the rest went to kv_bias's slot or was "
+             "clipped / left out). Head factor: ca_scale's S_c or gated's gate on the head output. "
+             "Losses in nats: copy = targets after a trigger, bigram = the others; oracle = the true model.", ""]
+    head = ["variant", "loss (oracle)", "copy loss", "bigram loss (oracle)", f"BOS attn, non-trigger ({ls})",
+            f"BOS attn, trigger ({ls})", f"row mass, non-trigger ({ls})", f"head factor, trigger → non-trigger ({ls})",
+            f"BOS norm / median ({ls})", f"BOS value norm / median ({ls})"]
+    rows = []
+    for s in summaries:
+        bb, lo = s["bb"], s["bb"]["loss"]
+        rows.append([s["variant"], f"{lo['all']:.3f} ({lo['oracle_all']:.3f})", _f(lo["copy"]),
+                     f"{_f(lo['bigram'])} ({_f(lo['oracle_bigram'])})",
+                     _per_layer(bb, "bos_attn_other", "{:.3f}") + _slot(bb, "slot_attn_other"),
+                     _per_layer(bb, "bos_attn_trigger", "{:.3f}") + _slot(bb, "slot_attn_trigger"),
+                     _per_layer(bb, "row_mass_other", "{:.3f}"), _factors(bb, "{:.3f}"),
+                     _per_layer(bb, "bos_norm_ratio", "{:.1f}×"), _per_layer(bb, "bos_value_norm_ratio", "{:.2f}")])
+    lines += _table(head, rows) + [""]
+    sink = [s["variant"] for s in summaries if (s["bb"]["summary"]["max_head_bos_attn_other"] or 0) > SINK_MASS]
+    lines.append(f"- Variants with a head that puts > {SINK_MASS} of its non-trigger queries' mass on BOS "
+                 f"(a BOS sink): {', '.join(sink) or 'none'}.")
+    peak = sorted(summaries, key=lambda s: -s["bb"]["summary"]["max_bos_norm_ratio"])
+    lines.append("- Largest BOS residual norm / median over layers: " + ", ".join(
+        f"{s['variant']} {s['bb']['summary']['max_bos_norm_ratio']:.1f}× (layer {s['bb']['summary']['max_bos_norm_ratio_layer']})"
+        for s in peak) + ".")
+    return lines + [""]
+
+
+def _factors(bb: dict, fmt: str) -> str:
+    """ca_scale / gated: the head factor on trigger → non-trigger queries per layer ("—" for the others)."""
+    if not any("head_factor_other" in r for r in bb["layers"]):
+        return "—"
+    return " / ".join(f"{_f(r.get('head_factor_trigger'), fmt)} → {_f(r.get('head_factor_other'), fmt)}"
+                      for r in bb["layers"])
+
+
+def _slot(bb: dict, key: str, fmt: str = "{:.3f}") -> str:
+    """kv_bias: the learned slot's mass per layer, after the BOS mass."""
+    if not any(key in r for r in bb["layers"]):
+        return ""
+    return " (slot " + _per_layer(bb, key, fmt) + ")"
 
 
 _NOTES = """## Notes
@@ -115,3 +190,28 @@ def write_comparison(out: Path, summaries: list[dict], recipes: list[str], targe
         w.writerows(flat)
     write_markdown(out / "comparison.md", summaries, recipes, targets, ref, plots)
     return out / "comparison.md"
+
+
+def bb_outcome_table(comparison: dict) -> str:
+    """The Bigram-Backcopy outcome table of docs/training.md, from a run's comparison.json (a test checks
+    that the docs hold exactly this): per variant the BB probe (loss on every held-out sequence, next to the
+    true model's; BOS attention, residual and value norms per layer), the census max/median and the sweep."""
+    recipes = [r for r in ("w8a8-tensor-static", "w8a8-token", "w4a16-g64") if r in comparison["recipes"]]
+    vs = [s for s in comparison["variants"] if s.get("bb")]
+    n = len(vs[0]["bb"]["layers"]) if vs else 0
+    ls = "/".join(f"L{i}" for i in range(n))
+    head = ["variant", "held-out loss (oracle)", "copy loss", f"BOS attn, non-trigger queries ({ls})",
+            f"BOS attn, trigger queries ({ls})", f"row mass, non-trigger ({ls})",
+            f"head factor, trigger → non-trigger ({ls})", f"BOS norm / median ({ls})",
+            f"BOS value norm / median ({ls})", "max/median |x|"] + [f"Δppl {r}" for r in recipes]
+    rows = []
+    for s in vs:
+        bb, lo = s["bb"], s["bb"]["loss"]
+        rows.append([f"`{s['variant']}`", f"{lo['all']:.3f} ({lo['oracle_all']:.3f})", _f(lo["copy"]),
+                     _per_layer(bb, "bos_attn_other", "{:.2f}") + _slot(bb, "slot_attn_other", "{:.2f}"),
+                     _per_layer(bb, "bos_attn_trigger", "{:.2f}") + _slot(bb, "slot_attn_trigger", "{:.2f}"),
+                     _per_layer(bb, "row_mass_other", "{:.2f}"), _factors(bb, "{:.2f}"),
+                     _per_layer(bb, "bos_norm_ratio", "{:.1f}"), _per_layer(bb, "bos_value_norm_ratio", "{:.2f}"),
+                     _f(s["census"].get("max_ratio"), "{:.1f}")] +
+                    [_f(s["sweep"]["recipes"].get(r, {}).get("delta_ppl_pct"), "{:+.2f}%") for r in recipes])
+    return "\n".join(_table(head, rows))
