@@ -55,7 +55,7 @@ def check_rule(ids: torch.Tensor, transition: torch.Tensor, triggers: set[int]) 
 def test_chain_shape(task):
     p = task.transition
     assert p.shape == (V, V) and task.bos == V and len(task.triggers) == K
-    torch.testing.assert_close(p.sum(1), torch.ones(V, dtype=p.dtype))
+    assert (p.sum(1) - 1).abs().max() < 1e-12
     assert ((p > 0).sum(1) == S).all()  # every row: exactly `successors` next tokens
     pi = torch.full((V,), 1.0 / V, dtype=torch.float64)
     for _ in range(2000):
@@ -154,14 +154,20 @@ def test_sweep_must_fit_the_heldout_sequences(tmp_path):
     assert "sweep.eval_windows (9) exceeds data.heldout_sequences (8)" in str(e.value)
 
 
-def test_end_to_end_sweep_scores_the_heldout_sequences(tmp_path):
+def test_end_to_end_sweep_scores_the_heldout_sequences(tmp_path, monkeypatch):
     """Train one variant a few steps, census, sweep and probe: the sweep's FP perplexity is exp(held-out
-    loss) (same sequences), the checkpoint's vocabulary is the task's, and the comparison has the probe."""
+    loss) (same sequences), the checkpoint's vocabulary is the task's, and the comparison has the probe.
+    The PNG plots (half of this test's time) are skipped here; tests/test_train_run.py checks them."""
     import json
     import math
 
+    import quantbench.report.html as report_html
+    import quantbench.train.report as train_report
     from quantbench.modeling.load import load_model
     from quantbench.train.run import run_training
+
+    monkeypatch.setattr(train_report, "plot_all", lambda *a, **k: [])
+    monkeypatch.setattr(report_html, "_plots", lambda *a, **k: [])
 
     cfg = bb_cfg(tmp_path)
     out = run_training(cfg).parent
@@ -179,3 +185,21 @@ def test_end_to_end_sweep_scores_the_heldout_sequences(tmp_path):
     assert comp["variants"][0]["bb"]["loss"] == probe["loss"]
     md = (out / "comparison.md").read_text()
     assert "## Bigram-Backcopy probe" in md and f"{probe['layers'][0]['bos_attn_other']:.3f}" in md
+
+
+def test_docs_outcome_table_is_the_committed_run():
+    """docs/training.md's Bigram-Backcopy table is bb_outcome_table of the committed run's comparison.json."""
+    import json
+    import re
+    from pathlib import Path
+
+    from quantbench.train.report import bb_outcome_table
+
+    root = Path(__file__).resolve().parents[1]
+    comp = root / "results" / "reference" / "train-bb" / "comparison.json"
+    if not comp.exists():
+        pytest.skip("results/reference/train-bb is not in this checkout")
+    doc = (root / "docs" / "training.md").read_text()
+    m = re.search(r"<!-- train-bb:outcome -->\n(.*?)\n<!-- /train-bb:outcome -->", doc, re.S)
+    assert m, "docs/training.md has no train-bb:outcome block"
+    assert m.group(1) == bb_outcome_table(json.loads(comp.read_text()))

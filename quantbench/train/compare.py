@@ -2,6 +2,7 @@
 convergence, held-out perplexity, outlier statistics and Δperplexity per recipe, side by side."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -142,8 +143,9 @@ def _mean(xs: list[float] | None) -> float | None:
 def _sweep_part(rows: dict[str, dict]) -> dict:
     fp = rows.get("fp", {})
     return {"fp_ppl": fp.get("ppl"),
-            "recipes": {k: {"ppl": r.get("ppl"), "delta_ppl_pct": r.get("delta_ppl_pct"), "kl": r.get("kl"),
-                            "status": r.get("status")} for k, r in rows.items() if k != "fp"}}
+            "recipes": {k: {"ppl": r.get("ppl"), "delta_ppl_pct": r.get("delta_ppl_pct"),
+                            "delta_ppl_lo": r.get("delta_ppl_lo"), "delta_ppl_hi": r.get("delta_ppl_hi"),
+                            "kl": r.get("kl"), "status": r.get("status")} for k, r in rows.items() if k != "fp"}}
 
 
 def variant_summary(variant: str, tlog: TrainLog, census: dict | None, rows: dict[str, dict],
@@ -180,7 +182,22 @@ def load_sweep(sweep_dir: Path) -> tuple[dict | None, dict[str, dict]]:
     cpath = sweep_dir / "census.json"
     census = json.loads(cpath.read_text()) if cpath.exists() else None
     rows = {k: r for k, r in load_rows(sweep_dir / "rows.jsonl").items() if r.get("status") == "ok"}
+    table = sweep_dir / "results.csv"  # the paired 95% Δppl intervals are computed for the tables, not stored in rows
+    if table.exists():
+        with open(table, newline="") as f:
+            for t in csv.DictReader(f):
+                if t.get("recipe") in rows:
+                    for k in ("delta_ppl_lo", "delta_ppl_hi"):
+                        rows[t["recipe"]][k] = _float(t.get(k))
     return census, rows
+
+
+def _float(x: str | None) -> float | None:
+    try:
+        v = float(x) if x not in (None, "") else None
+    except ValueError:
+        return None
+    return v if v is not None and math.isfinite(v) else None
 
 
 def load_bb_probe(sweep_dir: Path) -> dict | None:

@@ -203,7 +203,7 @@ def bb_outcome_table(comparison: dict) -> str:
     head = ["variant", "held-out loss (oracle)", "copy loss", f"BOS attn, non-trigger queries ({ls})",
             f"BOS attn, trigger queries ({ls})", f"row mass, non-trigger ({ls})",
             f"head factor, trigger → non-trigger ({ls})", f"BOS norm / median ({ls})",
-            f"BOS value norm / median ({ls})", "max/median |x|"] + [f"Δppl {r}" for r in recipes]
+            f"BOS value norm / median ({ls})", "max/median \\|x\\|"] + [f"Δppl {r}" for r in recipes]
     rows = []
     for s in vs:
         bb, lo = s["bb"], s["bb"]["loss"]
@@ -213,5 +213,11 @@ def bb_outcome_table(comparison: dict) -> str:
                      _per_layer(bb, "row_mass_other", "{:.2f}"), _factors(bb, "{:.2f}"),
                      _per_layer(bb, "bos_norm_ratio", "{:.1f}"), _per_layer(bb, "bos_value_norm_ratio", "{:.2f}"),
                      _f(s["census"].get("max_ratio"), "{:.1f}")] +
-                    [_f(s["sweep"]["recipes"].get(r, {}).get("delta_ppl_pct"), "{:+.2f}%") for r in recipes])
+                    [_dppl(s["sweep"]["recipes"].get(r, {})) for r in recipes])
     return "\n".join(_table(head, rows))
+
+
+def _dppl(r: dict) -> str:
+    """Δppl % with its paired 95% interval when the sweep gave one."""
+    v, lo, hi = r.get("delta_ppl_pct"), r.get("delta_ppl_lo"), r.get("delta_ppl_hi")
+    return _f(v, "{:+.2f}%") + (f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None and hi is not None else "")
