@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 # The CPU machines here carry a local CPU wheel of torch 2.13.0; GPU users: make run TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
+# test workers (pytest-xdist): one per core of the 2-core CI machine
+TEST_WORKERS ?= 2
 
 .PHONY: install run test bench results clean-venv
 
@@ -23,7 +25,7 @@ run: install
 test: install
 	$(VENV)/bin/quantbench assets fetch
 	command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)  # HTML report test
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 bench: install
 	$(VENV)/bin/quantbench assets fetch

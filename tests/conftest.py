@@ -6,15 +6,35 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Under pytest-xdist (`make test` runs one worker per core) the workers share the cores: OpenMP
+# threads that spin while they wait would take a core from the other worker, so they sleep instead.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
 
 # Tiny models run fastest on one thread (thread start-up and sync cost more than their matmuls, and
 # a second thread fights the other jobs of a 2-core CI machine); tests on the real default model
-# (marked `integration`) get every core back.
-_CORES = torch.get_num_threads()
+# (marked `integration`) get this worker's share of the cores back.
+_CORES = max(1, torch.get_num_threads() // _WORKERS)
 torch.set_num_threads(1)
+if _WORKERS > 1:
+    # a run config's `threads:` may not take more than this worker's share either
+    _set_threads = torch.set_num_threads
+    torch.set_num_threads = lambda n: _set_threads(max(1, min(int(n), _CORES)))
+
+# Test files that start a local Ray cluster run on one worker, one after the other; every other
+# file runs whole on one worker, so its module fixtures are built once (`--dist loadgroup`).
+_RAY_FILES = {"test_executor.py", "test_ray_signals.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group("ray" if name in _RAY_FILES else name))
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from ..eval.suite import EvalSuite
 from ..export.llama_cpp_check import llama_cpp_columns
 from ..modeling.arch import arch_or_none
 from ..modeling.load import LoadedModel
-from ..modeling.memory import return_freed_memory
+from ..modeling.memory import return_freed_memory, trim_freed_memory
 from ..modeling.offload import onload
 from ..modeling.pristine import Pristine
 from ..quant.apply import mitigate, quantize
@@ -100,6 +100,7 @@ def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
         else:
             census_s = 0.0
         qmodel = quantize(qmodel, ctx)
+        trim_freed_memory()  # quantization's temporaries, before the evaluation's peak
         size = measure_size(qmodel, plan, ctx.effects, env.n_params)
         calib_s = time.perf_counter() - t0 - census_s  # the census of the mitigated model is not calibration
         spent, reused = env.calib.seconds(ledger0)
@@ -114,6 +115,7 @@ def _run_recipe(model, recipe, env: RecipeEnv) -> dict:
             ctx.effects.cleanup()  # the backend's temporary files (the llamacpp GGUF)
         if env.pristine is not None:
             env.pristine.restore()  # the next recipe starts from the loaded model again
+        trim_freed_memory()  # the recipe's freed tensors leave glibc's heap (modeling/memory.py)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     env.plans[recipe.name] = {**plan.to_json(), "bits": {
@@ -145,6 +147,7 @@ class CellState:
             return
         log("FP reference: evaluating the unquantized model once")
         self.fp_eval, self.fp_extra = self.p.suite.reference(self.p.lm.model)
+        trim_freed_memory()
         fp, e = self.fp_eval, self.cfg.eval
         log(f"FP perplexity {fp.ppl:.3f} over {fp.n_tokens} tokens ({fp.tok_per_s:.0f} tok/s)")
         if e.expected_fp_ppl and abs(fp.ppl / e.expected_fp_ppl - 1) > 0.10:
