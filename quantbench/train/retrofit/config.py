@@ -2,6 +2,8 @@
 config with `experiment: retrofit`). Unknown keys and impossible values are one-line ConfigErrors."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +14,13 @@ from ...run.config import validate
 from ..config import RunNamed
 from .grafts import GRAFTS
 from .model import CONTROL
+
+PENALTY = "+penalty"  # variant suffix: the base variant's graft, trained with the outlier penalty (see PenaltyConfig)
+
+
+def split_variant(name: str) -> tuple[str, bool]:
+    """'kv_bias+penalty' -> ('kv_bias', True); 'kv_bias' -> ('kv_bias', False). The base is what is grafted."""
+    return (name.removesuffix(PENALTY), True) if name.endswith(PENALTY) else (name, False)
 
 
 class _Strict(BaseModel):
@@ -24,6 +33,36 @@ class GraftOptions(_Strict):
     clip_gamma: float = Field(-0.03, le=0)  # clipped_softmax: target γ
     clip_zeta: float = Field(1.0, ge=1)  # clipped_softmax: target ζ
     clip_ramp_steps: int = Field(20, ge=0)  # γ, ζ go linearly from (0, 1) (exactly softmax) to the targets
+
+
+class PenaltyConfig(_Strict):
+    """The residual-stream outlier penalty of the `<variant>+penalty` variants (issue 25: tells "the model
+    can do without its outliers" from "they take longer to unlearn"). Total training loss =
+    cross-entropy + weight × penalty; the logged train curve stays the cross-entropy alone.
+
+    Hidden states: the outputs of the chosen decoder layers (0-based indices, as in optim.train_layers),
+    i.e. the residual stream after each layer, h [B, T, D], read by forward hooks. These are Hugging
+    Face's output_hidden_states[1..L] (the embedding output excluded), except that for the last layer it
+    is the residual before the final norm (HF's hidden_states[L] is after it).
+      kurtosis: per token, the plain (Pearson) kurtosis over the hidden dimension,
+                E[(h − μ)^4] / σ^4 with μ, σ² the mean and (biased) variance over D; averaged over the
+                B·T tokens and then over the layers. A Gaussian gives 3; a token with a massive
+                activation in 2 of 576 dims gives ≈ 576/2 = 288. The mean over tokens weights one
+                outlier token by 1/T (≈ 288/256 on a 256-token window).
+      max:      per layer, max |h| / RMS(h), both over the whole [B, T, D] tensor; averaged over layers.
+    Every variant logs the penalty of its training batches (`penalty` in log.json); only `+penalty`
+    variants add it to the loss."""
+
+    kind: Literal["kurtosis", "max"] = "kurtosis"
+    weight: float = Field(0.1, gt=0)
+    layers: Literal["all"] | tuple[int, ...] = "all"
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v):
+        if v != "all" and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError(f"must be 'all' or a non-empty list of distinct decoder layer indices >= 0, got {list(v)}")
+        return v
 
 
 class RetrofitData(_Strict):
@@ -90,13 +129,15 @@ class RetrofitConfig(RunNamed, _Strict):
     optim: RetrofitOptim = RetrofitOptim()
     probe: ProbeConfig = ProbeConfig()
     sweep: RetrofitSweep = RetrofitSweep()
+    penalty: PenaltyConfig = PenaltyConfig()  # used by the `+penalty` variants (and logged for all)
 
     @field_validator("variants")
     @classmethod
     def _variants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for x in v:
-            if x != CONTROL:
-                GRAFTS.get(x)  # UnknownName is a ValueError: reported at this key
+            base, _ = split_variant(x)
+            if base != CONTROL:
+                GRAFTS.get(base)  # UnknownName is a ValueError: reported at this key
         if not v or len(set(v)) != len(v):
             raise ValueError("must be a non-empty list of distinct variants")
         return v
@@ -111,6 +152,14 @@ class RetrofitConfig(RunNamed, _Strict):
             raise ValueError("sweep.eval_seq_len x sweep.eval_windows exceeds data.heldout_tokens: the sweep must "
                              "score held-out text")
         return self
+
+    def fingerprint(self) -> str:
+        """As RunNamed's; a default `penalty` block is left out, so configs from before it keep their run
+        directory, and a changed penalty gives a new one."""
+        if self.penalty != PenaltyConfig():
+            return super().fingerprint()
+        d = self.model_dump(mode="json", exclude={"run_id", "output_dir", "threads", "variants", "sweep", "penalty"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_dir(self, config_name: str = "retrofit") -> Path:
         return super().run_dir(config_name)

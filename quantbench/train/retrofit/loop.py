@@ -4,7 +4,9 @@ Layout under <run>/<variant>/:
   step0.json    the step-0 difference between the grafted and the pretrained model's logits
   checkpoint/   resumable state: trainable.pt (trainable parameters), trainer.pt (optimizer, step), log.json
   final/        HF checkpoint + tokenizer (`quantbench_retrofit`, or plain Llama for the control)
-  log.json      train / held-out curves [step, tokens, loss], probes, step-0 difference, trainable counts
+  log.json      train / held-out curves [step, tokens, loss] (cross-entropy only), the outlier penalty of
+                each training batch [step, value] (every variant logs it; `+penalty` variants also train on
+                it), probes, step-0 difference, trainable counts
 A rerun skips a finished variant and resumes an interrupted one at its last checkpoint; batches are a
 function of (seed, step) and the frozen weights come from the pretrained model, so a resumed run
 reproduces the uninterrupted one.
@@ -24,10 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...core.errors import QuantbenchError
+from ...core.hooks import first_tensor, forward_hooks
 from ...core.log import log
+from ...modeling.arch import decoder_layers
 from ..data import TokenData
 from ..loop import TrainLog, _autocast, _loss, heldout_loss, lr_at
-from .config import RetrofitConfig, RetrofitOptim
+from .config import PenaltyConfig, RetrofitConfig, RetrofitOptim, split_variant
 from .grafts import ClippedSoftmaxAttention
 from .model import CONTROL, graft, graft_parameter_names
 from .probes import probe
@@ -38,21 +42,73 @@ class RetrofitLog(TrainLog):
     probes: list[dict] = field(default_factory=list)
     step0: dict = field(default_factory=dict)
     trainable: dict = field(default_factory=dict)
+    penalty: list[list[float]] = field(default_factory=list)  # [step, outlier penalty of that step's batch]
 
     def to_json(self) -> dict:
-        return {**super().to_json(), "probes": self.probes, "step0": self.step0, "trainable": self.trainable}
+        return {**super().to_json(), "probes": self.probes, "step0": self.step0, "trainable": self.trainable,
+                "penalty": self.penalty}
 
     @classmethod
     def from_json(cls, d: dict) -> "RetrofitLog":
         return cls(d["train"], d["heldout"], d.get("seconds", 0.0), d.get("n_params", 0), d.get("probes", []),
-                   d.get("step0", {}), d.get("trainable", {}))
+                   d.get("step0", {}), d.get("trainable", {}), d.get("penalty", []))
 
 
 def build_variant(cfg: RetrofitConfig, variant: str, base: nn.Module) -> nn.Module:
-    """The step-0 model of `variant`: a grafted copy of `base`, or (control) a plain copy."""
-    if variant == CONTROL:
+    """The step-0 model of `variant` (a `+penalty` suffix is ignored here: same graft as its base): a
+    grafted copy of `base`, or (control) a plain copy."""
+    name, _ = split_variant(variant)
+    if name == CONTROL:
         return copy.deepcopy(base)
-    return graft(base, variant, sink_logit_init=cfg.grafts.sink_logit_init, gate_bias_init=cfg.grafts.gate_bias_init)
+    return graft(base, name, sink_logit_init=cfg.grafts.sink_logit_init, gate_bias_init=cfg.grafts.gate_bias_init)
+
+
+def penalty_layers(model: nn.Module, p: PenaltyConfig) -> list[int]:
+    """The decoder layers `p.layers` names (0-based), checked against the model."""
+    n = len(decoder_layers(model))
+    if p.layers == "all":
+        return list(range(n))
+    if any(i >= n for i in p.layers):
+        raise QuantbenchError(f"penalty.layers {list(p.layers)}: the model has decoder layers 0..{n - 1}")
+    return list(p.layers)
+
+
+def outlier_penalty(hidden: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """The penalty of PenaltyConfig on decoder-layer outputs `hidden` (each [B, T, D]), in fp32:
+    kurtosis: mean over layers of the mean over tokens of E_D[(h − μ)^4] / σ^4 (Pearson, biased σ²);
+    max: mean over layers of max |h| / sqrt(mean h²), both over the layer's whole tensor."""
+    vals = []
+    for h in hidden:
+        h = h.float()
+        if kind == "kurtosis":
+            c = h - h.mean(-1, keepdim=True)
+            var = c.pow(2).mean(-1)
+            vals.append((c.pow(4).mean(-1) / var.pow(2).clamp_min(1e-30)).mean())
+        elif kind == "max":
+            vals.append(h.abs().amax() / h.pow(2).mean().sqrt().clamp_min(1e-30))
+        else:
+            raise QuantbenchError(f"unknown penalty kind {kind!r} (kurtosis, max)")
+    return torch.stack(vals).mean()
+
+
+def loss_and_penalty(model: nn.Module, ids: torch.Tensor, p: PenaltyConfig, layers: list[int],
+                     train_on_it: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, outlier penalty) of one batch in one forward. The cross-entropy is train.loop's
+    `_loss`, unchanged; the penalty carries gradients only when `train_on_it` (a `+penalty` variant)."""
+    mods = decoder_layers(model)
+    hidden: dict[int, torch.Tensor] = {}
+
+    def hook(i: int):
+        def fn(_m, _inp, out):
+            hidden[i] = first_tensor(out)
+        return fn
+
+    with forward_hooks([(mods[i], hook(i)) for i in layers]):
+        ce = _loss(model, ids)
+    hs = [hidden[i] for i in layers]
+    if not train_on_it:
+        hs = [h.detach() for h in hs]
+    return ce, outlier_penalty(hs, p.kind)
 
 
 def _layer_index(name: str) -> int | None:
@@ -147,12 +203,19 @@ class RetrofitTrainer:
     vdir: Path
     device: torch.device
     on_step: Callable[[int], None] | None = None  # called after each finished step (tests interrupt here)
+    layers: list[int] = field(default_factory=list, init=False)  # decoder layers the outlier penalty reads
+
+    @property
+    def penalized(self) -> bool:
+        """A `+penalty` variant: trains on cross-entropy + penalty.weight × outlier penalty."""
+        return split_variant(self.variant)[1]
 
     def run(self) -> RetrofitLog:
         if (self.vdir / "final" / "done.json").exists():
             return RetrofitLog.from_json(json.loads((self.vdir / "log.json").read_text()))
         self.vdir.mkdir(parents=True, exist_ok=True)
         model = build_variant(self.cfg, self.variant, self.base).to(self.device)
+        self.layers = penalty_layers(model, self.cfg.penalty)
         groups = set_trainable(model, self.cfg.optim)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         start, rlog = _resume(self.vdir, model, opt, self.device)
@@ -208,17 +271,18 @@ class RetrofitTrainer:
             set_clip(model, c, step)
             ids = self.data.batch(step, o.batch_size, o.context, c.seed).to(self.device)
             with _autocast(c, self.device):
-                loss = _loss(model, ids)
+                loss, pen = loss_and_penalty(model, ids, c.penalty, self.layers, self.penalized)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + c.penalty.weight * pen if self.penalized else loss).backward()
             torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             opt.step()
             done = step + 1
             rlog.train.append([done, done * o.batch_size * o.context, float(loss.item())])
+            rlog.penalty.append([done, float(pen.item())])
             rlog.seconds = time.perf_counter() - t0
             if time.perf_counter() - t_step > 2.0 and done % o.eval_every:
                 log(f"{self.variant}: step {done}/{o.steps} train {loss.item():.3f} "
-                    f"({time.perf_counter() - t_step:.1f} s/step)")
+                    f"({c.penalty.kind} penalty {pen.item():.4g}; {time.perf_counter() - t_step:.1f} s/step)")
             set_clip(model, c, done)
             self._measure(model, rlog, done, float(loss.item()))
             if done % o.ckpt_every == 0 and done < o.steps:

@@ -1,5 +1,5 @@
 """Retrofit plots: loss curves and Δppl (quantbench.train.plots), max activation and first-token attention
-per layer before/after, and the first token's tracked dims over training."""
+per layer before/after, the first token's tracked dims and the outlier penalty over training."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,7 +40,21 @@ def plot_first_token_dims(path: Path, summaries: list[dict]) -> None:
     _save(plt, fig, path)
 
 
-def plot_all(out: Path, summaries: list[dict], recipes: list[str]) -> list[str]:
+def plot_penalty(path: Path, summaries: list[dict], kind: str) -> None:
+    """The outlier penalty of each step's training batch (dashed: variants that do not train on it)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in summaries:
+        pen = s["curves"].get("penalty") or []
+        trained = (s.get("penalty") or {}).get("trained")
+        ax.plot([r[0] for r in pen], [r[1] for r in pen], "-" if trained else "--", label=s["variant"])
+    ax.set_xlabel("step")
+    ax.set_title(f"{kind} penalty of the training batch")
+    ax.legend(fontsize=7)
+    _save(plt, fig, path)
+
+
+def plot_all(out: Path, summaries: list[dict], recipes: list[str], penalty_kind: str = "outlier") -> list[str]:
     names = ["loss_curves.png"]
     plot_losses(out / names[0], summaries)
     if all(s["census"] for s in summaries):
@@ -51,4 +65,7 @@ def plot_all(out: Path, summaries: list[dict], recipes: list[str]) -> list[str]:
     if recipes and any(s["sweep"].get("recipes") for s in summaries):
         names.append("delta_ppl.png")
         plot_dppl(out / names[-1], summaries, recipes)
+    if any(s["curves"].get("penalty") for s in summaries):
+        names.append("penalty_curves.png")
+        plot_penalty(out / names[-1], summaries, penalty_kind)
     return names

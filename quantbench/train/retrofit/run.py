@@ -21,7 +21,7 @@ from ...run.config import parse_config
 from ..compare import add_convergence, default_targets, load_sweep
 from ..data import TokenData
 from .config import RetrofitConfig
-from .loop import RetrofitLog, RetrofitTrainer
+from .loop import RetrofitLog, RetrofitTrainer, penalty_layers
 from .model import CONTROL
 from .report import summary, write_report
 
@@ -72,6 +72,7 @@ def train_variants(cfg: RetrofitConfig, config_name: str = "retrofit", on_step=N
     lm.model.eval()
     for p in lm.model.parameters():
         p.requires_grad_(False)
+    penalty_layers(lm.model, cfg.penalty)  # penalty.layers against the model, before any work
     data = load_data(cfg, lm.tokenizer, out / "tokens.pt")
     (out / "manifest.json").write_text(json.dumps(_manifest(cfg, device, data, lm.info), indent=1, default=str))
     log(f"run directory: {out} ({len(data.train)} calibration tokens to train on, {len(data.heldout)} held out, {device})")
@@ -131,6 +132,7 @@ def run_retrofit(cfg: RetrofitConfig, config_name: str = "retrofit", on_step=Non
     targets = default_targets(logs[ref])
     add_convergence(summaries, logs, targets, ref)
     recipes = [r for r in cfg.sweep.recipes if r != "fp"] if cfg.sweep.enabled else []
-    path = write_report(out, summaries, recipes, targets, ref, rows.get(PRETRAINED, {}))
+    path = write_report(out, summaries, recipes, targets, ref, rows.get(PRETRAINED, {}),
+                        cfg.penalty.model_dump(mode="json"))
     log(f"comparison: {path}")
     return path
