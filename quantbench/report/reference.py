@@ -96,6 +96,9 @@ COLUMNS: dict[str, tuple[str, Callable]] = {
     "acc": ("task acc", lambda r: _fmt(r.get("task_acc_mean"), ".2f")),
     # llama.cpp files (backend llamacpp): the types llama.cpp gave the tensors, and the file's bits/weight
     "gguf_types": ("tensor types in the file", lambda r: _text(r.get("gguf_tensor_types")) or "—"),
+    # llama.cpp's own forward of a llamacpp row's file on the row's windows (quantbench/export/llama_cpp_check.py)
+    "lcpp_ppl": ("llama.cpp ppl", lambda r: _fmt(r.get("llama_cpp_ppl"), ".2f")),
+    "lcpp_logit": ("llama.cpp max \\|Δlogit\\|", lambda r: _fmt(r.get("llama_cpp_logit_maxdiff"), ".2f")),
     "short_status": ("status", lambda r: str(r.get("status")).split(":")[0]),
     "tok_s": ("eval tok/s", lambda r: _fmt(r.get("eval_tok_s") or None, ".0f")),
     # exports (quantbench/export): what was written and what its reload gave
