@@ -138,30 +138,38 @@ def _cfg(out, model, **over):
     return parse_retrofit_config({**TINY, "model": model, "output_dir": str(out), "run_id": "r", **over})
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_llama):
+def interrupt_each_once(cfg, variants, interrupted_ok) -> None:
+    """Train `cfg` with every variant interrupted once after step 3 (its checkpoint is at step 2),
+    asserting `interrupted_ok(variant)` after each interruption, then resume to the end."""
     from quantbench.train.retrofit.run import train_variants
-
-    variants = ["control", "kv_bias", "clipped_softmax"]
-    whole = train_variants(_cfg(tmp_path / "a", tiny_llama, variants=variants))
 
     class Stop(Exception):
         pass
 
     events = []
 
-    def stop(step):  # every variant is interrupted once after step 3 (its checkpoint is at step 2)
+    def stop(step):
         if step == 3:
             events.append(step)
             if len(events) % 2:
                 raise Stop
 
-    cfg = _cfg(tmp_path / "b", tiny_llama, variants=variants)
     for v in variants:
         with pytest.raises(Stop):
             train_variants(cfg, on_step=stop)
-        assert (cfg.run_dir() / v / "checkpoint").exists() and not (cfg.run_dir() / v / "final").exists()
+        assert interrupted_ok(v), v
     train_variants(cfg, on_step=stop)
     assert len(events) == 2 * len(variants)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_llama):
+    from quantbench.train.retrofit.run import train_variants
+
+    variants = ["control", "kv_bias", "clipped_softmax"]
+    whole = train_variants(_cfg(tmp_path / "a", tiny_llama, variants=variants))
+    cfg = _cfg(tmp_path / "b", tiny_llama, variants=variants)
+    interrupt_each_once(cfg, variants, lambda v: (cfg.run_dir() / v / "checkpoint").exists()
+                        and not (cfg.run_dir() / v / "final").exists())
     for v in variants:
         log = json.loads((cfg.run_dir() / v / "log.json").read_text())
         assert log["train"] == whole[v].train and log["heldout"] == whole[v].heldout, v

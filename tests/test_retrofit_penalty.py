@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import save_tiny_llama, tiny_model
-from test_retrofit import TINY, _cfg
+from test_retrofit import TINY, _cfg, interrupt_each_once
 
 from quantbench.train.loop import _loss
 from quantbench.train.retrofit.config import PenaltyConfig
@@ -137,26 +137,9 @@ def test_resume_reproduces_the_uninterrupted_penalised_run(tmp_path, tiny_llama)
     variants = ["control+penalty", "kv_bias+penalty"]
     over = {"variants": variants, "penalty": {"kind": "max", "weight": 0.5, "layers": [1]}}
     whole = train_variants(_cfg(tmp_path / "a", tiny_llama, **over))
-
-    class Stop(Exception):
-        pass
-
-    events = []
-
-    def stop(step):  # every variant is interrupted once after step 3 (its checkpoint is at step 2)
-        if step == 3:
-            events.append(step)
-            if len(events) % 2:
-                raise Stop
-
     cfg = _cfg(tmp_path / "b", tiny_llama, **over)
-    for v in variants:
-        with pytest.raises(Stop):
-            train_variants(cfg, on_step=stop)
-        ck = json.loads((cfg.run_dir() / v / "checkpoint" / "log.json").read_text())
-        assert [r[0] for r in ck["penalty"]] == [1, 2]
-    train_variants(cfg, on_step=stop)
-    assert len(events) == 2 * len(variants)
+    interrupt_each_once(cfg, variants, lambda v: [r[0] for r in json.loads(
+        (cfg.run_dir() / v / "checkpoint" / "log.json").read_text())["penalty"]] == [1, 2])
     for v in variants:
         log = json.loads((cfg.run_dir() / v / "log.json").read_text())
         assert log["penalty"] == whole[v].penalty and len(log["penalty"]) == 4, v
