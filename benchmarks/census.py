@@ -1,5 +1,5 @@
 """Census overhead: wall time and peak memory of the census as ratios to a bare forward pass over
-the same tokens, measured in the same run (goal: <= 1.3x time; memory growth independent of depth).
+the same tokens, measured in the same run (goal: <= 1.1x time; memory growth independent of depth).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/census.py [--samples 4 --seq-len 256 --repeats 2]
 
