@@ -231,3 +231,24 @@ def test_config_mistakes_are_one_line(tmp_path, capsys, body, msg):
     p = tmp_path / "bad.yaml"
     p.write_text("experiment: retrofit\n" + body)
     assert_error(cli(capsys, "train", "--config", p), msg)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-20])
+def test_graft_eps_sets_the_slot_parameters_first_adamw_step(eps):
+    """At a very negative slot logit the slot gradients are far below AdamW's usual eps; optim.graft_eps
+    reaches the graft group only, and the first step is Adam's lr·g/(|g| + eps) (bias-corrected)."""
+    from quantbench.train.retrofit.config import RetrofitOptim
+    from quantbench.train.retrofit.loop import set_trainable
+
+    model = graft(tiny_model("llama", attn_implementation="sdpa"), "kv_bias", sink_logit_init=-30.0).train()
+    groups = set_trainable(model, RetrofitOptim(graft_eps=eps, weight_decay=0.0))
+    assert {g["name"]: g["eps"] for g in groups} == {"decay": 1e-8, "no_decay": 1e-8, "graft": eps}
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    k = next(p for n, p in model.named_parameters() if n.endswith("k_slot"))
+    before = k.detach().clone()
+    _one_backward(model)
+    g = k.grad.detach().clone()
+    assert 0 < g.abs().max() < 1e-8  # the regime graft_eps is for
+    opt.step()
+    lr = next(x["lr"] for x in groups if x["name"] == "graft")
+    torch.testing.assert_close(before - k.detach(), lr * g / (g.abs() + eps), rtol=1e-4, atol=1e-12)

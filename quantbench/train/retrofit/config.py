@@ -80,6 +80,8 @@ class RetrofitOptim(_Strict):
     context: int = Field(256, ge=8)  # training sequence length ([BOS] + context-1 tokens)
     lr: float = Field(2e-5, gt=0)  # pretrained weights
     graft_lr: float = Field(1e-2, gt=0)  # the graft's own parameters (they start far from where they are useful)
+    graft_eps: float = Field(1e-8, gt=0)  # AdamW eps of the graft group: below the graft gradients' size, every
+    # graft parameter moves at ~graft_lr per step however small its gradient (kv_bias at a very negative slot logit)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)  # on pretrained matrices only

@@ -117,7 +117,8 @@ def _layer_index(name: str) -> int | None:
 
 
 def set_trainable(model: nn.Module, o: RetrofitOptim) -> list[dict]:
-    """requires_grad per the config; AdamW groups: pretrained matrices (decay), pretrained vectors, graft (graft_lr)."""
+    """requires_grad per the config; AdamW groups: pretrained matrices (decay), pretrained vectors, graft (graft_lr,
+    graft_eps; the others keep AdamW's eps 1e-8)."""
     grafted = set(graft_parameter_names(model))
     n_layers = model.config.num_hidden_layers
     if o.train_layers != "all" and any(not 0 <= i < n_layers for i in o.train_layers):
@@ -135,9 +136,10 @@ def set_trainable(model: nn.Module, o: RetrofitOptim) -> list[dict]:
         p.requires_grad_(on)
         if on:
             groups[kind].append(p)
-    spec = {"decay": (o.lr, o.weight_decay), "no_decay": (o.lr, 0.0), "graft": (o.graft_lr, 0.0)}
-    return [{"params": ps, "lr": spec[k][0], "base_lr": spec[k][0], "weight_decay": spec[k][1], "name": k}
-            for k, ps in groups.items() if ps]
+    spec = {"decay": (o.lr, o.weight_decay, 1e-8), "no_decay": (o.lr, 0.0, 1e-8),
+            "graft": (o.graft_lr, 0.0, o.graft_eps)}
+    return [{"params": ps, "lr": spec[k][0], "base_lr": spec[k][0], "weight_decay": spec[k][1], "eps": spec[k][2],
+             "name": k} for k, ps in groups.items() if ps]
 
 
 def set_clip(model: nn.Module, cfg: RetrofitConfig, step: int) -> None:
