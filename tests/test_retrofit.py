@@ -223,8 +223,13 @@ def test_the_command_end_to_end(tmp_path, tiny_llama):
         assert (out / png).stat().st_size > 1000
 
 
-@pytest.mark.parametrize("body,msg", [("optim:\n  stpes: 3\n", "optim.stpes: unknown key"),
-                                      ("variants: [control, kv_bais]\n", "did you mean 'kv_bias'")])
+@pytest.mark.parametrize("body,msg", [
+    ("optim:\n  stpes: 3\n", "optim.stpes: unknown key"),
+    ("variants: [control, kv_bais]\n", "did you mean 'kv_bias'"),
+    ("variants: [kv_bias@sink_logit=-10]\n", "unknown graft option sink_logit"),
+    ("variants: [kv_bias@sink_logit_init=5]\n", "sink_logit_init Input should be less than or equal to 0"),
+    ("variants: [kv_bias@sink_logit_init]\n", "is not key=number"),
+    ("variants: [control@gate_bias_init=1]\n", "the control has no graft options")])
 def test_config_mistakes_are_one_line(tmp_path, capsys, body, msg):
     from reliability_common import assert_error, cli
 
@@ -252,3 +257,19 @@ def test_graft_eps_sets_the_slot_parameters_first_adamw_step(eps):
     opt.step()
     lr = next(x["lr"] for x in groups if x["name"] == "graft")
     torch.testing.assert_close(before - k.detach(), lr * g / (g.abs() + eps), rtol=1e-4, atol=1e-12)
+
+
+def test_a_variant_carries_its_own_graft_options():
+    """'kv_bias@sink_logit_init=-10' is kv_bias with that step-0 slot logit; the config's grafts.* stay for
+    the others; the +penalty suffix still reads."""
+    from quantbench.train.retrofit.config import parse_retrofit_config, variant_spec
+    from quantbench.train.retrofit.loop import build_variant
+
+    assert variant_spec("kv_bias@sink_logit_init=-10,gate_bias_init=1+penalty") == (
+        "kv_bias", {"sink_logit_init": -10.0, "gate_bias_init": 1.0}, True)
+    cfg = parse_retrofit_config({"experiment": "retrofit", "grafts": {"sink_logit_init": -30.0},
+                                 "variants": ["kv_bias", "kv_bias@sink_logit_init=-10"]})
+    base = tiny_model("llama", attn_implementation="sdpa")
+    for v, b in (("kv_bias", -30.0), ("kv_bias@sink_logit_init=-10", -10.0)):
+        logits = [p for n, p in build_variant(cfg, v, base).named_parameters() if n.endswith("slot_logit")]
+        assert logits and all(bool((p == b).all()) for p in logits), v

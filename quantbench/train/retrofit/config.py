@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ...quant.recipes import PRESETS
 from ...run.config import validate
@@ -21,6 +21,24 @@ PENALTY = "+penalty"  # variant suffix: the base variant's graft, trained with t
 def split_variant(name: str) -> tuple[str, bool]:
     """'kv_bias+penalty' -> ('kv_bias', True); 'kv_bias' -> ('kv_bias', False). The base is what is grafted."""
     return (name.removesuffix(PENALTY), True) if name.endswith(PENALTY) else (name, False)
+
+
+def variant_spec(name: str) -> tuple[str, dict[str, float], bool]:
+    """'<graft>[@key=value,...][+penalty]' -> (graft, grafts.* overrides, penalized), e.g.
+    'kv_bias@sink_logit_init=-10' -> ('kv_bias', {'sink_logit_init': -10.0}, False): the same graft with
+    this variant's own step-0 options (checked against GraftOptions by the config)."""
+    base, penalized = split_variant(name)
+    graft, _, opts = base.partition("@")
+    overrides: dict[str, float] = {}
+    for item in opts.split(",") if opts else []:
+        key, eq, value = item.partition("=")
+        try:
+            overrides[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"variant '{name}': '{item}' is not key=number") from None
+        if not eq:
+            raise ValueError(f"variant '{name}': '{item}' is not key=number")
+    return graft, overrides, penalized
 
 
 class _Strict(BaseModel):
@@ -137,9 +155,20 @@ class RetrofitConfig(RunNamed, _Strict):
     @classmethod
     def _variants(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for x in v:
-            base, _ = split_variant(x)
+            base, overrides, _ = variant_spec(x)
             if base != CONTROL:
                 GRAFTS.get(base)  # UnknownName is a ValueError: reported at this key
+            elif overrides:
+                raise ValueError(f"variant '{x}': the control has no graft options")
+            unknown = sorted(set(overrides) - set(GraftOptions.model_fields))
+            if unknown:
+                raise ValueError(f"variant '{x}': unknown graft option {unknown[0]} (known: "
+                                 f"{', '.join(GraftOptions.model_fields)})")
+            try:
+                GraftOptions(**overrides)
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ValueError(f"variant '{x}': {err['loc'][0]} {err['msg']}") from None
         if not v or len(set(v)) != len(v):
             raise ValueError("must be a non-empty list of distinct variants")
         return v
@@ -165,6 +194,10 @@ class RetrofitConfig(RunNamed, _Strict):
 
     def run_dir(self, config_name: str = "retrofit") -> Path:
         return super().run_dir(config_name)
+
+    def grafts_of(self, variant: str) -> GraftOptions:
+        """`grafts`, with the variant's own overrides ('kv_bias@sink_logit_init=-10') applied."""
+        return self.grafts.model_copy(update=variant_spec(variant)[1])
 
 
 def parse_retrofit_config(data: dict[str, Any] | None) -> RetrofitConfig:

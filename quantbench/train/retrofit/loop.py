@@ -31,7 +31,7 @@ from ...core.log import log
 from ...modeling.arch import decoder_layers
 from ..data import TokenData
 from ..loop import TrainLog, _autocast, _loss, heldout_loss, lr_at
-from .config import PenaltyConfig, RetrofitConfig, RetrofitOptim, split_variant
+from .config import GraftOptions, PenaltyConfig, RetrofitConfig, RetrofitOptim, split_variant, variant_spec
 from .grafts import ClippedSoftmaxAttention
 from .model import CONTROL, graft, graft_parameter_names
 from .probes import probe
@@ -57,10 +57,11 @@ class RetrofitLog(TrainLog):
 def build_variant(cfg: RetrofitConfig, variant: str, base: nn.Module) -> nn.Module:
     """The step-0 model of `variant` (a `+penalty` suffix is ignored here: same graft as its base): a
     grafted copy of `base`, or (control) a plain copy."""
-    name, _ = split_variant(variant)
+    name, _, _ = variant_spec(variant)
     if name == CONTROL:
         return copy.deepcopy(base)
-    return graft(base, name, sink_logit_init=cfg.grafts.sink_logit_init, gate_bias_init=cfg.grafts.gate_bias_init)
+    g = cfg.grafts_of(variant)
+    return graft(base, name, sink_logit_init=g.sink_logit_init, gate_bias_init=g.gate_bias_init)
 
 
 def penalty_layers(model: nn.Module, p: PenaltyConfig) -> list[int]:
@@ -142,9 +143,8 @@ def set_trainable(model: nn.Module, o: RetrofitOptim) -> list[dict]:
              "name": k} for k, ps in groups.items() if ps]
 
 
-def set_clip(model: nn.Module, cfg: RetrofitConfig, step: int) -> None:
+def set_clip(model: nn.Module, g: GraftOptions, step: int) -> None:
     """clipped_softmax: (γ, ζ) at `step`, linear from (0, 1) (exactly softmax) to the targets."""
-    g = cfg.grafts
     r = 1.0 if g.clip_ramp_steps == 0 else min(1.0, step / g.clip_ramp_steps)
     for m in model.modules():
         if isinstance(m, ClippedSoftmaxAttention):
@@ -236,7 +236,7 @@ class RetrofitTrainer:
 
     def _step0(self, model: nn.Module) -> RetrofitLog:
         """Step-0 difference to the pretrained model, held-out loss and probes before any update."""
-        set_clip(model, self.cfg, 0)
+        set_clip(model, self.cfg.grafts_of(self.variant), 0)
         rlog = RetrofitLog(step0=step0_difference(self.base, model, self.windows(2)))
         (self.vdir / "step0.json").write_text(json.dumps(rlog.step0, indent=1))
         d = rlog.step0
@@ -270,7 +270,7 @@ class RetrofitTrainer:
             factor = lr_at(step, c) / o.lr  # warmup + cosine, the same shape for every group
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
-            set_clip(model, c, step)
+            set_clip(model, c.grafts_of(self.variant), step)
             ids = self.data.batch(step, o.batch_size, o.context, c.seed).to(self.device)
             with _autocast(c, self.device):
                 loss, pen = loss_and_penalty(model, ids, c.penalty, self.layers, self.penalized)
@@ -285,7 +285,7 @@ class RetrofitTrainer:
             if time.perf_counter() - t_step > 2.0 and done % o.eval_every:
                 log(f"{self.variant}: step {done}/{o.steps} train {loss.item():.3f} "
                     f"({c.penalty.kind} penalty {pen.item():.4g}; {time.perf_counter() - t_step:.1f} s/step)")
-            set_clip(model, c, done)
+            set_clip(model, c.grafts_of(self.variant), done)
             self._measure(model, rlog, done, float(loss.item()))
             if done % o.ckpt_every == 0 and done < o.steps:
                 _save(self.vdir, model, opt, done, rlog)
