@@ -8,6 +8,9 @@ One machine, one run: the model, calibration tokens (corpus.calib_samples x corp
 config, seed cfg.seed) and evaluation windows (eval.max_windows x eval.seq_len) are the config's
 (configs/default.yaml: SmolLM2-135M-Instruct, 16 x 256 calibration tokens, 8 x 512 evaluation tokens).
 `--quick` (1 window, 4 calibration samples, QUICK_PAIRS) checks the whole path end to end in minutes.
+Each finished pair is appended to `<out>.rows.jsonl`; an interrupted run, rerun with the same model, tokens
+and windows, measures only the pairs still missing (each row keeps its `measured_at`), and the file is
+removed once `<out>.json` and `.md` are written.
 
 llm-compressor pins an older transformers and compressed-tensors, so it runs in its own virtual
 environment (`--peer-venv`, default .venv-peers, created on first use: `--torch-spec` (default: this
@@ -467,6 +470,39 @@ def prepare_peer(args, lm, ctx: Ctx, pairs: list[Pair]) -> dict:
     return freeze(Path(args.peer_venv) / "bin" / "python", PEER_PACKAGES)
 
 
+RESUME_KEYS = ("config", "model", "model_fingerprint", "corpus", "calibration", "windows", "dtype", "device", "quick")
+
+
+def rows_path(out: str) -> Path:
+    """Finished pairs of an unfinished run, one JSON line each: a rerun with the same protocol resumes."""
+    return Path(out).with_suffix(".rows.jsonl")
+
+
+def _resume_key(protocol: dict) -> dict:
+    return {k: protocol.get(k) for k in RESUME_KEYS}
+
+
+def load_rows(out: str, protocol: dict) -> dict[str, dict]:
+    """Rows measured under the same protocol (model, tokens, windows) by an interrupted run."""
+    path, key, rows = rows_path(out), _resume_key(protocol), {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the interruption
+                continue
+            if d.get("protocol") == key:
+                rows[d["row"]["pair"]] = d["row"]
+    return rows
+
+
+def save_row(out: str, protocol: dict, row: dict) -> None:
+    path = rows_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"protocol": _resume_key(protocol), "row": row}) + "\n")
+
+
 def _progress(tag: str, side: Side, t_start: float) -> Side:
     got = f"calib {side.calib_s:.1f} s, peak +{side.peak_mb:.0f} MiB" if side.calib_s is not None else ""
     if side.lm is not None:
@@ -488,11 +524,14 @@ def run(args) -> dict:
     names = PAIR_NAMES if args.pairs == ["all"] else (args.pairs or (QUICK_PAIRS if args.quick else PAIR_NAMES))
     pairs = [p for p in PAIRS if p.name in names]
     lm, ctx, protocol = setup(args)
-    peer_versions = prepare_peer(args, lm, ctx, pairs)
+    done_rows = load_rows(args.out, protocol)
+    todo = [p for p in pairs if p.name not in done_rows]
+    if done_rows:
+        print(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs already measured in {rows_path(args.out)}")
+    peer_versions = prepare_peer(args, lm, ctx, todo)
     qb_done: dict[str, Side] = {}
-    rows = []
     try:
-        for p in pairs:
+        for p in todo:
             print(f"[{time.perf_counter() - t_start:6.0f}s] {p.name} ...", flush=True)
             key = json.dumps([p.quantbench, p.calib_options], sort_keys=True)
             if key not in qb_done:
@@ -500,12 +539,18 @@ def run(args) -> dict:
             qb = qb_done[key]
             peer = torchao_side(p.peer_recipe, ctx) if p.peer == "torchao" else llmc_side(p.peer_recipe, ctx, args)
             _progress(p.peer, peer, t_start)
-            rows.append({"pair": p.name, "peer": p.peer, "differs": p.differs, "peer_side": peer.row(ctx.fp),
-                         "quantbench_side": qb.row(ctx.fp), "peer_vs_quantbench_ppl_pct": compare(peer, qb)})
+            done_rows[p.name] = {"pair": p.name, "peer": p.peer, "differs": p.differs, "peer_side": peer.row(ctx.fp),
+                                 "quantbench_side": qb.row(ctx.fp), "peer_vs_quantbench_ppl_pct": compare(peer, qb),
+                                 "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            save_row(args.out, protocol, done_rows[p.name])
     finally:
         ctx.ref.close()
         if ctx.work is not None and not args.keep_work:
             shutil.rmtree(ctx.work, ignore_errors=True)
+    rows = [done_rows[p.name] for p in pairs]
+    peer_py = Path(args.peer_venv) / "bin" / "python"
+    if not peer_versions and any(p.peer == "llmcompressor" for p in pairs) and peer_py.exists():
+        peer_versions = freeze(peer_py, PEER_PACKAGES)  # every llm-compressor row was resumed
     return {"protocol": protocol, "fp": {"ppl": _r(ctx.fp.ppl, 3), "n_tokens": ctx.fp.n_tokens},
             "versions": {"ours": our_versions(), "peer_venv": peer_versions},
             "llmcompressor_pin": LLMC_VERSION, "rows": rows, "total_s": _r(time.perf_counter() - t_start, 0)}
@@ -599,6 +644,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     result = run(args)
     write(result, args.out)
+    rows_path(args.out).unlink(missing_ok=True)
     print(markdown(result))
     print(f"wrote {Path(args.out).with_suffix('.json')} and .md")
     return result

@@ -76,3 +76,15 @@ def test_peer_child_failure_is_one_line(tmp_path):
     peers.peer_child(argparse.Namespace(peer_child="w8a8", work=str(tmp_path), threads=1))
     res = json.loads((tmp_path / "w8a8" / "result.json").read_text())
     assert set(res) == {"recipe", "error"} and "\n" not in res["error"] and len(res["error"]) <= 200
+
+
+def test_finished_pairs_resume_under_the_same_protocol_only(tmp_path):
+    out = str(tmp_path / "peers")
+    proto = {"config": "c.yaml", "model": "m", "model_fingerprint": "f", "corpus": "wiki", "calibration": "16 x 256",
+             "windows": {"n": 8}, "dtype": "float32", "device": "cpu", "quick": False, "threads": 2}
+    peers.save_row(out, proto, {"pair": "llmc-w8a8", "x": 1})
+    peers.save_row(out, {**proto, "model_fingerprint": "other"}, {"pair": "torchao-w8a8", "x": 2})
+    with peers.rows_path(out).open("a") as f:
+        f.write('{"protocol": {"config": "c.yaml"')  # a line cut by the interruption
+    assert peers.load_rows(out, {**proto, "threads": 16}) == {"llmc-w8a8": {"pair": "llmc-w8a8", "x": 1}}
+    assert peers.load_rows(str(tmp_path / "none"), proto) == {}
