@@ -273,3 +273,16 @@ def test_a_variant_carries_its_own_graft_options():
     for v, b in (("kv_bias", -30.0), ("kv_bias@sink_logit_init=-10", -10.0)):
         logits = [p for n, p in build_variant(cfg, v, base).named_parameters() if n.endswith("slot_logit")]
         assert logits and all(bool((p == b).all()) for p in logits), v
+
+
+def test_a_variant_with_options_gets_a_plain_sweep_folder(tmp_path):
+    from quantbench.run.config import parse_config
+    from quantbench.train.retrofit.config import parse_retrofit_config
+    from quantbench.train.retrofit.run import sweep_config, sweep_id
+
+    cfg = parse_retrofit_config({"experiment": "retrofit"})
+    v = "kv_bias@sink_logit_init=-10,gate_bias_init=1+penalty"
+    assert sweep_id(v) == "kv_bias_sink_logit_init=-10_gate_bias_init=1+penalty"
+    assert sweep_id("control+penalty") == "control+penalty"
+    sc = parse_config(sweep_config(cfg, sweep_id(v), "default", tmp_path))  # a run_id the pipeline accepts
+    assert sc.run_id == sweep_id(v)

@@ -93,6 +93,11 @@ def sweep_config(cfg: RetrofitConfig, name: str, model: str, root: Path) -> dict
             "recipes": list(s.recipes)}
 
 
+def sweep_id(variant: str) -> str:
+    """The variant's sweep folder (a plain run_id): 'kv_bias@sink_logit_init=-10' -> 'kv_bias_sink_logit_init=-10'."""
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", variant)
+
+
 def run_sweep(cfg: RetrofitConfig, name: str, model: str, root: Path) -> dict[str, dict]:
     """The quantization sweep (quantbench.run.pipeline.run) of one checkpoint -> its ok rows by recipe.
     A recipe the checkpoint refuses before any work (e.g. rotation where a graft reads the layer norm's
@@ -100,11 +105,11 @@ def run_sweep(cfg: RetrofitConfig, name: str, model: str, root: Path) -> dict[st
     from ...run.pipeline import run as run_pipeline
 
     log(f"{name}: quantization sweep")
-    recipes, refused = list(cfg.sweep.recipes), {}
+    recipes, refused, rid = list(cfg.sweep.recipes), {}, sweep_id(name)
     while True:
-        sc = {**sweep_config(cfg, name, model, root), "recipes": recipes}
+        sc = {**sweep_config(cfg, rid, model, root), "recipes": recipes}
         try:
-            path = run_pipeline(parse_config(sc), config_name=name)
+            path = run_pipeline(parse_config(sc), config_name=rid)
             break
         except QuantbenchError as e:
             m = re.match(r"recipe '([^']+)': (.*)", str(e))
