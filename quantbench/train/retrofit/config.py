@@ -31,13 +31,11 @@ def variant_spec(name: str) -> tuple[str, dict[str, float], bool]:
     graft, _, opts = base.partition("@")
     overrides: dict[str, float] = {}
     for item in opts.split(",") if opts else []:
-        key, eq, value = item.partition("=")
+        key, _, value = item.partition("=")
         try:
-            overrides[key.strip()] = float(value)
+            overrides[key.strip()] = float(value)  # no '=': value is '' and fails here
         except ValueError:
             raise ValueError(f"variant '{name}': '{item}' is not key=number") from None
-        if not eq:
-            raise ValueError(f"variant '{name}': '{item}' is not key=number")
     return graft, overrides, penalized
 
 

@@ -18,6 +18,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -207,6 +208,11 @@ class RetrofitTrainer:
     on_step: Callable[[int], None] | None = None  # called after each finished step (tests interrupt here)
     layers: list[int] = field(default_factory=list, init=False)  # decoder layers the outlier penalty reads
 
+    @cached_property
+    def grafts(self) -> GraftOptions:
+        """The config's grafts.* with this variant's own overrides."""
+        return self.cfg.grafts_of(self.variant)
+
     @property
     def penalized(self) -> bool:
         """A `+penalty` variant: trains on cross-entropy + penalty.weight × outlier penalty."""
@@ -236,7 +242,7 @@ class RetrofitTrainer:
 
     def _step0(self, model: nn.Module) -> RetrofitLog:
         """Step-0 difference to the pretrained model, held-out loss and probes before any update."""
-        set_clip(model, self.cfg.grafts_of(self.variant), 0)
+        set_clip(model, self.grafts, 0)
         rlog = RetrofitLog(step0=step0_difference(self.base, model, self.windows(2)))
         (self.vdir / "step0.json").write_text(json.dumps(rlog.step0, indent=1))
         d = rlog.step0
@@ -270,7 +276,7 @@ class RetrofitTrainer:
             factor = lr_at(step, c) / o.lr  # warmup + cosine, the same shape for every group
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
-            set_clip(model, c.grafts_of(self.variant), step)
+            set_clip(model, self.grafts, step)
             ids = self.data.batch(step, o.batch_size, o.context, c.seed).to(self.device)
             with _autocast(c, self.device):
                 loss, pen = loss_and_penalty(model, ids, c.penalty, self.layers, self.penalized)
@@ -285,7 +291,7 @@ class RetrofitTrainer:
             if time.perf_counter() - t_step > 2.0 and done % o.eval_every:
                 log(f"{self.variant}: step {done}/{o.steps} train {loss.item():.3f} "
                     f"({c.penalty.kind} penalty {pen.item():.4g}; {time.perf_counter() - t_step:.1f} s/step)")
-            set_clip(model, c.grafts_of(self.variant), done)
+            set_clip(model, self.grafts, done)
             self._measure(model, rlog, done, float(loss.item()))
             if done % o.ckpt_every == 0 and done < o.steps:
                 _save(self.vdir, model, opt, done, rlog)
